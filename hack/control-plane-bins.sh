@@ -22,7 +22,7 @@ build_kubernetes() {
   local work="$CACHE_ROOT/gomod/k8s-$K8S_VERSION"
   mkdir -p "$work"
   cd "$work"
-  if [ ! -f go.mod ]; then
+  if [ ! -f go.sum ]; then
     log "preparing Go module for k8s.io/kubernetes $K8S_VERSION"
     rm -f go.mod go.sum
     go mod init mcpfly.dev/control-plane-bins >/dev/null 2>&1
@@ -49,9 +49,9 @@ import (
 	_ "k8s.io/kubernetes/cmd/kubectl"
 )
 GO
-    go mod tidy -e >&2 || true
-    # tidy drops requirements that only the tools file names; make sure the build can resolve them.
-    go get "k8s.io/kubernetes@$K8S_VERSION" go.etcd.io/etcd/server/v3 >&2
+    # tidy resolves etcd at the version k8s.io/apiserver requires, so etcd matches the release's client;
+    # a bare `go get` of etcd would pull its newest release and upgrade grpc under kube-apiserver.
+    go mod tidy >&2
   fi
   local ldflags_common="-s -w"
   local vkeys="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$k8s_minor -X k8s.io/component-base/version.gitTreeState=clean"
