@@ -1,0 +1,105 @@
+//! Command-line interface: argument types and dispatch.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mcpfly",
+    version,
+    about = "Run MCP servers on Fly.io from Kubernetes MCPDeployment resources"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug)]
+pub struct LogArgs {
+    /// Log format: human-readable text, or one JSON object per line (for log pipelines).
+    #[arg(long, global = true, env = "MCPFLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` EnvFilter syntax, e.g. `info` or `mcpfly=debug,kube=info`.
+    #[arg(long, global = true, env = "MCPFLY_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Start a local control plane (etcd + kube-apiserver), install the CRD, apply examples/ and show them.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Exit after showing the result instead of keeping the control plane running until Ctrl-C.
+    #[arg(long)]
+    pub once: bool,
+    /// Manifests to apply (files or folders).
+    #[arg(long, default_value = "examples")]
+    pub apply: Vec<std::path::PathBuf>,
+}
+
+pub fn init_logging(args: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Demo(args) => demo(args).await,
+    }
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let cp = mcpfly::testenv::ControlPlane::start(Default::default()).await?;
+    println!(
+        "control plane: kube-apiserver {} at {}",
+        cp.apiserver_version().await?,
+        cp.server_url()
+    );
+    println!("kubeconfig:    {}", cp.kubeconfig_path().display());
+    cp.install_crds().await?;
+    cp.create_namespace("mcpfly-demo").await?;
+    for path in &args.apply {
+        let status = cp
+            .kubectl()
+            .args(["apply", "--server-side", "-R", "-f"])
+            .arg(path)
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "kubectl apply -f {} failed",
+            path.display()
+        );
+    }
+    cp.kubectl()
+        .args(["get", "mcpd", "--all-namespaces"])
+        .status()?;
+    if !args.once {
+        println!(
+            "\nRunning until Ctrl-C. Try: KUBECONFIG={} kubectl get mcpd -A",
+            cp.kubeconfig_path().display()
+        );
+        tokio::signal::ctrl_c().await?;
+    }
+    Ok(())
+}

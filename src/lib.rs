@@ -1,0 +1,6 @@
+//! mcpfly: a Kubernetes controller that reconciles `MCPDeployment` resources into Fly.io apps and machines.
+//!
+//! The binary's subcommands live in `main.rs`; everything they call is a module here so that integration tests
+//! exercise the same code.
+
+pub mod testenv;
