@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: builds (or reuses from the cache) the real control-plane binaries
+# from their published Go modules, prints their versions, then runs every Rust test in the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() { command -v "$1" >/dev/null || { echo "missing prerequisite: $1 ($2)" >&2; exit 1; }; }
+need cargo "Rust 1.89 or newer, https://rustup.rs"
+need go "Go 1.25 or newer, to build kube-apiserver, etcd, kubectl and helm (or set KUBEBUILDER_ASSETS)"
+
+start=$SECONDS
+bins="$(hack/control-plane-bins.sh)"
+export MCPFLY_CONTROL_PLANE_BINS="$bins"
+echo "control-plane binaries ($((SECONDS - start)) s): $bins"
+"$bins/kube-apiserver" --version
+"$bins/etcd" --version | head -1
+"$bins/kubectl" version --client | head -1
+"$bins/helm" version --short
+
+cargo test --workspace --locked "$@"
