@@ -4,3 +4,4 @@
 //! exercise the same code.
 
 pub mod testenv;
+pub mod sealing;
