@@ -3,5 +3,6 @@
 //! The binary's subcommands live in `main.rs`; everything they call is a module here so that integration tests
 //! exercise the same code.
 
+pub mod api;
 pub mod testenv;
 pub mod sealing;

@@ -1,0 +1,515 @@
+//! `MCPDeployment.spec`: what the user asks for.
+//!
+//! Doc comments on these types become the CRD's field descriptions (`kubectl explain mcpdeployment.spec`), so they
+//! are written for the person writing a manifest. Validation lives next to each field: OpenAPI bounds and patterns
+//! through `#[schemars(...)]`, cross-field rules as CEL through `#[x_kube(validation = ...)]`. The patterns and
+//! bounds come from [`super::validation`], the one definition the CLI checks share.
+
+use std::collections::BTreeMap;
+
+use kube::{CustomResource, KubeSchema};
+use schemars::{JsonSchema, json_schema};
+use serde::{Deserialize, Serialize};
+
+use super::status::MCPDeploymentStatus;
+use super::validation::{self as v, limits};
+
+/// What to run (`source`, `env`, `credentials`), where (`fly`), who may call it (`access`), and how changes roll out.
+// The printer columns repeat `type_ = "string"`, which clippy mistakes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mcpfly.dev",
+    version = "v1alpha1",
+    kind = "MCPDeployment",
+    plural = "mcpdeployments",
+    singular = "mcpdeployment",
+    shortname = "mcpd",
+    category = "mcp",
+    namespaced,
+    status = "MCPDeploymentStatus",
+    derive = "PartialEq",
+    doc = "An MCP server run on Fly.io: the controller creates one Fly app per MCPDeployment, runs machines in the requested regions, delivers credentials as Fly app secrets, and serves the server over MCP Streamable HTTP at status.url.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the deployment serves requests at its URL"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Where the deployment is in its lifecycle"
+    ),
+    printcolumn(
+        name = "URL",
+        type_ = "string",
+        json_path = ".status.url",
+        description = "The MCP endpoint"
+    ),
+    printcolumn(
+        name = "Machines",
+        type_ = "string",
+        json_path = ".status.machinesSummary",
+        description = "Ready machines / desired machines"
+    ),
+    printcolumn(
+        name = "App",
+        type_ = "string",
+        json_path = ".status.app",
+        description = "The Fly app",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Source",
+        type_ = "string",
+        json_path = ".status.source.resolved",
+        description = "The resolved package or image",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(
+    validation = Rule::new("!has(self.credentials) || !has(self.env) || self.credentials.all(c, !(c.name in self.env))")
+        .message("a credential and an env entry share a name; the Fly secret would silently win, so rename or remove one of them")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MCPDeploymentSpec {
+    /// The MCP server to run: exactly one of `npm`, `pypi` or `image`.
+    pub source: Source,
+
+    /// Non-secret environment variables for the server. Names match `^[A-Za-z_][A-Za-z0-9_]*$` and must not start
+    /// with `MCPFLY_`; at most 64 entries of at most 4096 characters each. Secrets belong in `credentials`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "env_schema")]
+    pub env: BTreeMap<String, String>,
+
+    /// Secrets for the server, delivered as Fly app secrets (never as plain machine env). Each has a unique `name`
+    /// (the environment variable the server sees) and exactly one of `sealed` or `secretKeyRef`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = limits::CREDENTIALS_MAX))]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["name".into()]))]
+    pub credentials: Vec<Credential>,
+
+    /// Where and how the server runs on Fly.io.
+    pub fly: FlySpec,
+
+    /// Who may call the endpoint.
+    #[serde(default)]
+    pub access: AccessSpec,
+
+    /// How changes reach running machines.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+
+    /// What happens on Fly when this resource is deleted: `Delete` destroys the Fly app and its machines; `Orphan`
+    /// leaves them running.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+
+    /// When true the controller stops reconciling this resource and touches nothing on Fly (machines keep running
+    /// as they are). Set back to false to resume.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+fn env_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    json_schema!({
+        "type": "object",
+        "maxProperties": limits::ENV_MAX,
+        "additionalProperties": {
+            "type": "string",
+            "maxLength": limits::ENV_VALUE_MAX,
+            "pattern": v::NO_NUL_PATTERN,
+        },
+        "x-kubernetes-validations": [
+            {
+                "rule": format!("self.all(k, k.matches('{}'))", v::ENV_NAME_PATTERN),
+                "message": "env names must match ^[A-Za-z_][A-Za-z0-9_]*$ (letters, digits and underscores, not starting with a digit)",
+            },
+            {
+                "rule": format!("self.all(k, !k.startsWith('{}'))", v::RESERVED_ENV_PREFIX),
+                "message": "env names starting with MCPFLY_ are reserved for the runtime; rename the variable",
+            },
+        ],
+    })
+}
+
+/// The MCP server to run. Set exactly one of `npm`, `pypi` or `image`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("(has(self.npm) ? 1 : 0) + (has(self.pypi) ? 1 : 0) + (has(self.image) ? 1 : 0) == 1")
+        .message("set exactly one of source.npm, source.pypi or source.image")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct Source {
+    /// A stdio MCP server published on npm, run with `npx -y <package>@<version> <args...>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub npm: Option<PackageSource>,
+    /// A stdio MCP server published on PyPI, run with `uvx <package>==<version> <args...>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pypi: Option<PypiSource>,
+    /// A container image that already serves MCP Streamable HTTP itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSource>,
+}
+
+/// Which of the three sources a [`Source`] holds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SourceKind<'a> {
+    Npm(&'a PackageSource),
+    Pypi(&'a PypiSource),
+    Image(&'a ImageSource),
+}
+
+impl Source {
+    /// The one source that is set, or `None` when admission was bypassed and zero or several are set.
+    pub fn kind(&self) -> Option<SourceKind<'_>> {
+        match (&self.npm, &self.pypi, &self.image) {
+            (Some(n), None, None) => Some(SourceKind::Npm(n)),
+            (None, Some(p), None) => Some(SourceKind::Pypi(p)),
+            (None, None, Some(i)) => Some(SourceKind::Image(i)),
+            _ => None,
+        }
+    }
+}
+
+/// An npm package. Arguments are passed to the server as an argv vector, never through a shell.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PackageSource {
+    /// The npm package name, e.g. `@modelcontextprotocol/server-everything` (npm's naming rules: lowercase,
+    /// optional `@scope/`, at most 214 characters).
+    #[schemars(length(min = 1, max = limits::NPM_PACKAGE_MAX), pattern(v::NPM_PACKAGE_PATTERN))]
+    pub package: String,
+    /// A version, dist-tag or caret/tilde range (`2025.4.8`, `latest`, `^1.2`). The controller resolves it to an
+    /// exact version and records it in status.source. Unset means `latest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = limits::VERSION_MAX), pattern(v::NPM_VERSION_PATTERN))]
+    pub version: Option<String>,
+    /// Arguments for the server (at most 64, each at most 1024 characters).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = limits::ARGS_MAX),
+        inner(length(max = limits::ARG_MAX), pattern(v::NO_NUL_PATTERN))
+    )]
+    pub args: Vec<String>,
+}
+
+/// A PyPI package. Arguments are passed to the server as an argv vector, never through a shell.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PypiSource {
+    /// The PyPI project name, e.g. `mcp-server-fetch` (PEP 508: letters, digits, `.`, `_`, `-`, starting and
+    /// ending with a letter or digit).
+    #[schemars(length(min = 1, max = limits::PYPI_PACKAGE_MAX), pattern(v::PYPI_PACKAGE_PATTERN))]
+    pub package: String,
+    /// An exact PEP 440 version (`2025.4.7`). The controller records the resolved version in status.source. Unset
+    /// means the latest release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = limits::VERSION_MAX), pattern(v::PYPI_VERSION_PATTERN))]
+    pub version: Option<String>,
+    /// Arguments for the server (at most 64, each at most 1024 characters).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = limits::ARGS_MAX),
+        inner(length(max = limits::ARG_MAX), pattern(v::NO_NUL_PATTERN))
+    )]
+    pub args: Vec<String>,
+}
+
+/// A container image that serves MCP Streamable HTTP on `port` at `path`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSource {
+    /// The image reference, `[registry/]repository[:tag][@sha256:digest]`. Pin a digest for reproducible rollouts.
+    #[serde(rename = "ref")]
+    #[schemars(length(min = 1, max = limits::IMAGE_REF_MAX), pattern(v::IMAGE_REF_PATTERN))]
+    pub reference: String,
+    /// The port the image listens on.
+    #[serde(default = "default_image_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// The HTTP path of the MCP endpoint inside the image.
+    #[serde(default = "default_image_path")]
+    #[schemars(length(min = 1, max = limits::HTTP_PATH_MAX), pattern(v::HTTP_PATH_PATTERN))]
+    pub path: String,
+}
+
+fn default_image_port() -> i32 {
+    8080
+}
+
+fn default_image_path() -> String {
+    "/mcp".into()
+}
+
+/// A secret delivered to the server as a Fly app secret under `name`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("has(self.sealed) != has(self.secretKeyRef)")
+        .message("set exactly one of sealed or secretKeyRef on each credential")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct Credential {
+    /// The environment variable name the server sees (`^[A-Za-z_][A-Za-z0-9_]*$`, unique, not starting with
+    /// `MCPFLY_`).
+    #[schemars(length(min = 1, max = limits::NAME_MAX), pattern(v::ENV_NAME_PATTERN))]
+    #[x_kube(
+        validation = Rule::new("!self.startsWith('MCPFLY_')")
+            .message("credential names starting with MCPFLY_ are reserved for the runtime; rename the credential")
+    )]
+    pub name: String,
+    /// A Fernet token made by `mcpfly seal` for this namespace and resource. Only the controller can unseal it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = limits::SEALED_MAX), pattern(v::SEALED_PATTERN))]
+    pub sealed: Option<String>,
+    /// A key of a Kubernetes Secret in this namespace (for External Secrets and similar tools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeyRef>,
+}
+
+/// A key of a Secret in the MCPDeployment's namespace.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = limits::K8S_NAME_MAX), pattern(v::K8S_NAME_PATTERN))]
+    pub name: String,
+    /// The key inside the Secret's data.
+    #[schemars(length(min = 1, max = limits::K8S_NAME_MAX), pattern(v::SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+/// Where and how the server runs on Fly.io.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("self.minMachinesRunning <= self.machinesPerRegion")
+        .message("minMachinesRunning must not exceed machinesPerRegion")
+)]
+#[x_kube(
+    validation = Rule::new("(has(self.app) ? self.app : '') == (has(oldSelf.app) ? oldSelf.app : '')")
+        .message("fly.app cannot change: the deployment is bound to its Fly app; create a new MCPDeployment instead")
+)]
+#[x_kube(
+    validation = Rule::new("(has(self.org) ? self.org : '') == (has(oldSelf.org) ? oldSelf.org : '')")
+        .message("fly.org cannot change: the Fly app lives in its org; create a new MCPDeployment instead")
+)]
+#[x_kube(
+    validation = Rule::new("(has(self.network) ? self.network : '') == (has(oldSelf.network) ? oldSelf.network : '')")
+        .message("fly.network cannot change: a Fly app's network is fixed at creation; create a new MCPDeployment instead")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct FlySpec {
+    /// The Fly organization slug. Unset: the controller's default org. Cannot change after creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = limits::FLY_NAME_MAX), pattern(v::FLY_NAME_PATTERN))]
+    pub org: Option<String>,
+    /// The Fly app name (lowercase letters, digits and dashes, at most 63 characters). Unset or empty: derived from
+    /// the namespace and name, deterministic. Cannot change after creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = limits::FLY_NAME_MAX), pattern(v::FLY_NAME_PATTERN))]
+    pub app: Option<String>,
+    /// A Fly private network to share with other apps. Unset or empty: a network of the app's own, so no other
+    /// deployment can reach its machines. Cannot change after creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = limits::FLY_NAME_MAX), pattern(v::FLY_NAME_PATTERN))]
+    pub network: Option<String>,
+    /// Fly region codes to run in (three lowercase letters such as `iad`, `ams`), unique, 1 to 20.
+    #[schemars(
+        length(min = 1, max = limits::REGIONS_MAX),
+        inner(length(equal = 3), pattern(v::REGION_PATTERN))
+    )]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Set)]
+    pub regions: Vec<String>,
+    /// Machines in each region (0 to 10). 0 keeps the app but runs no machines.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 0, max = limits::MACHINES_PER_REGION_MAX))]
+    pub machines_per_region: i32,
+    /// The machine size. Fly accepts shared CPUs in {1,2,4,6,8} with 256-2048 MB per CPU in 256 MB steps, and
+    /// performance CPUs in {1,2,4,8,16} with 2048-8192 MB per CPU in 1024 MB steps.
+    #[serde(default)]
+    pub guest: GuestSpec,
+    /// What Fly does with idle machines: `off` keeps them running, `stop` stops them, `suspend` snapshots them
+    /// for a fast resume. Fly starts them again on the next request.
+    #[serde(default)]
+    pub auto_stop: AutoStop,
+    /// Machines Fly keeps running even when idle (in the primary region), at most machinesPerRegion.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = limits::MACHINES_PER_REGION_MAX))]
+    pub min_machines_running: i32,
+}
+
+fn default_one() -> i32 {
+    1
+}
+
+/// A Fly machine size.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[x_kube(
+    validation = Rule::new("self.cpuKind != 'shared' || self.cpus in [1, 2, 4, 6, 8]")
+        .message("shared guests take cpus 1, 2, 4, 6 or 8")
+)]
+#[x_kube(
+    validation = Rule::new("self.cpuKind != 'performance' || self.cpus in [1, 2, 4, 8, 16]")
+        .message("performance guests take cpus 1, 2, 4, 8 or 16")
+)]
+#[x_kube(
+    validation = Rule::new("self.cpuKind != 'shared' || (self.memoryMb >= 256 * self.cpus && self.memoryMb <= 2048 * self.cpus && self.memoryMb % 256 == 0)")
+        .message(kube::core::Message::Expression("'shared guests with ' + string(self.cpus) + ' CPU(s) take memoryMb as a multiple of 256 between ' + string(256 * self.cpus) + ' and ' + string(2048 * self.cpus)".into()))
+)]
+#[x_kube(
+    validation = Rule::new("self.cpuKind != 'performance' || (self.memoryMb >= 2048 * self.cpus && self.memoryMb <= 8192 * self.cpus && self.memoryMb % 1024 == 0)")
+        .message(kube::core::Message::Expression("'performance guests with ' + string(self.cpus) + ' CPU(s) take memoryMb as a multiple of 1024 between ' + string(2048 * self.cpus) + ' and ' + string(8192 * self.cpus)".into()))
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestSpec {
+    /// `shared` or `performance`.
+    #[serde(default)]
+    pub cpu_kind: CpuKind,
+    /// CPU count: shared {1,2,4,6,8}, performance {1,2,4,8,16}.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 1, max = 16))]
+    pub cpus: i32,
+    /// Memory in MB: shared 256-2048 per CPU in 256 MB steps, performance 2048-8192 per CPU in 1024 MB steps.
+    #[serde(default = "default_memory_mb")]
+    #[schemars(range(min = 256, max = 131072))]
+    pub memory_mb: i32,
+}
+
+fn default_memory_mb() -> i32 {
+    256
+}
+
+impl Default for GuestSpec {
+    fn default() -> Self {
+        Self {
+            cpu_kind: CpuKind::Shared,
+            cpus: 1,
+            memory_mb: default_memory_mb(),
+        }
+    }
+}
+
+/// Fly CPU kinds.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuKind {
+    #[default]
+    Shared,
+    Performance,
+}
+
+impl CpuKind {
+    /// The name Fly and the manifest use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CpuKind::Shared => "shared",
+            CpuKind::Performance => "performance",
+        }
+    }
+}
+
+/// What Fly does with idle machines (the service's `autostop`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoStop {
+    Off,
+    Stop,
+    #[default]
+    Suspend,
+}
+
+impl AutoStop {
+    /// The name Fly and the manifest use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AutoStop::Off => "off",
+            AutoStop::Stop => "stop",
+            AutoStop::Suspend => "suspend",
+        }
+    }
+}
+
+/// Who may call the endpoint.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessSpec {
+    /// `bearer`: callers must send the generated token (`Authorization: Bearer ...`), found in the connection
+    /// Secret. `none`: the endpoint is open to anyone who knows the URL.
+    #[serde(default)]
+    pub auth: Auth,
+    /// The Secret the controller writes in this namespace with `url` and `token` for MCP clients. Unset:
+    /// `<metadata.name>-mcp-connection`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = limits::K8S_NAME_MAX), pattern(v::K8S_NAME_PATTERN))]
+    pub connection_secret: Option<String>,
+}
+
+/// How callers authenticate to the endpoint.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Auth {
+    #[default]
+    Bearer,
+    None,
+}
+
+/// How changes reach running machines.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// `rolling`: update machines a few at a time, each started and passing checks before the next. `immediate`:
+    /// update all machines at once.
+    #[serde(default)]
+    pub strategy: RolloutStrategy,
+    /// How many machines a rolling update may take down at once (at least 1).
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 1, max = limits::MAX_UNAVAILABLE_MAX))]
+    pub max_unavailable: i32,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            strategy: RolloutStrategy::Rolling,
+            max_unavailable: 1,
+        }
+    }
+}
+
+/// Rollout strategies.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutStrategy {
+    #[default]
+    Rolling,
+    Immediate,
+}
+
+/// What happens on Fly when the resource is deleted.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum DeletionPolicy {
+    #[default]
+    Delete,
+    Orphan,
+}
+
+impl MCPDeployment {
+    /// The Secret holding the endpoint's `url` and `token`: `spec.access.connectionSecret`, or
+    /// `<name>-mcp-connection`.
+    pub fn connection_secret_name(&self) -> String {
+        match &self.spec.access.connection_secret {
+            Some(name) => name.clone(),
+            None => format!(
+                "{}-mcp-connection",
+                self.metadata.name.as_deref().unwrap_or_default()
+            ),
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! `MCPDeployment.status`: what the controller observed.
+//!
+//! Nothing here changes on every reconcile (no "last checked" timestamps): a status write re-triggers the watch, so
+//! an idle deployment must produce identical status. Conditions follow kstatus (`Ready`, `Reconciling`, `Stalled`)
+//! so `kubectl wait --for=condition=Ready`, Flux and Argo CD health checks understand them.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::KubeSchema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// What the controller observed, on Fly and from the server itself.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MCPDeploymentStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Where the deployment is in its lifecycle: Pending, Deploying, Ready, Degraded, Failed, Deleting or Suspended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The MCP endpoint (Streamable HTTP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The Fly app this deployment owns. Recorded before the app is created, so a crash never leaks an app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    /// The exact package version or image the machines run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ResolvedSource>,
+    /// Digests of the delivered credentials (never their values) and the key that unsealed each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<CredentialStatus>,
+    /// The Fly app secrets version the machines were last updated to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_version: Option<i64>,
+    /// The machines of the app as last observed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machines: Vec<MachineStatus>,
+    /// Machines started and passing checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_machines: Option<i32>,
+    /// Machines the spec asks for (regions x machinesPerRegion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_machines: Option<i32>,
+    /// `ready/desired`, for the Machines printer column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machines_summary: Option<String>,
+    /// What the server said about itself in an MCP handshake through the public URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerInfo>,
+    /// The last value of the `mcpfly.dev/reconcile-requested-at` annotation the controller acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_reconcile_at: Option<String>,
+    /// kstatus conditions: Ready, Reconciling, Stalled, SourceResolved, CredentialsReady, Verified.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+impl MCPDeploymentStatus {
+    /// Set the machine counts and the `ready/desired` summary together, so they never disagree.
+    pub fn set_machine_counts(&mut self, ready: i32, desired: i32) {
+        self.ready_machines = Some(ready);
+        self.desired_machines = Some(desired);
+        self.machines_summary = Some(format!("{ready}/{desired}"));
+    }
+
+    /// The condition of this type, if present.
+    pub fn condition(&self, type_: ConditionType) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_.as_str())
+    }
+
+    /// Insert or replace a condition. `lastTransitionTime` is kept when the status did not change, so re-asserting
+    /// the same condition writes nothing new.
+    pub fn set_condition(&mut self, mut condition: Condition) {
+        match self
+            .conditions
+            .iter_mut()
+            .find(|c| c.type_ == condition.type_)
+        {
+            Some(existing) => {
+                if existing.status == condition.status {
+                    condition.last_transition_time = existing.last_transition_time.clone();
+                }
+                *existing = condition;
+            }
+            None => self.conditions.push(condition),
+        }
+    }
+}
+
+/// Lifecycle phases, a summary of the conditions for humans.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Phase {
+    #[default]
+    Pending,
+    Deploying,
+    Ready,
+    Degraded,
+    Failed,
+    Deleting,
+    Suspended,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Deploying => "Deploying",
+            Phase::Ready => "Ready",
+            Phase::Degraded => "Degraded",
+            Phase::Failed => "Failed",
+            Phase::Deleting => "Deleting",
+            Phase::Suspended => "Suspended",
+        }
+    }
+}
+
+/// The exact source the machines run.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedSource {
+    /// `package@version` (npm), `package==version` (PyPI) or the image reference with its digest.
+    pub resolved: String,
+    /// The registry's integrity hash (npm `sha512-...`, PyPI `sha256:...`) or the image digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrity: Option<String>,
+}
+
+/// A delivered credential, by digest.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialStatus {
+    /// The credential's name.
+    pub name: String,
+    /// `sha256:<hex>` over name and value, to detect change without reading values back.
+    pub digest: String,
+    /// The key that unsealed it (`<key name>:<key id>`), or `secret:<name>/<key>` for a Secret reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// One Fly machine as last observed.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineStatus {
+    /// The Fly machine id.
+    pub id: String,
+    /// The region it runs in.
+    pub region: String,
+    /// Fly's machine state (started, stopped, suspended, ...).
+    pub state: String,
+    /// The machine's config version (Fly's instance id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Health checks summary: passing, warning or critical.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checks: Option<String>,
+}
+
+/// What the server reported in its MCP handshake.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerInfo {
+    /// serverInfo.name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// serverInfo.version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The negotiated MCP protocol revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<String>,
+    /// Names of the tools the server offers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
+}
+
+/// A kstatus-style condition.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+// `type_` and `reason` are strings rather than enums so conditions other tools add never break parsing; the
+// controller writes them through `ConditionType` and `reason`.
+pub struct Condition {
+    /// The condition type: Ready, Reconciling, Stalled, SourceResolved, CredentialsReady or Verified.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// True, False or Unknown.
+    pub status: ConditionStatus,
+    /// A machine-readable CamelCase reason, e.g. AppNameTaken or CredentialScopeMismatch.
+    pub reason: String,
+    /// What happened and what to do about it.
+    #[serde(default)]
+    pub message: String,
+    /// The metadata.generation the condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the status last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+}
+
+impl Condition {
+    /// A condition whose `lastTransitionTime` is now; [`MCPDeploymentStatus::set_condition`] keeps the old time
+    /// when the status did not change.
+    pub fn new(
+        type_: ConditionType,
+        status: ConditionStatus,
+        reason: &str,
+        message: impl Into<String>,
+        observed_generation: Option<i64>,
+    ) -> Self {
+        Self {
+            type_: type_.as_str().to_owned(),
+            status,
+            reason: reason.to_owned(),
+            message: message.into(),
+            observed_generation,
+            last_transition_time: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+        }
+    }
+
+    pub fn is_true(&self) -> bool {
+        self.status == ConditionStatus::True
+    }
+}
+
+/// Condition statuses.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+/// The condition types the controller sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConditionType {
+    /// The endpoint serves requests with the current spec.
+    Ready,
+    /// The controller is making progress towards the spec (kstatus).
+    Reconciling,
+    /// The controller cannot make progress without a change from the user (kstatus).
+    Stalled,
+    /// The package version or image was resolved.
+    SourceResolved,
+    /// Every credential was unsealed or read and delivered.
+    CredentialsReady,
+    /// An MCP handshake through the public URL succeeded.
+    Verified,
+}
+
+impl ConditionType {
+    pub const ALL: [ConditionType; 6] = [
+        ConditionType::Ready,
+        ConditionType::Reconciling,
+        ConditionType::Stalled,
+        ConditionType::SourceResolved,
+        ConditionType::CredentialsReady,
+        ConditionType::Verified,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionType::Ready => "Ready",
+            ConditionType::Reconciling => "Reconciling",
+            ConditionType::Stalled => "Stalled",
+            ConditionType::SourceResolved => "SourceResolved",
+            ConditionType::CredentialsReady => "CredentialsReady",
+            ConditionType::Verified => "Verified",
+        }
+    }
+}
+
+/// Condition reasons, machine-readable. Stalled reasons name what the user must fix.
+pub mod reason {
+    // Progress.
+    pub const DEPLOYING: &str = "Deploying";
+    pub const ROLLING_OUT: &str = "RollingOut";
+    pub const WAITING_FOR_MACHINES: &str = "WaitingForMachines";
+    pub const READY: &str = "Ready";
+    pub const DEGRADED: &str = "Degraded";
+    pub const SUSPENDED: &str = "Suspended";
+    pub const DELETING: &str = "Deleting";
+    pub const RESOLVED: &str = "Resolved";
+    pub const DELIVERED: &str = "Delivered";
+    pub const HANDSHAKE_SUCCEEDED: &str = "HandshakeSucceeded";
+    pub const HANDSHAKE_FAILED: &str = "HandshakeFailed";
+    pub const FLY_API_ERROR: &str = "FlyApiError";
+    pub const RATE_LIMITED: &str = "RateLimited";
+    // Stalled: only a change by the user helps.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const PACKAGE_NOT_FOUND: &str = "PackageNotFound";
+    pub const VERSION_NOT_FOUND: &str = "VersionNotFound";
+    pub const IMAGE_NOT_FOUND: &str = "ImageNotFound";
+    pub const APP_NAME_TAKEN: &str = "AppNameTaken";
+    pub const ORG_NOT_FOUND: &str = "OrgNotFound";
+    pub const CREDENTIAL_SCOPE_MISMATCH: &str = "CredentialScopeMismatch";
+    pub const CREDENTIAL_UNSEAL_FAILED: &str = "CredentialUnsealFailed";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const SECRET_KEY_NOT_FOUND: &str = "SecretKeyNotFound";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_condition_keeps_transition_time_when_status_unchanged() {
+        let mut status = MCPDeploymentStatus::default();
+        let mut first = Condition::new(
+            ConditionType::Ready,
+            ConditionStatus::False,
+            reason::DEPLOYING,
+            "creating machines",
+            Some(1),
+        );
+        let t0 = Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap());
+        first.last_transition_time = Some(t0.clone());
+        status.set_condition(first);
+
+        status.set_condition(Condition::new(
+            ConditionType::Ready,
+            ConditionStatus::False,
+            reason::WAITING_FOR_MACHINES,
+            "1/2 machines started",
+            Some(1),
+        ));
+        let ready = status.condition(ConditionType::Ready).unwrap();
+        assert_eq!(ready.last_transition_time, Some(t0.clone()));
+        assert_eq!(ready.reason, reason::WAITING_FOR_MACHINES);
+
+        status.set_condition(Condition::new(
+            ConditionType::Ready,
+            ConditionStatus::True,
+            reason::READY,
+            "",
+            Some(1),
+        ));
+        let ready = status.condition(ConditionType::Ready).unwrap();
+        assert_ne!(ready.last_transition_time, Some(t0));
+        assert!(ready.is_true());
+        assert_eq!(status.conditions.len(), 1);
+    }
+
+    #[test]
+    fn machine_summary_follows_counts() {
+        let mut status = MCPDeploymentStatus::default();
+        status.set_machine_counts(1, 2);
+        assert_eq!(status.machines_summary.as_deref(), Some("1/2"));
+        assert_eq!(status.ready_machines, Some(1));
+        assert_eq!(status.desired_machines, Some(2));
+    }
+}
