@@ -4,5 +4,7 @@
 //! exercise the same code.
 
 pub mod api;
-pub mod testenv;
+pub mod packages;
+pub mod reconcile;
 pub mod sealing;
+pub mod testenv;

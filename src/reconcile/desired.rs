@@ -1,0 +1,283 @@
+//! What Fly should look like for one `MCPDeployment`: a pure function of the spec, the resolved source, the
+//! digests of the secrets to deliver, and the controller's settings.
+
+use std::collections::BTreeMap;
+
+use fly_adapter::client::config::{CONFIG_HASH_METADATA_KEY, config_hash};
+use fly_adapter::client::types::{
+    Autostop, CheckConfig, FlyDuration, GuestConfig, InitConfig, MachineConfig, PortConfig,
+    RestartPolicy, ServiceConfig,
+};
+use sha2::{Digest, Sha256};
+
+use super::naming;
+use crate::api::{AutoStop, MCPDeploymentSpec, RolloutStrategy};
+use crate::packages::{Resolved, ResolvedKind, server_argv};
+
+/// Machine metadata keys this controller owns. `fly_platform_version` is never set: Fly's CLI would treat such
+/// machines as its own and redeploy them.
+pub mod metadata {
+    pub use fly_adapter::client::config::CONFIG_HASH_METADATA_KEY as CONFIG_HASH;
+    pub const OWNER_UID: &str = "mcpfly_owner_uid";
+    pub const RESOURCE: &str = "mcpfly_resource";
+    /// A digest over the secrets' digests: part of the config, so new secret values roll machines.
+    pub const SECRETS_DIGEST: &str = "mcpfly_secrets_digest";
+    /// Unique per create call; finds our machine after an ambiguous create. Not part of the config hash.
+    pub const LAUNCH_ID: &str = "mcpfly_launch_id";
+}
+
+/// The bridge's port inside the machine and the readiness path it serves.
+pub const BRIDGE_PORT: u16 = 8080;
+pub const BRIDGE_READY_PATH: &str = "/readyz";
+pub const MCP_PATH: &str = "/mcp";
+/// The Fly secret holding the endpoint's bearer token; the bridge reads it from its environment.
+pub const AUTH_TOKEN_SECRET: &str = "MCP_AUTH_TOKEN";
+
+/// Controller-wide settings the mapping depends on.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub app_prefix: String,
+    pub cluster_name: String,
+    pub default_org: String,
+    /// Image holding node, uv and the mcpfly binary; runs npm and PyPI servers behind the bridge.
+    pub runtime_image: String,
+    /// `{app}` is replaced by the app name, e.g. `https://{app}.fly.dev/mcp`.
+    pub url_template: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredDeployment {
+    pub app: String,
+    pub org: String,
+    /// Empty: Fly's default network. By default each app gets a network named after itself (isolation).
+    pub network: String,
+    pub url: String,
+    pub machines: Vec<DesiredMachine>,
+    pub strategy: RolloutStrategy,
+    pub max_unavailable: u32,
+    /// Machines stopped or suspended by Fly's proxy are expected, not drift.
+    pub autostop: bool,
+    /// Secret name → digest of the value to deliver (credentials and the endpoint token).
+    pub secrets: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredMachine {
+    pub name: String,
+    pub region: String,
+    /// Without the launch id, which is added per create.
+    pub config: MachineConfig,
+    pub config_hash: String,
+}
+
+/// The app name for a resource: the spec's, or the derived deterministic one.
+pub fn app_name_for(
+    spec: &MCPDeploymentSpec,
+    settings: &Settings,
+    namespace: &str,
+    name: &str,
+) -> String {
+    match spec.fly.app.as_deref().filter(|a| !a.is_empty()) {
+        Some(app) => app.to_string(),
+        None => naming::app_name(
+            &settings.app_prefix,
+            &settings.cluster_name,
+            namespace,
+            name,
+        ),
+    }
+}
+
+/// Hash of a machine config as this controller compares it: Fly's echo and our desired config hash equal when
+/// they mean the same; the per-create launch id does not count.
+pub fn comparable_hash(config: &MachineConfig) -> String {
+    let mut config = config.clone();
+    config.metadata.remove(metadata::LAUNCH_ID);
+    config.metadata.remove(CONFIG_HASH_METADATA_KEY);
+    config_hash(&config)
+}
+
+pub struct Inputs<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+    pub spec: &'a MCPDeploymentSpec,
+    pub resolved: &'a Resolved,
+    pub secrets: BTreeMap<String, String>,
+}
+
+pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> DesiredDeployment {
+    let spec = inputs.spec;
+    let app = app_name_for(spec, settings, inputs.namespace, inputs.name);
+    let network = match spec.fly.network.as_deref().filter(|n| !n.is_empty()) {
+        Some(shared) => shared.to_string(),
+        None => app.clone(),
+    };
+    let (mcp_path, internal_port) = match &inputs.resolved.kind {
+        ResolvedKind::Image { .. } => {
+            let image = spec.source.image.as_ref();
+            (
+                image
+                    .map(|i| i.path.clone())
+                    .unwrap_or_else(|| MCP_PATH.into()),
+                image.map(|i| i.port as u16).unwrap_or(BRIDGE_PORT),
+            )
+        }
+        _ => (MCP_PATH.to_string(), BRIDGE_PORT),
+    };
+    let url = settings
+        .url_template
+        .replace("{app}", &app)
+        .replace("/mcp", &mcp_path);
+
+    let base = base_config(inputs, settings, internal_port, &inputs.secrets);
+    let mut machines = Vec::new();
+    for region in &spec.fly.regions {
+        for index in 0..spec.fly.machines_per_region.max(0) as u32 {
+            let mut config = base.clone();
+            let hash = comparable_hash(&config);
+            config
+                .metadata
+                .insert(metadata::CONFIG_HASH.to_string(), hash.clone());
+            machines.push(DesiredMachine {
+                name: naming::machine_name(region, index),
+                region: region.clone(),
+                config,
+                config_hash: hash,
+            });
+        }
+    }
+    DesiredDeployment {
+        app,
+        org: spec
+            .fly
+            .org
+            .clone()
+            .filter(|o| !o.is_empty())
+            .unwrap_or_else(|| settings.default_org.clone()),
+        network,
+        url,
+        machines,
+        strategy: spec.rollout.strategy,
+        max_unavailable: spec.rollout.max_unavailable.max(1) as u32,
+        autostop: spec.fly.auto_stop != AutoStop::Off,
+        secrets: inputs.secrets.clone(),
+    }
+}
+
+fn base_config(
+    inputs: &Inputs<'_>,
+    settings: &Settings,
+    internal_port: u16,
+    secrets: &BTreeMap<String, String>,
+) -> MachineConfig {
+    let spec = inputs.spec;
+    let (image, init) = match server_argv(inputs.resolved) {
+        Some(server) => {
+            let mut cmd: Vec<String> = [
+                "mcpfly",
+                "bridge",
+                "--port",
+                &BRIDGE_PORT.to_string(),
+                "--path",
+                MCP_PATH,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if spec.access.auth == crate::api::Auth::None {
+                // Turning auth off must be explicit all the way down to the bridge.
+                cmd.push("--no-auth".into());
+            }
+            cmd.push("--".into());
+            cmd.extend(server);
+            (
+                settings.runtime_image.clone(),
+                Some(InitConfig {
+                    cmd,
+                    ..Default::default()
+                }),
+            )
+        }
+        None => match &inputs.resolved.kind {
+            ResolvedKind::Image { reference } => (reference.clone(), None),
+            _ => unreachable!("server_argv is None only for images"),
+        },
+    };
+    let autostop = match spec.fly.auto_stop {
+        AutoStop::Off => Autostop::Bool(false),
+        AutoStop::Stop => Autostop::Bool(true),
+        AutoStop::Suspend => Autostop::Mode("suspend".into()),
+    };
+    let readiness = CheckConfig {
+        kind: Some(if init.is_some() { "http" } else { "tcp" }.into()),
+        port: Some(internal_port),
+        interval: Some(FlyDuration::Text("10s".into())),
+        timeout: Some(FlyDuration::Text("2s".into())),
+        grace_period: Some(FlyDuration::Text("5s".into())),
+        method: init.is_some().then(|| "GET".into()),
+        path: init.is_some().then(|| BRIDGE_READY_PATH.into()),
+        ..Default::default()
+    };
+    let mut metadata_map = BTreeMap::new();
+    metadata_map.insert(metadata::OWNER_UID.to_string(), inputs.uid.to_string());
+    metadata_map.insert(
+        metadata::RESOURCE.to_string(),
+        format!("{}/{}", inputs.namespace, inputs.name),
+    );
+    if !secrets.is_empty() {
+        metadata_map.insert(
+            metadata::SECRETS_DIGEST.to_string(),
+            secrets_digest(secrets),
+        );
+    }
+    MachineConfig {
+        image,
+        env: spec.env.clone(),
+        init,
+        guest: Some(GuestConfig {
+            cpu_kind: spec.fly.guest.cpu_kind.as_str().to_string(),
+            cpus: spec.fly.guest.cpus as u32,
+            memory_mb: spec.fly.guest.memory_mb as u32,
+        }),
+        restart: Some(RestartPolicy {
+            policy: "always".into(),
+            max_retries: None,
+        }),
+        metadata: metadata_map,
+        services: vec![ServiceConfig {
+            protocol: "tcp".into(),
+            internal_port,
+            ports: vec![
+                PortConfig {
+                    port: Some(443),
+                    handlers: vec!["tls".into(), "http".into()],
+                    force_https: None,
+                },
+                PortConfig {
+                    port: Some(80),
+                    handlers: vec!["http".into()],
+                    force_https: Some(true),
+                },
+            ],
+            autostop: Some(autostop),
+            autostart: Some(true),
+            min_machines_running: Some(spec.fly.min_machines_running.max(0) as u32),
+            ..Default::default()
+        }],
+        checks: BTreeMap::from([("ready".to_string(), readiness)]),
+        ..Default::default()
+    }
+}
+
+/// One digest over every secret's digest, so machines learn "secrets changed" without seeing any value.
+pub fn secrets_digest(secrets: &BTreeMap<String, String>) -> String {
+    let mut hasher = Sha256::new();
+    for (name, digest) in secrets {
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+        hasher.update(digest.as_bytes());
+        hasher.update([0]);
+    }
+    hex::encode(hasher.finalize())[..16].to_string()
+}

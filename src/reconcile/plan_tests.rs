@@ -1,0 +1,499 @@
+use std::collections::BTreeMap;
+
+use fly_adapter::client::types::{CheckStatus, IpAssignment, Machine};
+
+use super::*;
+use crate::api::MCPDeploymentSpec;
+use crate::packages::{Resolved, ResolvedKind};
+use crate::reconcile::desired::{Inputs, Settings, desired};
+
+const UID: &str = "uid-1";
+
+fn settings() -> Settings {
+    Settings {
+        app_prefix: "mcpfly".into(),
+        cluster_name: "test".into(),
+        default_org: "acme".into(),
+        runtime_image: "registry.example/mcpfly-runtime:1".into(),
+        url_template: "https://{app}.fly.dev/mcp".into(),
+    }
+}
+
+fn spec(yaml: &str) -> MCPDeploymentSpec {
+    serde_yaml::from_str(yaml).expect("spec parses")
+}
+
+const BASE: &str = r#"
+source: {npm: {package: "@acme/server", version: "1.2.3"}}
+fly: {regions: [iad, ams], machinesPerRegion: 1}
+"#;
+
+fn want(yaml: &str, secrets: &[(&str, &str)]) -> DesiredDeployment {
+    let spec = spec(yaml);
+    let resolved = Resolved {
+        kind: ResolvedKind::Npm {
+            package: "@acme/server".into(),
+            version: "1.2.3".into(),
+            args: vec![],
+        },
+        integrity: None,
+    };
+    let secrets: BTreeMap<String, String> = secrets
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    desired(
+        &Inputs {
+            namespace: "team-a",
+            name: "github",
+            uid: UID,
+            spec: &spec,
+            resolved: &resolved,
+            secrets,
+        },
+        &settings(),
+    )
+}
+
+/// A machine as Fly would report it after running `machine`'s config.
+fn running(id: &str, machine: &DesiredMachine, state: &str) -> Machine {
+    Machine {
+        id: id.into(),
+        name: machine.name.clone(),
+        region: machine.region.clone(),
+        state: state.into(),
+        instance_id: format!("v-{id}"),
+        config: Some(machine.config.clone()),
+        checks: vec![CheckStatus {
+            name: "ready".into(),
+            status: "passing".into(),
+            ..Default::default()
+        }],
+        host_status: Some("ok".into()),
+        created_at: "2026-01-01T00:00:00Z".into(),
+        ..Default::default()
+    }
+}
+
+fn public_ips() -> Vec<IpAssignment> {
+    vec![
+        IpAssignment {
+            ip: "2a09:8280::1".into(),
+            shared: false,
+            ..Default::default()
+        },
+        IpAssignment {
+            ip: "66.241.124.1".into(),
+            shared: true,
+            ..Default::default()
+        },
+    ]
+}
+
+fn converged_observation(d: &DesiredDeployment) -> Observed {
+    Observed {
+        app: ObservedApp::Present { org: "acme".into() },
+        machines: d
+            .machines
+            .iter()
+            .enumerate()
+            .map(|(i, m)| running(&format!("m{i}"), m, "started"))
+            .collect(),
+        ips: Some(public_ips()),
+    }
+}
+
+fn applied(d: &DesiredDeployment) -> Progress {
+    Progress {
+        applied_secrets: d.secrets.clone(),
+        ..Default::default()
+    }
+}
+
+fn kinds(plan: &Plan) -> Vec<String> {
+    plan.actions
+        .iter()
+        .map(|a| match a {
+            Action::CreateApp { .. } => "create-app".to_string(),
+            Action::AssignIp { kind } => format!("ip-{}", kind.as_fly()),
+            Action::SetSecrets { set, unset } => format!("secrets set={set:?} unset={unset:?}"),
+            Action::DestroyMachine { name, reason, .. } => format!("destroy {name} {reason:?}"),
+            Action::CreateMachine { machine } => format!("create {}", machine.name),
+            Action::UpdateMachine {
+                machine,
+                skip_launch,
+                hold_lease,
+                ..
+            } => {
+                format!(
+                    "update {} skip_launch={skip_launch} lease={hold_lease}",
+                    machine.name
+                )
+            }
+            Action::StartMachine { name, .. } => format!("start {name}"),
+            Action::ReleaseLease { id } => format!("release {id}"),
+        })
+        .collect()
+}
+
+#[test]
+fn fresh_deployment_creates_app_ips_secrets_and_every_machine_in_order() {
+    let d = want(BASE, &[("GITHUB_TOKEN", "sha256:aa")]);
+    let observed = Observed {
+        app: ObservedApp::Missing,
+        machines: vec![],
+        ips: None,
+    };
+    let plan = plan(&d, &observed, &Progress::default(), UID).unwrap();
+    assert_eq!(
+        kinds(&plan),
+        [
+            "create-app",
+            "ip-v6",
+            "ip-shared_v4",
+            r#"secrets set=["GITHUB_TOKEN"] unset=[]"#,
+            "create iad-0",
+            "create ams-0"
+        ]
+    );
+    assert!(!plan.converged());
+    let Action::CreateApp { network, org, .. } = &plan.actions[0] else {
+        unreachable!()
+    };
+    assert_eq!(
+        network, &d.app,
+        "each app gets a private network of its own by default"
+    );
+    assert_eq!(org, "acme");
+}
+
+#[test]
+fn matching_state_needs_nothing() {
+    let d = want(BASE, &[("GITHUB_TOKEN", "sha256:aa")]);
+    let plan = plan(&d, &converged_observation(&d), &applied(&d), UID).unwrap();
+    assert!(plan.actions.is_empty(), "{:?}", kinds(&plan));
+    assert!(plan.converged());
+    assert_eq!((plan.ready_machines, plan.desired_machines), (2, 2));
+}
+
+#[test]
+fn unobserved_ips_are_not_reassigned() {
+    let d = want(BASE, &[]);
+    let mut observed = converged_observation(&d);
+    observed.ips = None;
+    assert!(plan(&d, &observed, &applied(&d), UID).unwrap().converged());
+    observed.ips = Some(vec![]);
+    assert_eq!(
+        kinds(&plan(&d, &observed, &applied(&d), UID).unwrap()),
+        ["ip-v6", "ip-shared_v4"]
+    );
+}
+
+#[test]
+fn env_change_rolls_one_machine_at_a_time_with_a_lease() {
+    let old = want(BASE, &[]);
+    let new = want(&format!("{BASE}env: {{LOG_LEVEL: debug}}\n"), &[]);
+    assert_ne!(old.machines[0].config_hash, new.machines[0].config_hash);
+    let observed = converged_observation(&old);
+    let plan = plan(&new, &observed, &applied(&new), UID).unwrap();
+    assert_eq!(kinds(&plan), ["update iad-0 skip_launch=false lease=true"]);
+    assert_eq!(plan.waiting.len(), 1, "ams-0 waits for its turn");
+
+    // iad-0 updated and still starting: ams-0 must wait (maxUnavailable 1).
+    let mut observed = observed;
+    observed.machines[0] = running("m0", &new.machines[0], "starting");
+    let mut progress = applied(&new);
+    progress.leased.insert("m0".into());
+    let plan2 = super::plan(&new, &observed, &progress, UID).unwrap();
+    assert!(plan2.actions.is_empty(), "{:?}", kinds(&plan2));
+
+    // iad-0 healthy: its lease is released and ams-0 goes next.
+    observed.machines[0] = running("m0", &new.machines[0], "started");
+    let plan3 = super::plan(&new, &observed, &progress, UID).unwrap();
+    assert_eq!(
+        kinds(&plan3),
+        ["release m0", "update ams-0 skip_launch=false lease=true"]
+    );
+}
+
+#[test]
+fn max_unavailable_two_updates_two_after_the_first() {
+    let yaml = "source: {npm: {package: a, version: 1.0.0}}\nfly: {regions: [iad], machinesPerRegion: 4}\nrollout: {maxUnavailable: 2}\n";
+    let old = want(yaml, &[]);
+    let new = want(&format!("{yaml}env: {{A: b}}\n"), &[]);
+    let mut observed = converged_observation(&old);
+    let first = plan(&new, &observed, &applied(&new), UID).unwrap();
+    assert_eq!(kinds(&first).len(), 1, "the first machine goes alone");
+    observed.machines[0] = running("m0", &new.machines[0], "started");
+    let second = plan(&new, &observed, &applied(&new), UID).unwrap();
+    assert_eq!(
+        kinds(&second),
+        [
+            "update iad-1 skip_launch=false lease=true",
+            "update iad-2 skip_launch=false lease=true"
+        ]
+    );
+}
+
+#[test]
+fn immediate_strategy_updates_everything_without_holding_leases() {
+    let yaml = format!("{BASE}rollout: {{strategy: immediate}}\n");
+    let old = want(&yaml, &[]);
+    let new = want(&format!("{yaml}env: {{A: b}}\n"), &[]);
+    let plan = plan(&new, &converged_observation(&old), &applied(&new), UID).unwrap();
+    assert_eq!(
+        kinds(&plan),
+        [
+            "update iad-0 skip_launch=false lease=false",
+            "update ams-0 skip_launch=false lease=false"
+        ]
+    );
+}
+
+#[test]
+fn a_new_credential_value_sets_secrets_once_then_rolls_machines() {
+    let old = want(BASE, &[("TOKEN", "sha256:old")]);
+    let new = want(BASE, &[("TOKEN", "sha256:new")]);
+    assert_ne!(
+        old.machines[0].config_hash, new.machines[0].config_hash,
+        "secret change must roll machines"
+    );
+    let plan = plan(&new, &converged_observation(&old), &applied(&old), UID).unwrap();
+    assert_eq!(
+        kinds(&plan),
+        [
+            r#"secrets set=["TOKEN"] unset=[]"#,
+            "update iad-0 skip_launch=false lease=true"
+        ]
+    );
+}
+
+#[test]
+fn removed_credential_is_unset() {
+    let old = want(BASE, &[("A", "sha256:1"), ("B", "sha256:2")]);
+    let new = want(BASE, &[("A", "sha256:1")]);
+    let plan = plan(&new, &converged_observation(&new), &applied(&old), UID).unwrap();
+    assert_eq!(kinds(&plan), [r#"secrets set=[] unset=["B"]"#]);
+}
+
+#[test]
+fn adding_and_removing_regions() {
+    let two = want(BASE, &[]);
+    let with_syd = want(
+        r#"
+source: {npm: {package: "@acme/server", version: "1.2.3"}}
+fly: {regions: [iad, ams, syd], machinesPerRegion: 1}
+"#,
+        &[],
+    );
+    let plan_add = plan(&with_syd, &converged_observation(&two), &applied(&two), UID).unwrap();
+    assert_eq!(kinds(&plan_add), ["create syd-0"]);
+
+    let only_iad = want(
+        r#"
+source: {npm: {package: "@acme/server", version: "1.2.3"}}
+fly: {regions: [iad], machinesPerRegion: 1}
+"#,
+        &[],
+    );
+    let plan_remove = plan(&only_iad, &converged_observation(&two), &applied(&two), UID).unwrap();
+    assert_eq!(kinds(&plan_remove), ["destroy ams-0 NotDesired"]);
+}
+
+#[test]
+fn autostop_parked_machines_are_not_drift_but_stopped_ones_without_autostop_are_started() {
+    let d = want(BASE, &[]);
+    let mut observed = converged_observation(&d);
+    observed.machines[0].state = "suspended".into();
+    observed.machines[1].state = "stopped".into();
+    assert!(plan(&d, &observed, &applied(&d), UID).unwrap().converged());
+
+    let off = want(
+        &BASE.replace(
+            "machinesPerRegion: 1}",
+            "machinesPerRegion: 1, autoStop: \"off\"}",
+        ),
+        &[],
+    );
+    let mut observed = converged_observation(&off);
+    observed.machines[1].state = "stopped".into();
+    assert_eq!(
+        kinds(&plan(&off, &observed, &applied(&off), UID).unwrap()),
+        ["start ams-0"]
+    );
+}
+
+#[test]
+fn altered_config_is_restored() {
+    let d = want(BASE, &[]);
+    let mut observed = converged_observation(&d);
+    observed.machines[1]
+        .config
+        .as_mut()
+        .unwrap()
+        .env
+        .insert("INJECTED".into(), "1".into());
+    let plan = plan(&d, &observed, &applied(&d), UID).unwrap();
+    assert_eq!(kinds(&plan), ["update ams-0 skip_launch=false lease=true"]);
+}
+
+#[test]
+fn unhealthy_hosts_and_failed_machines_are_replaced() {
+    let d = want(BASE, &[]);
+    let mut observed = converged_observation(&d);
+    observed.machines[0].host_status = Some("unreachable".into());
+    observed.machines[0].config = None;
+    observed.machines[1].state = "failed".into();
+    let plan = plan(&d, &observed, &applied(&d), UID).unwrap();
+    assert_eq!(
+        kinds(&plan),
+        [
+            "destroy iad-0 Broken",
+            "create iad-0",
+            "destroy ams-0 Broken",
+            "create ams-0"
+        ]
+    );
+    let mut observed = converged_observation(&d);
+    observed.machines[0].host_status = Some("unknown".into());
+    let plan = super::plan(&d, &observed, &applied(&d), UID).unwrap();
+    assert_eq!(
+        kinds(&plan),
+        ["destroy iad-0 HostUnhealthy", "create iad-0"]
+    );
+}
+
+#[test]
+fn duplicates_after_an_ambiguous_create_are_destroyed_keeping_the_oldest() {
+    let d = want(BASE, &[]);
+    let mut observed = converged_observation(&d);
+    let mut twin = running("m9", &d.machines[0], "started");
+    twin.created_at = "2026-01-01T00:00:05Z".into();
+    observed.machines.push(twin);
+    let plan = plan(&d, &observed, &applied(&d), UID).unwrap();
+    assert_eq!(kinds(&plan), ["destroy iad-0 Duplicate"]);
+    let Action::DestroyMachine { id, .. } = &plan.actions[0] else {
+        unreachable!()
+    };
+    assert_eq!(id, "m9");
+}
+
+#[test]
+fn an_unconfirmed_create_is_looked_for_before_creating_again() {
+    let d = want(BASE, &[]);
+    let mut observed = converged_observation(&d);
+    observed.machines.remove(1);
+    let mut progress = applied(&d);
+    progress.unconfirmed_creates.insert("ams-0".into());
+    let plan = plan(&d, &observed, &progress, UID).unwrap();
+    assert!(plan.actions.is_empty(), "{:?}", kinds(&plan));
+    assert_eq!(plan.waiting.len(), 1);
+}
+
+#[test]
+fn someone_elses_app_blocks_with_no_actions() {
+    let d = want(BASE, &[]);
+    let observed = Observed {
+        app: ObservedApp::OwnedByOtherOrg,
+        machines: vec![],
+        ips: None,
+    };
+    assert_eq!(
+        plan(&d, &observed, &Progress::default(), UID)
+            .unwrap_err()
+            .reason,
+        "AppNameTaken"
+    );
+
+    let other_org = Observed {
+        app: ObservedApp::Present {
+            org: "other".into(),
+        },
+        machines: vec![],
+        ips: None,
+    };
+    assert_eq!(
+        plan(&d, &other_org, &Progress::default(), UID)
+            .unwrap_err()
+            .reason,
+        "AppNameTaken"
+    );
+
+    let mut foreign = converged_observation(&d);
+    foreign.machines[0]
+        .config
+        .as_mut()
+        .unwrap()
+        .metadata
+        .insert(metadata::OWNER_UID.into(), "someone".into());
+    assert_eq!(
+        plan(&d, &foreign, &Progress::default(), UID)
+            .unwrap_err()
+            .reason,
+        "AppNotOwned"
+    );
+}
+
+#[test]
+fn an_existing_empty_app_in_our_org_is_adopted() {
+    let d = want(BASE, &[]);
+    let observed = Observed {
+        app: ObservedApp::Present { org: "acme".into() },
+        machines: vec![],
+        ips: Some(vec![]),
+    };
+    let plan = plan(&d, &observed, &Progress::default(), UID).unwrap();
+    assert_eq!(
+        kinds(&plan),
+        ["ip-v6", "ip-shared_v4", "create iad-0", "create ams-0"]
+    );
+}
+
+#[test]
+fn machine_config_is_ours_and_never_fly_platform() {
+    let d = want(
+        &format!("{BASE}env: {{LOG_LEVEL: info}}\n"),
+        &[("T", "sha256:1")],
+    );
+    let config = &d.machines[0].config;
+    assert_eq!(
+        config.init.as_ref().unwrap().cmd,
+        [
+            "mcpfly",
+            "bridge",
+            "--port",
+            "8080",
+            "--path",
+            "/mcp",
+            "--",
+            "npx",
+            "-y",
+            "@acme/server@1.2.3"
+        ]
+    );
+    assert_eq!(
+        config.env.get("LOG_LEVEL").map(String::as_str),
+        Some("info")
+    );
+    assert!(
+        !config.env.contains_key("T"),
+        "credentials never appear in machine env"
+    );
+    assert!(!config.metadata.contains_key("fly_platform_version"));
+    assert_eq!(
+        config.metadata.get(metadata::OWNER_UID).map(String::as_str),
+        Some(UID)
+    );
+    assert_eq!(config.restart.as_ref().unwrap().policy, "always");
+    let service = &config.services[0];
+    assert_eq!(service.internal_port, 8080);
+    assert_eq!(
+        service
+            .ports
+            .iter()
+            .filter_map(|p| p.port)
+            .collect::<Vec<_>>(),
+        [443, 80]
+    );
+    assert_eq!(d.url, format!("https://{}.fly.dev/mcp", d.app));
+}
