@@ -3,6 +3,8 @@
 //! the controller's tests and benchmarks run against something that behaves like Fly.
 
 pub mod client;
+pub mod emulator;
 pub mod token_bucket;
 
 pub use client::{FlyClient, FlyClientConfig, FlyError};
+pub use emulator::{Emulator, EmulatorConfig, EmulatorHandle};

@@ -1,0 +1,404 @@
+//! A Fly Machines API emulator for tests, benchmarks and local demos (`mcpfly emulator --port N`).
+//!
+//! It reproduces the behaviour listed in `reference/fly-machines-api.md` §10: the machine state
+//! machine on an injectable [`Clock`], error codes and bodies, leases, long-poll wait, rate limits,
+//! fault injection, secrets versions, config echo, health checks and IP assignments, and it counts
+//! every call so tests can assert how many calls the controller made.
+
+pub mod clock;
+pub mod faults;
+mod routes;
+pub mod state;
+
+pub use clock::Clock;
+pub use faults::{Fault, FaultConfig, ScriptedFault};
+pub use state::{Inventory, InventoryApp, InventoryMachine};
+
+use crate::token_bucket::{RateLimits, TokenBucket};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The token the default configuration accepts, and its org.
+pub const DEFAULT_TOKEN: &str = "emulator-token";
+pub const DEFAULT_ORG: &str = "personal";
+
+/// How long each transition takes on the emulator clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Latencies {
+    /// `starting` → `started` (also the image-pull window in which start of a `created` machine is 412).
+    pub start: Duration,
+    pub stop: Duration,
+    pub suspend: Duration,
+    /// Added before the restart after an update.
+    pub update: Duration,
+    pub destroy: Duration,
+    /// How long a destroyed machine still answers GET with `destroyed` before 404.
+    pub destroyed_visible: Duration,
+    /// How long after `DELETE /apps/{app}` the app is gone.
+    pub app_delete: Duration,
+}
+
+impl Latencies {
+    /// Short but non-zero, so tests see the transient states and still run fast.
+    pub fn fast() -> Self {
+        let ms = Duration::from_millis;
+        Latencies {
+            start: ms(50),
+            stop: ms(30),
+            suspend: ms(30),
+            update: ms(20),
+            destroy: ms(30),
+            destroyed_visible: ms(500),
+            app_delete: ms(50),
+        }
+    }
+
+    /// Closer to Fly: a machine starts in about 2 s.
+    pub fn realistic() -> Self {
+        let s = Duration::from_secs;
+        Latencies {
+            start: s(2),
+            stop: s(1),
+            suspend: s(1),
+            update: Duration::from_millis(500),
+            destroy: s(1),
+            destroyed_visible: s(60),
+            app_delete: s(2),
+        }
+    }
+}
+
+/// What a [`MachineDriver`] is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum DriverAction {
+    Start,
+    Stop,
+    Suspend,
+    Destroy,
+    Update,
+}
+
+/// A machine lifecycle change, with the environment the machine would see (config env overlaid
+/// with the app's secrets: secrets win).
+#[derive(Clone)]
+pub struct MachineChange {
+    pub action: DriverAction,
+    pub app: String,
+    pub machine_id: String,
+    pub config: Value,
+    pub env: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for MachineChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `env` holds secret values: names only.
+        f.debug_struct("MachineChange")
+            .field("action", &self.action)
+            .field("app", &self.app)
+            .field("machine_id", &self.machine_id)
+            .field("env_keys", &self.env.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// A hook for running something real per machine (a later issue runs a local process). Called
+/// outside the emulator's lock, in request order.
+pub trait MachineDriver: Send + Sync + 'static {
+    fn on_change(&self, _change: &MachineChange) {}
+}
+
+/// The default: machines are pure state.
+#[derive(Debug, Default)]
+pub struct NoopDriver;
+impl MachineDriver for NoopDriver {}
+
+#[derive(Clone)]
+pub struct EmulatorConfig {
+    /// Token → org. Requests with another token get 401.
+    pub tokens: HashMap<String, String>,
+    pub clock: Clock,
+    pub latencies: Latencies,
+    /// Fly's documented limits by default; `RateLimits::disabled()` for tests of other behaviour.
+    pub rate_limits: RateLimits,
+    /// Status of checks nobody set, once the grace period is over.
+    pub default_check_status: String,
+    pub default_region: String,
+    pub faults: FaultConfig,
+    pub driver: Arc<dyn MachineDriver>,
+    /// Events kept (oldest dropped first).
+    pub event_log_capacity: usize,
+}
+
+impl fmt::Debug for EmulatorConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmulatorConfig")
+            .field("orgs", &self.tokens.values().collect::<Vec<_>>())
+            .field("clock", &self.clock)
+            .field("latencies", &self.latencies)
+            .field("rate_limits", &self.rate_limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        EmulatorConfig {
+            tokens: HashMap::from([(DEFAULT_TOKEN.to_string(), DEFAULT_ORG.to_string())]),
+            clock: Clock::real(),
+            latencies: Latencies::fast(),
+            rate_limits: RateLimits::fly(),
+            default_check_status: "passing".into(),
+            default_region: "iad".into(),
+            faults: FaultConfig::default(),
+            driver: Arc::new(NoopDriver),
+            event_log_capacity: 200_000,
+        }
+    }
+}
+
+impl EmulatorConfig {
+    /// Knobs for `mcpfly emulator`: machine start time, rate limits on/off, one token → org.
+    pub fn from_knobs(
+        start_latency: Duration,
+        rate_limits: bool,
+        token: Option<&str>,
+        org: Option<&str>,
+    ) -> Self {
+        let mut c = EmulatorConfig::default();
+        c.latencies.start = start_latency;
+        if !rate_limits {
+            c.rate_limits = RateLimits::disabled();
+        }
+        if let Some(t) = token {
+            c.tokens = HashMap::from([(t.to_string(), org.unwrap_or(DEFAULT_ORG).to_string())]);
+        }
+        c
+    }
+
+    pub fn with_token(mut self, token: &str, org: &str) -> Self {
+        self.tokens.insert(token.into(), org.into());
+        self
+    }
+}
+
+/// One request as logged: never a body (secrets travel in bodies).
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRecord {
+    /// Unix milliseconds on the emulator clock.
+    pub time_ms: i64,
+    pub method: String,
+    pub path: String,
+    pub label: String,
+    /// 0 for a dropped connection.
+    pub status: u16,
+    pub app: Option<String>,
+    pub machine: Option<String>,
+    pub request_id: String,
+}
+
+pub(crate) struct Limiter {
+    buckets: HashMap<(String, String), TokenBucket>,
+    org: HashMap<String, TokenBucket>,
+}
+
+pub(crate) struct Shared {
+    pub cfg: Arc<EmulatorConfig>,
+    pub clock: Clock,
+    pub state: Mutex<state::State>,
+    pub counters: Mutex<HashMap<(String, u16), u64>>,
+    pub events: Mutex<VecDeque<EventRecord>>,
+    pub faults: Mutex<faults::FaultState>,
+    pub limiter: Mutex<Limiter>,
+}
+
+impl Shared {
+    fn new(cfg: EmulatorConfig) -> Arc<Self> {
+        let clock = cfg.clock.clone();
+        let faults = faults::FaultState {
+            random: cfg.faults.clone(),
+            script: VecDeque::new(),
+        };
+        let cfg = Arc::new(cfg);
+        Arc::new(Shared {
+            state: Mutex::new(state::State::new(
+                cfg.clone(),
+                clock.wall_ms(Duration::ZERO),
+            )),
+            cfg,
+            clock,
+            counters: Mutex::new(HashMap::new()),
+            events: Mutex::new(VecDeque::new()),
+            faults: Mutex::new(faults),
+            limiter: Mutex::new(Limiter {
+                buckets: HashMap::new(),
+                org: HashMap::new(),
+            }),
+        })
+    }
+}
+
+/// Entry point: `Emulator::start(config).await` → a running emulator on 127.0.0.1 (random port).
+pub struct Emulator;
+
+impl Emulator {
+    pub async fn start(cfg: EmulatorConfig) -> std::io::Result<EmulatorHandle> {
+        Self::start_on(cfg, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    pub async fn start_on(
+        cfg: EmulatorConfig,
+        addr: SocketAddr,
+    ) -> std::io::Result<EmulatorHandle> {
+        let shared = Shared::new(cfg);
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let app = routes::router(shared.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "emulator server stopped");
+            }
+        });
+        Ok(EmulatorHandle { shared, addr, task })
+    }
+}
+
+/// Serve until the future is dropped (for `mcpfly emulator --port N`).
+pub async fn serve(cfg: EmulatorConfig, addr: SocketAddr) -> std::io::Result<()> {
+    let shared = Shared::new(cfg);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "Fly emulator listening; API under /v1, admin under /__emulator/");
+    axum::serve(listener, routes::router(shared)).await
+}
+
+/// A running emulator. Dropping it stops the server.
+pub struct EmulatorHandle {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EmulatorHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EmulatorHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT/v1`: what `FLY_FLAPS_BASE_URL` should be.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.shared.clock
+    }
+
+    /// Calls by (endpoint label, status).
+    pub fn call_counts(&self) -> BTreeMap<(String, u16), u64> {
+        self.shared
+            .counters
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// Calls of one endpoint label, any status.
+    pub fn count(&self, label: &str) -> u64 {
+        self.call_counts()
+            .iter()
+            .filter(|((l, _), _)| l == label)
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Calls answered with one status, any endpoint.
+    pub fn count_status(&self, status: u16) -> u64 {
+        self.call_counts()
+            .iter()
+            .filter(|((_, s), _)| *s == status)
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    pub fn total_calls(&self) -> u64 {
+        self.call_counts().values().sum()
+    }
+
+    pub fn event_log(&self) -> Vec<EventRecord> {
+        self.shared
+            .events
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    pub fn reset_counters(&self) {
+        self.shared.counters.lock().expect("poisoned").clear();
+        self.shared.events.lock().expect("poisoned").clear();
+    }
+
+    pub fn inventory(&self) -> Inventory {
+        let now = self.shared.clock.now();
+        let mut st = self.shared.state.lock().expect("poisoned");
+        st.advance(now);
+        st.inventory(now)
+    }
+
+    /// Set a check's result (visible once the check's grace period since start has passed).
+    pub fn set_check_status(&self, app: &str, machine: &str, check: &str, status: &str) -> bool {
+        self.shared
+            .state
+            .lock()
+            .expect("poisoned")
+            .set_check_status(app, machine, check, status)
+    }
+
+    pub fn set_faults(&self, faults: FaultConfig) {
+        self.shared.faults.lock().expect("poisoned").random = faults;
+    }
+
+    /// Queue faults for the next matching requests, in order.
+    pub fn script_faults(&self, script: impl IntoIterator<Item = ScriptedFault>) {
+        self.shared
+            .faults
+            .lock()
+            .expect("poisoned")
+            .script
+            .extend(script);
+    }
+
+    /// An app owned by another org: ours get 403 for it, and its name is taken.
+    pub fn add_foreign_app(&self, name: &str, org: &str) {
+        let now = self.shared.clock.now();
+        self.shared
+            .state
+            .lock()
+            .expect("poisoned")
+            .add_foreign_app(name, org, now);
+    }
+}
+
+/// A request id in the style of Fly's (ULID-like).
+pub(crate) fn state_request_id(ms: i64) -> String {
+    use rand::Rng;
+    const A: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let mut rng = rand::rng();
+    let mut s = format!("{ms:x}-");
+    for _ in 0..16 {
+        s.push(A[rng.random_range(0..32)] as char);
+    }
+    s
+}
