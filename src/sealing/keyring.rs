@@ -386,4 +386,19 @@ mod tests {
         let dbg = format!("{:?}", ring(&[&k]));
         assert!(!dbg.contains(k.as_str()) && dbg.contains(key_id_of(&k).unwrap().as_str()));
     }
+
+    proptest::proptest! {
+        /// Any string given as a sealed value yields a result, never a panic; near-valid ones too.
+        #[test]
+        fn decrypt_is_total(s in ".{0,200}", cut in 0usize..200, flip in 0usize..200) {
+            let r = KeyRing::parse("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "t").unwrap();
+            let _ = r.decrypt(&s);
+            let sealed = r.encrypt(s.as_bytes());
+            let _ = r.decrypt(&sealed[..cut.min(sealed.len())]);
+            let mut bytes = sealed.into_bytes();
+            let i = flip % bytes.len();
+            bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+            proptest::prop_assert!(r.decrypt(&String::from_utf8(bytes).unwrap()).is_err());
+        }
+    }
 }

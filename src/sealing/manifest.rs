@@ -607,4 +607,50 @@ spec:
         let v: Value = serde_yaml::from_str(m.text().split("---\n").nth(1).unwrap()).unwrap();
         assert_eq!(v["spec"]["env"]["K"].as_str(), Some("v"));
     }
+
+    proptest::proptest! {
+        /// Parsing and listing credentials never panic on arbitrary text, and inserting a credential into
+        /// generated layouts either verifies or falls back, never corrupts other content.
+        #[test]
+        fn parse_is_total(text in "(\\PC|\n| |-|:|#){0,300}") {
+            if let Ok(m) = Manifest::parse(&text) {
+                let _ = m.credentials();
+            }
+        }
+
+        #[test]
+        fn upsert_keeps_other_content(
+            indent in 1usize..5,
+            dash_at_key in proptest::bool::ANY,
+            n in 0usize..3,
+            comment in proptest::bool::ANY,
+        ) {
+            let pad = " ".repeat(indent);
+            let dash = if dash_at_key { pad.clone() } else { format!("{pad}{pad}") };
+            let mut text = format!("kind: MCPDeployment\nmetadata:\n{pad}name: r\nspec:\n{pad}env: {{A: b}}\n");
+            if n > 0 {
+                text.push_str(&format!("{pad}credentials:\n"));
+                for i in 0..n {
+                    text.push_str(&format!("{dash}- name: N{i}\n{dash}  sealed: {i}.tok{i}\n"));
+                    if comment {
+                        text.push_str(&format!("{dash}# after {i}\n"));
+                    }
+                }
+            }
+            text.push_str("status: {}\n");
+            let mut m = Manifest::parse(&text).unwrap();
+            let kind = m.upsert_credential("ns", "r", "NEW", "9.new").unwrap();
+            proptest::prop_assert_eq!(kind, EditKind::InPlace);
+            let names: Vec<String> = m.credentials().into_iter().map(|c| c.name).collect();
+            proptest::prop_assert_eq!(names.len(), n + 1);
+            proptest::prop_assert_eq!(names.last().map(String::as_str), Some("NEW"));
+            // Every original line is still there, in order.
+            let mut rest = m.text();
+            for line in text.lines() {
+                let at = rest.find(line);
+                proptest::prop_assert!(at.is_some(), "lost line {:?}", line);
+                rest = &rest[at.unwrap() + line.len()..];
+            }
+        }
+    }
 }
