@@ -410,12 +410,12 @@ async fn unseal_check_reports_scope_mismatch_unknown_key_and_tampering() {
         .sealed
         .clone()
         .unwrap();
-    let (prefix, body) = token.split_once('.').unwrap();
+    let (prefix, body) = (&token[..8], &token[9..]);
     let mut chars: Vec<char> = body.chars().collect();
     let mid = chars.len() / 2;
     chars[mid] = if chars[mid] == 'A' { 'B' } else { 'A' };
-    let tampered = format!("{prefix}.{}", chars.iter().collect::<String>());
-    let truncated = format!("{prefix}.{}", &body[..body.len() - 20]);
+    let tampered = format!("{prefix}-{}", chars.iter().collect::<String>());
+    let truncated = format!("{prefix}-{}", &body[..body.len() - 20]);
     let foreign_ring = KeyRing::parse(&mcpfly::sealing::generate_key(), "t").unwrap();
     let foreign = mcpfly::sealing::seal(
         &foreign_ring,
@@ -428,7 +428,7 @@ async fn unseal_check_reports_scope_mismatch_unknown_key_and_tampering() {
         ("truncated", truncated, "truncated"),
         (
             "not-base64",
-            format!("{prefix}.!!!notbase64"),
+            format!("{prefix}-!!!notbase64"),
             "not url-safe base64",
         ),
         ("foreign", foreign, "which is not in the key ring"),

@@ -180,10 +180,10 @@ impl KeyRing {
         self.keys.iter().any(|k| &k.id == id)
     }
 
-    /// Encrypts `plaintext` with the primary key; returns the sealed value text `{key id}.{fernet token}`.
+    /// Encrypts `plaintext` with the primary key; returns the sealed value text `{key id}-{fernet token}`.
     pub fn encrypt(&self, plaintext: &[u8]) -> String {
         let primary = &self.keys[0];
-        format!("{}.{}", primary.id, primary.fernet.encrypt(plaintext))
+        format!("{}-{}", primary.id, primary.fernet.encrypt(plaintext))
     }
 
     /// Decrypts a sealed value text; returns the key that decrypted it and the plaintext.
@@ -193,15 +193,7 @@ impl KeyRing {
     /// token without the prefix is accepted too; every key is tried, and a failure is `UnknownKey`.
     pub fn decrypt(&self, sealed: &str) -> Result<(KeyId, Zeroizing<Vec<u8>>), SealError> {
         let sealed = sealed.trim();
-        let (hint, token) = match sealed.split_once('.') {
-            Some((prefix, token)) => {
-                let id = KeyId::parse(prefix).ok_or(SealError::InvalidToken {
-                    reason: "the key id prefix is not 8 lowercase hex digits",
-                })?;
-                (Some(id), token)
-            }
-            None => (None, sealed),
-        };
+        let (hint, token) = split_key_id(sealed);
         check_token_structure(token)?;
         match hint {
             Some(id) => {
@@ -233,6 +225,18 @@ impl KeyRing {
                 }),
         }
     }
+}
+
+/// Splits `{key id}-{token}`. A bare Fernet token starts with `g` (its version byte 0x80), which is not a
+/// hex digit, so the two forms cannot be confused; `-` keeps the whole text in the url-safe base64
+/// alphabet (the CRD's pattern for `sealed`).
+pub fn split_key_id(sealed: &str) -> (Option<KeyId>, &str) {
+    if sealed.as_bytes().get(8) == Some(&b'-')
+        && let Some(id) = KeyId::parse(&sealed[..8])
+    {
+        return (Some(id), &sealed[9..]);
+    }
+    (None, sealed)
 }
 
 /// Checks the Fernet token layout (version 0x80, timestamp, IV, whole AES blocks, HMAC) without a key, so
@@ -340,16 +344,34 @@ mod tests {
                 .starts_with(rotated.primary_id().as_str())
         );
         // A bare Fernet token (no key id prefix) still decrypts.
-        let bare = sealed.split_once('.').unwrap().1;
+        let bare = split_key_id(&sealed).1;
         assert_eq!(rotated.decrypt(bare).unwrap().0, id);
+    }
+
+    #[test]
+    fn sealed_text_matches_the_crd_pattern() {
+        // The CRD's `sealed` pattern is ^[A-Za-z0-9_-]+={0,2}$.
+        let r = ring(&[&generate_key()]);
+        for len in [0, 1, 15, 16, 100] {
+            let s = r.encrypt(&vec![b'x'; len]);
+            let body = s.trim_end_matches('=');
+            assert!(s.len() - body.len() <= 2);
+            assert!(
+                body.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+                "{s}"
+            );
+            assert_eq!(split_key_id(&s).0.as_ref(), Some(r.primary_id()));
+        }
     }
 
     #[test]
     fn structural_errors() {
         let r = ring(&[&generate_key()]);
         let sealed = r.encrypt(b"hello");
-        let (prefix, token) = sealed.split_once('.').unwrap();
-        let cut = format!("{prefix}.{}", &token[..token.len() - 10]);
+        let (prefix, token) = sealed.split_at(8);
+        let token = &token[1..];
+        let cut = format!("{prefix}-{}", &token[..token.len() - 10]);
         assert!(matches!(
             r.decrypt(&cut),
             Err(SealError::InvalidToken { .. })
@@ -359,7 +381,7 @@ mod tests {
             Err(SealError::InvalidToken { .. })
         ));
         assert!(matches!(
-            r.decrypt(&format!("{prefix}.***")),
+            r.decrypt(&format!("{prefix}-***")),
             Err(SealError::InvalidToken { .. })
         ));
         let foreign = ring(&[&generate_key()]).encrypt(b"hello");
@@ -370,7 +392,7 @@ mod tests {
             }) => assert_eq!(tried, r.key_ids()),
             other => panic!("{other:?}"),
         }
-        let bare_foreign = foreign.split_once('.').unwrap().1;
+        let bare_foreign = split_key_id(&foreign).1;
         assert!(matches!(
             r.decrypt(bare_foreign),
             Err(SealError::UnknownKey {

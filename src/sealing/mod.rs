@@ -1,7 +1,7 @@
 //! Sealed credentials: Fernet with a key ring and scope-binding envelopes (DESIGN.md §4).
 //!
 //! - [`KeyRing`]: keys from a file or an environment variable; the first seals, all unseal.
-//! - A **sealed value** is `{key id}.{Fernet token}`. The key id (8 hex of sha256 of the key) is public: it
+//! - A **sealed value** is `{key id}-{Fernet token}` (all url-safe base64 characters). The key id (8 hex of sha256 of the key) is public: it
 //!   lets anyone see which key sealed a value without holding a key, and lets a modified token be told apart
 //!   from one sealed with a key the ring does not hold.
 //! - The Fernet plaintext is an [`Envelope`] binding the value to a [`Scope`] (see [`envelope`]).
