@@ -336,7 +336,8 @@ pub struct FlySpec {
     #[serde(default)]
     pub guest: GuestSpec,
     /// What Fly does with idle machines: `off` keeps them running, `stop` stops them, `suspend` snapshots them
-    /// for a fast resume. Fly starts them again on the next request.
+    /// for a fast resume. Fly starts them again on the next request. Quote `"off"` in YAML, where a plain off is
+    /// the boolean false.
     #[serde(default)]
     pub auto_stop: AutoStop,
     /// Machines Fly keeps running even when idle (in the primary region), at most machinesPerRegion.
@@ -350,23 +351,8 @@ fn default_one() -> i32 {
 }
 
 /// A Fly machine size.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[x_kube(
-    validation = Rule::new("self.cpuKind != 'shared' || self.cpus in [1, 2, 4, 6, 8]")
-        .message("shared guests take cpus 1, 2, 4, 6 or 8")
-)]
-#[x_kube(
-    validation = Rule::new("self.cpuKind != 'performance' || self.cpus in [1, 2, 4, 8, 16]")
-        .message("performance guests take cpus 1, 2, 4, 8 or 16")
-)]
-#[x_kube(
-    validation = Rule::new("self.cpuKind != 'shared' || (self.memoryMb >= 256 * self.cpus && self.memoryMb <= 2048 * self.cpus && self.memoryMb % 256 == 0)")
-        .message(kube::core::Message::Expression("'shared guests with ' + string(self.cpus) + ' CPU(s) take memoryMb as a multiple of 256 between ' + string(256 * self.cpus) + ' and ' + string(2048 * self.cpus)".into()))
-)]
-#[x_kube(
-    validation = Rule::new("self.cpuKind != 'performance' || (self.memoryMb >= 2048 * self.cpus && self.memoryMb <= 8192 * self.cpus && self.memoryMb % 1024 == 0)")
-        .message(kube::core::Message::Expression("'performance guests with ' + string(self.cpus) + ' CPU(s) take memoryMb as a multiple of 1024 between ' + string(2048 * self.cpus) + ' and ' + string(8192 * self.cpus)".into()))
-)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[schemars(transform = guest_rules)]
 #[serde(rename_all = "camelCase")]
 pub struct GuestSpec {
     /// `shared` or `performance`.
@@ -380,6 +366,34 @@ pub struct GuestSpec {
     #[serde(default = "default_memory_mb")]
     #[schemars(range(min = 256, max = 131072))]
     pub memory_mb: i32,
+}
+
+/// CEL rules for the guest sizes Fly accepts, generated from the same table as [`v::guest_error`]. One memory rule
+/// per CPU count, so each message can state the exact range: the apiserver refuses a `messageExpression` that
+/// computes it (its estimated cost is over budget).
+fn guest_rules(schema: &mut schemars::Schema) {
+    let mut rules = Vec::new();
+    for kind in [CpuKind::Shared, CpuKind::Performance] {
+        let k = kind.as_str();
+        let cpus = v::allowed_cpus(kind);
+        let list = cpus.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+        rules.push(serde_json::json!({
+            "rule": format!("self.cpuKind != '{k}' || self.cpus in [{}]", list.join(", ")),
+            "message": format!("{k} guests take cpus {} or {}", list[..list.len() - 1].join(", "), list[list.len() - 1]),
+        }));
+        for &c in cpus {
+            let (min, max, step) = v::memory_bounds(kind, c);
+            rules.push(serde_json::json!({
+                "rule": format!(
+                    "self.cpuKind != '{k}' || self.cpus != {c} || (self.memoryMb >= {min} && self.memoryMb <= {max} && self.memoryMb % {step} == 0)"
+                ),
+                "message": format!(
+                    "{k} guests with {c} CPU(s) take memoryMb as a multiple of {step} between {min} and {max}"
+                ),
+            }));
+        }
+    }
+    schema.insert("x-kubernetes-validations".into(), rules.into());
 }
 
 fn default_memory_mb() -> i32 {

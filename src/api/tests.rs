@@ -203,7 +203,11 @@ fn schema_patterns_are_the_shared_constants() {
 
 /// Parse every MCPDeployment in `examples/`.
 fn examples() -> Vec<(String, MCPDeployment)> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    deployments_in(concat!(env!("CARGO_MANIFEST_DIR"), "/examples"))
+}
+
+/// Parse every MCPDeployment in the YAML files of `dir`.
+fn deployments_in(dir: &str) -> Vec<(String, MCPDeployment)> {
     let mut out = Vec::new();
     let mut paths: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -266,6 +270,50 @@ fn examples_parse_round_trip_and_pass_the_rust_checks() {
         match d.spec.source.kind().unwrap() {
             SourceKind::Npm(p) => assert!(validation::is_npm_package(&p.package), "{name}"),
             SourceKind::Pypi(p) => assert!(validation::is_pypi_package(&p.package), "{name}"),
+            SourceKind::Image(i) => assert!(validation::is_image_ref(&i.reference), "{name}"),
+        }
+    }
+}
+
+/// The manifests the apiserver test expects to be accepted also pass the Rust-side checks: the two agree.
+#[test]
+fn valid_fixtures_pass_the_rust_checks() {
+    let all = deployments_in(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/manifests/valid"
+    ));
+    assert!(all.len() >= 4);
+    for (name, d) in &all {
+        assert!(d.spec.source.kind().is_some(), "{name}");
+        assert_eq!(validation::guest_error(&d.spec.fly.guest), None, "{name}");
+        assert!(
+            d.spec.env.keys().all(|k| validation::is_env_name(k)),
+            "{name}"
+        );
+        for app in [&d.spec.fly.app, &d.spec.fly.org, &d.spec.fly.network]
+            .into_iter()
+            .flatten()
+        {
+            assert!(
+                app.is_empty() || validation::is_fly_name(app),
+                "{name}: {app}"
+            );
+        }
+        match d.spec.source.kind().unwrap() {
+            SourceKind::Npm(p) => {
+                assert!(validation::is_npm_package(&p.package), "{name}");
+                assert!(
+                    p.version.iter().all(|v| validation::is_npm_version(v)),
+                    "{name}"
+                );
+            }
+            SourceKind::Pypi(p) => {
+                assert!(validation::is_pypi_package(&p.package), "{name}");
+                assert!(
+                    p.version.iter().all(|v| validation::is_pypi_version(v)),
+                    "{name}"
+                );
+            }
             SourceKind::Image(i) => assert!(validation::is_image_ref(&i.reference), "{name}"),
         }
     }

@@ -157,9 +157,9 @@ pub fn guest_error(guest: &GuestSpec) -> Option<String> {
     let (min, max, step) = memory_bounds(kind, guest.cpus);
     if guest.memory_mb < min || guest.memory_mb > max || guest.memory_mb % step != 0 {
         return Some(format!(
-            "memoryMb for {} {} CPU(s) must be a multiple of {step} between {min} and {max}, not {}",
-            guest.cpus,
+            "{} guests with {} CPU(s) take memoryMb as a multiple of {step} between {min} and {max}, not {}",
             kind.as_str(),
+            guest.cpus,
             guest.memory_mb
         ));
     }
