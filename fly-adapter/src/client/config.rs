@@ -32,6 +32,13 @@ pub fn normalize(cfg: &MachineConfig) -> Value {
                 r.insert("policy".into(), Value::String("on-failure".into()));
             }
         }
+        // Fly's default guest: shared, 1 CPU, 256 MB.
+        if m.get("guest").is_none_or(Value::is_null) {
+            m.insert(
+                "guest".into(),
+                serde_json::json!({"cpu_kind": "shared", "cpus": 1, "memory_mb": 256}),
+            );
+        }
         if let Some(Value::Object(md)) = m.get_mut("metadata") {
             md.remove(CONFIG_HASH_METADATA_KEY);
         }

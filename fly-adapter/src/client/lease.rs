@@ -50,7 +50,8 @@ impl LeaseGuard {
                 lease.nonce.clone(),
                 lost.clone(),
             );
-            let every = Duration::from_millis((ttl_secs * 1000 / 3).max(300));
+            // At most one refresh a second: leases share Fly's 1 req/s per-machine action limit.
+            let every = Duration::from_millis((ttl_secs * 1000 / 3).max(1000));
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
