@@ -33,6 +33,18 @@ pub enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the controller: reconcile MCPDeployments into Fly apps and machines.
+    Controller(mcpfly::controller::ControllerConfig),
+    /// Print the MCPDeployment CustomResourceDefinition (YAML), e.g. `mcpfly crd | kubectl apply --server-side -f -`.
+    Crd,
+    /// Print a new Fernet key (or add it as the new primary key of a key-ring file with --append).
+    Keygen(crate::cli_sealing::KeygenArgs),
+    /// Seal credentials for one MCPDeployment: prints a `credentials:` block or merges into a manifest.
+    Seal(crate::cli_sealing::SealArgs),
+    /// Re-encrypt every sealed value in manifests with the primary key (key rotation).
+    Reseal(crate::cli_sealing::ResealArgs),
+    /// Check that every sealed value in manifests unseals for its resource; prints nothing secret.
+    Unseal(crate::cli_sealing::UnsealArgs),
     /// Start a local control plane (etcd + kube-apiserver), install the CRD, apply examples/ and show them.
     Demo(DemoArgs),
 }
@@ -65,6 +77,15 @@ pub fn init_logging(args: &LogArgs) {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Controller(config) => mcpfly::controller::run(config).await,
+        Command::Crd => {
+            print!("{}", mcpfly::api::crd_yaml());
+            Ok(())
+        }
+        Command::Keygen(args) => crate::cli_sealing::run_keygen(args).await,
+        Command::Seal(args) => crate::cli_sealing::run_seal(args).await,
+        Command::Reseal(args) => crate::cli_sealing::run_reseal(args).await,
+        Command::Unseal(args) => crate::cli_sealing::run_unseal(args).await,
         Command::Demo(args) => demo(args).await,
     }
 }

@@ -3,8 +3,11 @@
 use clap::Parser;
 
 mod cli;
+mod cli_sealing;
 
 fn main() -> std::process::ExitCode {
+    // kube and reqwest use rustls with the ring provider; one process-wide default avoids ambiguity.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = cli::Cli::parse();
     cli::init_logging(&args.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -2,7 +2,10 @@
 //!
 //! - [`naming`] and [`desired`]: what Fly should look like (pure).
 //! - [`plan`]: the ordered actions that get it there from what was observed (pure, unit-tested).
+//! - [`observe`] and [`act`]: the calls to Fly, through fly-adapter.
 
+pub mod act;
 pub mod desired;
 pub mod naming;
+pub mod observe;
 pub mod plan;

@@ -400,9 +400,21 @@ fn plan_machines(
             ));
             continue;
         }
+        // The launch id identifies the machine, not its config: an update keeps it.
+        let mut machine = (*want).clone();
+        if let Some(launch) = have
+            .config
+            .as_ref()
+            .and_then(|c| c.metadata.get(metadata::LAUNCH_ID))
+        {
+            machine
+                .config
+                .metadata
+                .insert(metadata::LAUNCH_ID.to_string(), launch.clone());
+        }
         plan.actions.push(Action::UpdateMachine {
             id: have.id.clone(),
-            machine: (*want).clone(),
+            machine,
             current_version: have.instance_id.clone(),
             // An update of a machine that is not running leaves it stopped; Fly's CLI says so explicitly.
             skip_launch: matches!(have.state.as_str(), "stopped" | "suspended" | "created"),

@@ -91,6 +91,10 @@ pub struct CredentialError {
 pub enum CredentialErrorReason {
     #[error("{0}")]
     Seal(SealError),
+    #[error(
+        "the controller has no key ring to unseal it; configure --keyring-secret or --keyring-file"
+    )]
+    NoKeyRing,
     #[error("Secret {secret} not found in the resource's namespace")]
     SecretNotFound { secret: String },
     #[error("Secret {secret} has no key {key}")]
@@ -110,6 +114,7 @@ impl CredentialErrorReason {
             Self::Seal(SealError::UnknownKey { .. }) => "CredentialUnknownKey",
             Self::Seal(SealError::UnsupportedVersion { .. }) => "CredentialUnsupportedVersion",
             Self::Seal(SealError::InvalidName { .. }) => "CredentialInvalidName",
+            Self::NoKeyRing => "KeyRingMissing",
             Self::SecretNotFound { .. } => "CredentialSecretNotFound",
             Self::KeyNotFound { .. } => "CredentialSecretKeyNotFound",
             Self::NotUtf8 { .. } => "CredentialSecretNotUtf8",
@@ -208,17 +213,19 @@ impl SecretReader for InMemorySecrets {
 
 /// Unseals credentials with a key ring and reads `secretKeyRef`s through a [`SecretReader`].
 pub struct Unsealer<R> {
-    ring: Arc<KeyRing>,
+    /// `None` when the controller has no key ring: `secretKeyRef` credentials still work, sealed ones fail
+    /// with [`CredentialErrorReason::NoKeyRing`].
+    ring: Option<Arc<KeyRing>>,
     secrets: R,
 }
 
 impl<R: SecretReader> Unsealer<R> {
-    pub fn new(ring: Arc<KeyRing>, secrets: R) -> Self {
+    pub fn new(ring: Option<Arc<KeyRing>>, secrets: R) -> Self {
         Self { ring, secrets }
     }
 
-    pub fn key_ring(&self) -> &KeyRing {
-        &self.ring
+    pub fn key_ring(&self) -> Option<&KeyRing> {
+        self.ring.as_deref()
     }
 
     /// Unseals every credential of the resource `namespace/resource_name`, in order; stops at the first
@@ -237,10 +244,14 @@ impl<R: SecretReader> Unsealer<R> {
             };
             let (value, source) = match &c.source {
                 CredentialSource::Sealed(sealed) => {
+                    let ring = self
+                        .ring
+                        .as_deref()
+                        .ok_or_else(|| fail(CredentialErrorReason::NoKeyRing))?;
                     let target = Target::new(namespace, resource_name, &c.name);
-                    let u = unseal(&self.ring, sealed, &target)
+                    let u = unseal(ring, sealed, &target)
                         .map_err(|e| fail(CredentialErrorReason::Seal(e)))?;
-                    let primary = &u.key_id == self.ring.primary_id();
+                    let primary = &u.key_id == ring.primary_id();
                     (
                         u.value,
                         UnsealedFrom::Sealed {
@@ -364,7 +375,7 @@ mod tests {
         let secrets = InMemorySecrets::default();
         secrets.insert("team-a", "my-secret", "token", "from-secret");
         secrets.insert("team-b", "my-secret", "token", "other-namespace");
-        let u = Unsealer::new(ring.clone(), secrets);
+        let u = Unsealer::new(Some(ring.clone()), secrets);
         let creds = vec![
             CredentialRef {
                 name: "A".into(),
@@ -417,7 +428,7 @@ mod tests {
     #[tokio::test]
     async fn errors_name_the_credential_and_reason() {
         let ring = Arc::new(KeyRing::parse(&generate_key(), "t").unwrap());
-        let u = Unsealer::new(ring.clone(), InMemorySecrets::default());
+        let u = Unsealer::new(Some(ring.clone()), InMemorySecrets::default());
         let moved = vec![CredentialRef {
             name: "A".into(),
             source: sealed(&ring, "team-a", "gh", "A", "canary-value"),

@@ -1,0 +1,100 @@
+//! The controller's configuration: flags, each with an environment variable (listed in `.env.example`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::reconcile::desired::Settings;
+
+#[derive(Args, Clone, Debug)]
+pub struct ControllerConfig {
+    /// Fly org token (an app-scoped deploy token cannot create apps). Never logged.
+    #[arg(long, env = "FLY_API_TOKEN", hide_env_values = true)]
+    pub fly_api_token: String,
+    /// The Fly org apps are created in unless a resource sets spec.fly.org.
+    #[arg(long, env = "FLY_ORG")]
+    pub fly_org: String,
+    /// Fly Machines API base URL (the emulator's, in tests and the demo).
+    #[arg(
+        long,
+        env = "FLY_API_BASE_URL",
+        default_value = "https://api.machines.dev/v1"
+    )]
+    pub fly_api_base_url: String,
+    /// Part of every derived app name's hash, so two clusters sharing a Fly org never collide.
+    #[arg(long, env = "MCPFLY_CLUSTER_NAME", default_value = "default")]
+    pub cluster_name: String,
+    /// Prefix of derived app names.
+    #[arg(long, env = "MCPFLY_APP_PREFIX", default_value = "mcpfly")]
+    pub app_prefix: String,
+    /// Image with node, uv and the mcpfly binary that runs npm and PyPI servers behind the bridge.
+    #[arg(
+        long,
+        env = "MCPFLY_RUNTIME_IMAGE",
+        default_value = "registry.fly.io/mcpfly-runtime:0.1.0"
+    )]
+    pub runtime_image: String,
+    /// Public URL of a deployment; `{app}` is replaced by the app name.
+    #[arg(
+        long,
+        env = "MCPFLY_URL_TEMPLATE",
+        default_value = "https://{app}.fly.dev/mcp"
+    )]
+    pub url_template: String,
+    /// Watch only these namespaces (comma-separated); all namespaces when empty.
+    #[arg(long = "namespace", env = "MCPFLY_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+    /// Watch only MCPDeployments matching this label selector (for sharding across controllers).
+    #[arg(long, env = "MCPFLY_LABEL_SELECTOR")]
+    pub label_selector: Option<String>,
+    /// The key-ring Secret as NAMESPACE/NAME (key `keys`): watched, so a rotation reaches the controller
+    /// without a restart and requeues every resource.
+    #[arg(long, env = "MCPFLY_KEYRING_SECRET")]
+    pub keyring_secret: Option<String>,
+    /// A key-ring file (one Fernet key per line, primary first), e.g. a mounted Secret.
+    #[arg(long, env = "MCPFLY_KEYRING_FILE")]
+    pub keyring_file: Option<PathBuf>,
+    /// Seconds between checks of a Ready deployment.
+    #[arg(long, env = "MCPFLY_RESYNC_SECONDS", default_value_t = 3600)]
+    pub resync_seconds: u64,
+    /// Milliseconds between looks at a deployment that is converging.
+    #[arg(long, env = "MCPFLY_CONVERGE_INTERVAL_MS", default_value_t = 1000)]
+    pub converge_interval_ms: u64,
+    /// Resources reconciled at once.
+    #[arg(long, env = "MCPFLY_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: u16,
+}
+
+impl ControllerConfig {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            app_prefix: self.app_prefix.clone(),
+            cluster_name: self.cluster_name.clone(),
+            default_org: self.fly_org.clone(),
+            runtime_image: self.runtime_image.clone(),
+            url_template: self.url_template.clone(),
+        }
+    }
+
+    pub fn resync(&self) -> Duration {
+        Duration::from_secs(self.resync_seconds)
+    }
+
+    pub fn converge_interval(&self) -> Duration {
+        Duration::from_millis(self.converge_interval_ms)
+    }
+
+    /// `(namespace, name)` of the key-ring Secret.
+    pub fn keyring_secret_ref(&self) -> anyhow::Result<Option<(String, String)>> {
+        match &self.keyring_secret {
+            None => Ok(None),
+            Some(text) => match text.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() => {
+                    Ok(Some((ns.into(), name.into())))
+                }
+                _ => anyhow::bail!("--keyring-secret must be NAMESPACE/NAME, got {text:?}"),
+            },
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! `mcpfly controller`: a kube-runtime controller over `MCPDeployment`s.
+//!
+//! - [`config`]: flags and environment.
+//! - [`reconciler`]: one reconcile (Kubernetes side: finalizer, status, events, the connection Secret).
+//! - [`status`]: status and conditions, built without I/O.
+//!
+//! What triggers a reconcile: a change to the resource; a change to a Secret it references (`secretKeyRef`) or
+//! owns (the connection Secret); a change to the key-ring Secret (all resources); the requeue a reconcile asks
+//! for (soon while converging, the resync interval when Ready, capped backoff after errors, never while
+//! Stalled).
+
+pub mod config;
+pub mod reconciler;
+pub mod status;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::mpsc;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::api::MCPDeployment;
+use crate::packages::{PinnedOnlyResolver, SourceResolver};
+use crate::reconcile::act::InFlight;
+use crate::reconcile::desired::Settings;
+use crate::sealing::KeyRing;
+pub use config::ControllerConfig;
+use fly_adapter::client::{FlyClient, FlyClientConfig, FlyError};
+
+/// Errors that make a reconcile retry with backoff. Problems the user must fix are not errors: they become a
+/// `Stalled` condition.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("Fly API: {0}")]
+    Fly(#[from] FlyError),
+    #[error("source resolution: {0}")]
+    Resolve(crate::packages::ResolveError),
+    #[error("credentials: {0}")]
+    Credentials(String),
+    #[error("resource has no namespace")]
+    NotNamespaced,
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Shared by every reconcile: clients, settings and in-memory bookkeeping.
+pub struct Context {
+    pub client: kube::Client,
+    pub fly: FlyClient,
+    pub settings: Settings,
+    pub resolver: Arc<dyn SourceResolver>,
+    /// Replaced when the key-ring Secret changes.
+    pub keyring: RwLock<Option<Arc<KeyRing>>>,
+    pub in_flight: InFlight,
+    pub recorder: Recorder,
+    /// Who holds leases, in lease descriptions (pod name or host).
+    pub identity: String,
+    pub resync: Duration,
+    pub converge_interval: Duration,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        fly: FlyClient,
+        config: &ControllerConfig,
+        resolver: Arc<dyn SourceResolver>,
+        keyring: Option<Arc<KeyRing>>,
+    ) -> Self {
+        let identity = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| format!("mcpfly-{}", std::process::id()));
+        Self {
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "mcpfly".into(),
+                    instance: Some(identity.clone()),
+                },
+            ),
+            client,
+            fly,
+            settings: config.settings(),
+            resolver,
+            keyring: RwLock::new(keyring),
+            in_flight: InFlight::default(),
+            identity,
+            resync: config.resync(),
+            converge_interval: config.converge_interval(),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn record_outcome(&self, obj: &MCPDeployment, ok: bool) {
+        let key = obj.uid().unwrap_or_default();
+        let mut failures = self.failures.lock().unwrap();
+        if ok {
+            failures.remove(&key);
+        } else {
+            *failures.entry(key).or_default() += 1;
+        }
+    }
+
+    /// Capped exponential backoff per resource: 1 s, 2 s, 4 s … 5 min.
+    fn backoff(&self, obj: &MCPDeployment) -> Duration {
+        let count = self
+            .failures
+            .lock()
+            .unwrap()
+            .get(&obj.uid().unwrap_or_default())
+            .copied()
+            .unwrap_or(1);
+        Duration::from_secs(1u64 << count.saturating_sub(1).min(8)).min(Duration::from_secs(300))
+    }
+}
+
+fn error_policy(obj: Arc<MCPDeployment>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    let delay = ctx.backoff(&obj);
+    warn!(resource = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()), %error, retry_in = ?delay, "reconcile failed");
+    Requeue::requeue(delay)
+}
+
+async fn reconcile(obj: Arc<MCPDeployment>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let span = info_span!(
+        "reconcile",
+        resource = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()),
+        generation = obj.metadata.generation.unwrap_or_default()
+    );
+    reconciler::reconcile(obj, ctx).instrument(span).await
+}
+
+/// Loads the key ring from the configured file, or from the Secret (whose changes [`watch_keyring`] follows).
+pub async fn load_keyring(
+    client: &kube::Client,
+    config: &ControllerConfig,
+) -> anyhow::Result<Option<Arc<KeyRing>>> {
+    if let Some(path) = &config.keyring_file {
+        return Ok(Some(Arc::new(KeyRing::from_file(path)?)));
+    }
+    let Some((namespace, name)) = config.keyring_secret_ref()? else {
+        return Ok(None);
+    };
+    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    match api.get_opt(&name).await? {
+        Some(secret) => Ok(Some(Arc::new(keyring_from_secret(
+            &secret, &namespace, &name,
+        )?))),
+        None => {
+            warn!(secret = %format!("{namespace}/{name}"), "key-ring Secret not found; sealed credentials will stall until it exists");
+            Ok(None)
+        }
+    }
+}
+
+fn keyring_from_secret(secret: &Secret, namespace: &str, name: &str) -> anyhow::Result<KeyRing> {
+    let data = secret.data.as_ref().and_then(|d| d.get("keys")).ok_or_else(|| {
+        anyhow::anyhow!("key-ring Secret {namespace}/{name} has no `keys` entry (one Fernet key per line, primary first)")
+    })?;
+    let text = std::str::from_utf8(&data.0)
+        .map_err(|_| anyhow::anyhow!("key-ring Secret {namespace}/{name}: `keys` is not text"))?;
+    Ok(KeyRing::parse(text, &format!("Secret {namespace}/{name}"))?)
+}
+
+/// Follows the key-ring Secret: reloads the ring and asks for every resource to be reconciled.
+async fn watch_keyring(
+    ctx: Arc<Context>,
+    namespace: String,
+    name: String,
+    reconcile_all: Vec<mpsc::Sender<()>>,
+) {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = watcher(api, config).applied_objects().boxed();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(secret) => match keyring_from_secret(&secret, &namespace, &name) {
+                Ok(ring) => {
+                    info!(keys = ?ring.key_ids(), "key ring loaded");
+                    *ctx.keyring.write().unwrap() = Some(Arc::new(ring));
+                    for controller in &reconcile_all {
+                        let _ = controller.try_send(());
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "key-ring Secret is invalid; keeping the previous key ring")
+                }
+            },
+            Err(e) => warn!(error = %e, "watching the key-ring Secret"),
+        }
+    }
+}
+
+/// MCPDeployments in `store` that reference Secret `namespace/name` (credentials or connection Secret).
+fn referencing(
+    store: &Store<MCPDeployment>,
+    namespace: &str,
+    name: &str,
+) -> Vec<ObjectRef<MCPDeployment>> {
+    store
+        .state()
+        .iter()
+        .filter(|d| d.namespace().as_deref() == Some(namespace))
+        .filter(|d| {
+            d.spec
+                .credentials
+                .iter()
+                .any(|c| c.secret_key_ref.as_ref().is_some_and(|r| r.name == name))
+                || d.connection_secret_name() == name
+        })
+        .map(|d| ObjectRef::from_obj(d.as_ref()))
+        .collect()
+}
+
+pub async fn run(config: ControllerConfig) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await?;
+    run_with_client(client, config, Arc::new(PinnedOnlyResolver)).await
+}
+
+pub async fn run_with_client(
+    client: kube::Client,
+    config: ControllerConfig,
+    resolver: Arc<dyn SourceResolver>,
+) -> anyhow::Result<()> {
+    let mut fly_config = FlyClientConfig::new(&config.fly_api_base_url, &config.fly_api_token);
+    fly_config.org = Some(config.fly_org.clone());
+    let fly = FlyClient::new(fly_config)?;
+    // Fail at start-up with a clear message rather than on the first resource.
+    fly.list_apps(&config.fly_org).await.map_err(|e| match e {
+        FlyError::Unauthorized { .. } => anyhow::anyhow!(
+            "the Fly token was refused: set FLY_API_TOKEN to an org token for {}",
+            config.fly_org
+        ),
+        e => anyhow::anyhow!(
+            "cannot list apps of Fly org {} with the configured token: {e}",
+            config.fly_org
+        ),
+    })?;
+    let keyring = load_keyring(&client, &config).await?;
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        fly,
+        &config,
+        resolver,
+        keyring,
+    ));
+
+    let mut watch_config = watcher::Config::default().any_semantic();
+    if let Some(selector) = &config.label_selector {
+        watch_config = watch_config.labels(selector);
+    }
+    // A namespace list runs one watch per namespace; its reconciles share one context.
+    let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().cloned().map(Some).collect()
+    };
+    // One "reconcile everything" trigger per controller, fired when the key ring changes.
+    let (reconcile_all_tx, reconcile_all_rx): (Vec<_>, Vec<_>) =
+        scopes.iter().map(|_| mpsc::channel::<()>(1)).unzip();
+    if let Some((namespace, name)) = config.keyring_secret_ref()? {
+        tokio::spawn(watch_keyring(
+            ctx.clone(),
+            namespace,
+            name,
+            reconcile_all_tx,
+        ));
+    }
+
+    let mut controllers = Vec::new();
+    for (scope, reconcile_all) in scopes.into_iter().zip(reconcile_all_rx) {
+        // Secrets are watched by metadata only: the controller never caches Secret values.
+        let (deployments, secrets): (Api<MCPDeployment>, Api<PartialObjectMeta<Secret>>) =
+            match &scope {
+                Some(ns) => (
+                    Api::namespaced(client.clone(), ns),
+                    Api::namespaced(client.clone(), ns),
+                ),
+                None => (Api::all(client.clone()), Api::all(client.clone())),
+            };
+        // Fail early if the CRD is missing rather than retrying silently forever.
+        deployments.list(&ListParams::default().limit(1)).await.map_err(|e| {
+            anyhow::anyhow!("cannot list MCPDeployments ({e}); is the CRD installed? `mcpfly crd | kubectl apply --server-side -f -`")
+        })?;
+        let controller = Controller::new(deployments, watch_config.clone());
+        let store = controller.store();
+        let secret_changes =
+            watcher(secrets, watcher::Config::default().any_semantic()).touched_objects();
+        let controller = controller
+            .watches_stream(secret_changes, move |secret| {
+                let (namespace, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
+                referencing(&store, &namespace, &name)
+            })
+            .reconcile_all_on(receiver_stream(reconcile_all))
+            .with_config(
+                kube::runtime::controller::Config::default().concurrency(config.concurrency),
+            )
+            .graceful_shutdown_on(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .run(reconcile, error_policy, ctx.clone())
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "controller event");
+                }
+            });
+        controllers.push(controller);
+    }
+    info!(org = %config.fly_org, "controller running");
+    futures::future::join_all(controllers).await;
+    Ok(())
+}
+
+fn receiver_stream(mut rx: mpsc::Receiver<()>) -> impl futures::Stream<Item = ()> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
