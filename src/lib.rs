@@ -8,4 +8,5 @@ pub mod controller;
 pub mod packages;
 pub mod reconcile;
 pub mod sealing;
+pub mod telemetry;
 pub mod testenv;

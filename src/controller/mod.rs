@@ -10,6 +10,7 @@
 //! Stalled).
 
 pub mod config;
+pub mod leader;
 pub mod reconciler;
 pub mod status;
 
