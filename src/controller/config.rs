@@ -1,9 +1,10 @@
 //! The controller's configuration: flags, each with an environment variable (listed in `.env.example`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{ArgAction, Args};
 
 use crate::reconcile::desired::Settings;
 
@@ -64,6 +65,51 @@ pub struct ControllerConfig {
     /// Resources reconciled at once.
     #[arg(long, env = "MCPFLY_CONCURRENCY", default_value_t = 32)]
     pub concurrency: u16,
+    #[command(flatten)]
+    pub operations: OperationsConfig,
+}
+
+/// How the controller runs as a service: its HTTP listener and leader election.
+#[derive(Args, Clone, Debug)]
+pub struct OperationsConfig {
+    /// Address of the HTTP server for /metrics, /healthz, /readyz and /seal (port 0: any free port).
+    #[arg(long, env = "MCPFLY_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Reconcile only while holding the leader Lease, so that two replicas never both write.
+    #[arg(long, env = "MCPFLY_LEADER_ELECTION", default_value_t = true, action = ArgAction::Set)]
+    pub leader_election: bool,
+    /// Name of the leader Lease (controllers sharding by namespace or selector need one name per shard).
+    #[arg(long, env = "MCPFLY_LEASE_NAME", default_value = "mcpfly-controller")]
+    pub lease_name: String,
+    /// Namespace of the leader Lease: the controller's own (the chart sets POD_NAMESPACE from the downward API).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+}
+
+impl OperationsConfig {
+    /// For a controller inside a test process: no election, HTTP on a free loopback port.
+    pub fn in_process() -> Self {
+        Self {
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            leader_election: false,
+            lease_name: "mcpfly-controller".into(),
+            lease_namespace: None,
+        }
+    }
+
+    /// `(namespace, name)` of the leader Lease, when election is on.
+    pub fn lease(&self) -> anyhow::Result<Option<(String, String)>> {
+        if !self.leader_election {
+            return Ok(None);
+        }
+        match self.lease_namespace.as_deref() {
+            Some(ns) if !ns.is_empty() => Ok(Some((ns.to_string(), self.lease_name.clone()))),
+            _ => anyhow::bail!(
+                "leader election needs the namespace of its Lease: set POD_NAMESPACE (the chart sets it from \
+                 the downward API) or --lease-namespace, or run a single replica with --leader-election=false"
+            ),
+        }
+    }
 }
 
 impl ControllerConfig {

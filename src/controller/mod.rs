@@ -35,7 +35,8 @@ use crate::packages::{PinnedOnlyResolver, SourceResolver};
 use crate::reconcile::act::InFlight;
 use crate::reconcile::desired::Settings;
 use crate::sealing::KeyRing;
-pub use config::ControllerConfig;
+use crate::telemetry::{Check, Health, KeyringSlot, Metrics};
+pub use config::{ControllerConfig, OperationsConfig};
 use fly_adapter::client::{FlyClient, FlyClientConfig, FlyError};
 
 /// Errors that make a reconcile retry with backoff. Problems the user must fix are not errors: they become a
@@ -56,14 +57,29 @@ pub enum Error {
     Internal(String),
 }
 
+impl Error {
+    /// The `kind` label of `mcpfly_reconcile_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Fly(_) => "fly",
+            Error::Resolve(_) => "resolve",
+            Error::Credentials(_) => "credentials",
+            Error::NotNamespaced => "not_namespaced",
+            Error::Internal(_) => "internal",
+        }
+    }
+}
+
 /// Shared by every reconcile: clients, settings and in-memory bookkeeping.
 pub struct Context {
     pub client: kube::Client,
     pub fly: FlyClient,
     pub settings: Settings,
     pub resolver: Arc<dyn SourceResolver>,
-    /// Replaced when the key-ring Secret changes.
-    pub keyring: RwLock<Option<Arc<KeyRing>>>,
+    /// Replaced when the key-ring Secret changes; shared with the seal endpoint and readiness.
+    pub keyring: KeyringSlot,
+    pub metrics: Arc<Metrics>,
     pub in_flight: InFlight,
     pub recorder: Recorder,
     /// Who holds leases, in lease descriptions (pod name or host).
@@ -80,6 +96,7 @@ impl Context {
         config: &ControllerConfig,
         resolver: Arc<dyn SourceResolver>,
         keyring: Option<Arc<KeyRing>>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let identity = std::env::var("POD_NAME")
             .or_else(|_| std::env::var("HOSTNAME"))
@@ -96,7 +113,8 @@ impl Context {
             fly,
             settings: config.settings(),
             resolver,
-            keyring: RwLock::new(keyring),
+            keyring: Arc::new(RwLock::new(keyring)),
+            metrics,
             in_flight: InFlight::default(),
             identity,
             resync: config.resync(),
@@ -140,7 +158,12 @@ async fn reconcile(obj: Arc<MCPDeployment>, ctx: Arc<Context>) -> Result<Requeue
         resource = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()),
         generation = obj.metadata.generation.unwrap_or_default()
     );
-    reconciler::reconcile(obj, ctx).instrument(span).await
+    let timer = ctx.metrics.reconcile_started();
+    let result = reconciler::reconcile(obj, ctx.clone())
+        .instrument(span)
+        .await;
+    timer.finish(result.as_ref().err().map(Error::kind));
+    result
 }
 
 /// Loads the key ring from the configured file, or from the Secret (whose changes [`watch_keyring`] follows).
@@ -235,20 +258,66 @@ pub async fn run_with_client(
     config: ControllerConfig,
     resolver: Arc<dyn SourceResolver>,
 ) -> anyhow::Result<()> {
+    let lease = config.operations.lease()?;
+    let shutdown = Shutdown::on_signals();
+    let metrics = Arc::new(Metrics::new());
+    let health = Health::new();
+    // The HTTP server comes first: /healthz answers and /readyz says what is missing while start-up runs.
+    crate::telemetry::serve(
+        config.operations.metrics_addr,
+        metrics.clone(),
+        health.clone(),
+        shutdown.wait(),
+    )
+    .await?;
+
     let mut fly_config = FlyClientConfig::new(&config.fly_api_base_url, &config.fly_api_token);
     fly_config.org = Some(config.fly_org.clone());
+    fly_config.observer = Some(metrics.clone());
     let fly = FlyClient::new(fly_config)?;
     // Fail at start-up with a clear message rather than on the first resource.
-    fly.list_apps(&config.fly_org).await.map_err(|e| match e {
-        FlyError::Unauthorized { .. } => anyhow::anyhow!(
-            "the Fly token was refused: set FLY_API_TOKEN to an org token for {}",
-            config.fly_org
-        ),
-        e => anyhow::anyhow!(
-            "cannot list apps of Fly org {} with the configured token: {e}",
-            config.fly_org
-        ),
-    })?;
+    if let Err(e) = fly.list_apps(&config.fly_org).await {
+        let message = match e {
+            FlyError::Unauthorized { .. } => format!(
+                "the Fly token was refused: set FLY_API_TOKEN to an org token for {}",
+                config.fly_org
+            ),
+            e => format!(
+                "cannot list apps of Fly org {} with the configured token ({e}); check FLY_ORG and FLY_API_BASE_URL",
+                config.fly_org
+            ),
+        };
+        health.fail(Check::Fly, message.clone());
+        anyhow::bail!(message);
+    }
+    health.pass(Check::Fly);
+
+    // A namespace list runs one watch per namespace; its reconciles share one context.
+    let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().cloned().map(Some).collect()
+    };
+    // Fail early if the CRD is missing (or RBAC forbids listing) rather than retrying silently forever.
+    for scope in &scopes {
+        let deployments: Api<MCPDeployment> = match scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        if let Err(e) = deployments.list(&ListParams::default().limit(1)).await {
+            let message = format!(
+                "cannot list MCPDeployments{} ({e}); is the CRD installed (`mcpfly crd | kubectl apply --server-side -f -`) and may this ServiceAccount list them?",
+                scope
+                    .as_ref()
+                    .map(|ns| format!(" in {ns}"))
+                    .unwrap_or_default()
+            );
+            health.fail(Check::Crd, message.clone());
+            anyhow::bail!(message);
+        }
+    }
+    health.pass(Check::Crd);
+
     let keyring = load_keyring(&client, &config).await?;
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -256,18 +325,24 @@ pub async fn run_with_client(
         &config,
         resolver,
         keyring,
+        metrics.clone(),
     ));
+    match (&config.keyring_file, config.keyring_secret_ref()?) {
+        (Some(path), _) => health.track_keyring(
+            ctx.keyring.clone(),
+            format!("key-ring file {} not loaded", path.display()),
+        ),
+        (None, Some((namespace, name))) => health.track_keyring(
+            ctx.keyring.clone(),
+            format!("key-ring Secret {namespace}/{name} not found or invalid (key `keys`: one Fernet key per line, primary first; `mcpfly keygen`)"),
+        ),
+        (None, None) => health.keyring_not_required(),
+    }
 
     let mut watch_config = watcher::Config::default().any_semantic();
     if let Some(selector) = &config.label_selector {
         watch_config = watch_config.labels(selector);
     }
-    // A namespace list runs one watch per namespace; its reconciles share one context.
-    let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
-        vec![None]
-    } else {
-        config.namespaces.iter().cloned().map(Some).collect()
-    };
     // One "reconcile everything" trigger per controller, fired when the key ring changes.
     let (reconcile_all_tx, reconcile_all_rx): (Vec<_>, Vec<_>) =
         scopes.iter().map(|_| mpsc::channel::<()>(1)).unzip();
@@ -280,6 +355,24 @@ pub async fn run_with_client(
         ));
     }
 
+    // Followers stay ready (they serve /seal and can take over at once) but do not watch or reconcile.
+    let mut elector = lease.map(|(namespace, name)| {
+        leader::LeaderElector::new(
+            client.clone(),
+            &namespace,
+            &name,
+            &ctx.identity,
+            leader::LeaseTiming::default(),
+        )
+    });
+    if let Some(elector) = elector.as_mut() {
+        tokio::select! {
+            () = elector.acquire() => {}
+            () = shutdown.wait() => return Ok(()),
+        }
+    }
+    metrics.set_leader(true);
+
     let mut controllers = Vec::new();
     for (scope, reconcile_all) in scopes.into_iter().zip(reconcile_all_rx) {
         // Secrets are watched by metadata only: the controller never caches Secret values.
@@ -291,12 +384,9 @@ pub async fn run_with_client(
                 ),
                 None => (Api::all(client.clone()), Api::all(client.clone())),
             };
-        // Fail early if the CRD is missing rather than retrying silently forever.
-        deployments.list(&ListParams::default().limit(1)).await.map_err(|e| {
-            anyhow::anyhow!("cannot list MCPDeployments ({e}); is the CRD installed? `mcpfly crd | kubectl apply --server-side -f -`")
-        })?;
         let controller = Controller::new(deployments, watch_config.clone());
         let store = controller.store();
+        metrics.watch_store(store.clone());
         let secret_changes =
             watcher(secrets, watcher::Config::default().any_semantic()).touched_objects();
         let controller = controller
@@ -308,9 +398,7 @@ pub async fn run_with_client(
             .with_config(
                 kube::runtime::controller::Config::default().concurrency(config.concurrency),
             )
-            .graceful_shutdown_on(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
+            .graceful_shutdown_on(shutdown.wait())
             .run(reconcile, error_policy, ctx.clone())
             .for_each(|result| async move {
                 if let Err(e) = result {
@@ -319,9 +407,62 @@ pub async fn run_with_client(
             });
         controllers.push(controller);
     }
-    info!(org = %config.fly_org, "controller running");
-    futures::future::join_all(controllers).await;
+    info!(org = %config.fly_org, identity = %ctx.identity, "controller running");
+    let lost = async {
+        match elector.as_mut() {
+            Some(elector) => elector.hold().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = futures::future::join_all(controllers) => {}
+        error = lost => {
+            // In-flight reconciles die with the process: nothing writes after this point.
+            metrics.set_leader(false);
+            anyhow::bail!("lost the leader lease ({error}); exiting so that only one replica writes (the Deployment restarts this one as a follower)");
+        }
+    }
+    // Graceful shutdown: in-flight reconciles have finished; hand over at once.
+    if let Some(elector) = elector.as_mut() {
+        elector.release().await;
+    }
+    metrics.set_leader(false);
+    info!("controller stopped");
     Ok(())
+}
+
+/// SIGINT or SIGTERM, observable by any number of waiters (controllers, the HTTP server, the elector).
+#[derive(Clone)]
+struct Shutdown(tokio::sync::watch::Receiver<bool>);
+
+impl Shutdown {
+    fn on_signals() -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let term = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut term) => {
+                        term.recv().await;
+                    }
+                    Err(_) => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                () = term => {}
+            }
+            info!("shutting down: finishing in-flight reconciles");
+            let _ = tx.send(true);
+        });
+        Self(rx)
+    }
+
+    fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
 }
 
 fn receiver_stream(mut rx: mpsc::Receiver<()>) -> impl futures::Stream<Item = ()> + Send + 'static {
