@@ -45,8 +45,28 @@ pub enum Command {
     Reseal(crate::cli_sealing::ResealArgs),
     /// Check that every sealed value in manifests unseals for its resource; prints nothing secret.
     Unseal(crate::cli_sealing::UnsealArgs),
+    /// Serve the Fly Machines API emulator (for local runs and benchmarks; API under /v1, admin under /__emulator/).
+    Emulator(EmulatorArgs),
     /// Start a local control plane (etcd + kube-apiserver), install the CRD, apply examples/ and show them.
     Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EmulatorArgs {
+    /// Port on 127.0.0.1 (0: any free port).
+    #[arg(long, default_value_t = 4280)]
+    pub port: u16,
+    /// How long a machine takes from starting to started.
+    #[arg(long, default_value_t = 2000)]
+    pub start_latency_ms: u64,
+    /// Disable Fly's per-action rate limits.
+    #[arg(long)]
+    pub no_rate_limits: bool,
+    /// The API token the emulator accepts, and the org it belongs to.
+    #[arg(long, env = "MCPFLY_EMULATOR_TOKEN", default_value = fly_adapter::emulator::DEFAULT_TOKEN, hide_env_values = true)]
+    pub token: String,
+    #[arg(long, default_value = fly_adapter::emulator::DEFAULT_ORG)]
+    pub org: String,
 }
 
 #[derive(Args, Debug)]
@@ -86,6 +106,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Seal(args) => crate::cli_sealing::run_seal(args).await,
         Command::Reseal(args) => crate::cli_sealing::run_reseal(args).await,
         Command::Unseal(args) => crate::cli_sealing::run_unseal(args).await,
+        Command::Emulator(args) => {
+            let config = fly_adapter::emulator::EmulatorConfig::from_knobs(
+                std::time::Duration::from_millis(args.start_latency_ms),
+                !args.no_rate_limits,
+                Some(&args.token),
+                Some(&args.org),
+            );
+            fly_adapter::emulator::serve(
+                config,
+                std::net::SocketAddr::from(([127, 0, 0, 1], args.port)),
+            )
+            .await?;
+            Ok(())
+        }
         Command::Demo(args) => demo(args).await,
     }
 }

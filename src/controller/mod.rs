@@ -87,6 +87,9 @@ pub struct Context {
     pub resync: Duration,
     pub converge_interval: Duration,
     failures: Mutex<HashMap<String, u32>>,
+    /// The last status this process wrote per resource (uid → resourceVersion, status). The watch cache can
+    /// lag our own writes; a reconcile queued by our own change must not act on the status before it.
+    written: Mutex<HashMap<String, (u64, crate::api::MCPDeploymentStatus)>>,
 }
 
 impl Context {
@@ -120,7 +123,44 @@ impl Context {
             resync: config.resync(),
             converge_interval: config.converge_interval(),
             failures: Mutex::new(HashMap::new()),
+            written: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// `obj` with the status this process last wrote, when the cached copy predates that write.
+    fn freshest(&self, obj: Arc<MCPDeployment>) -> Arc<MCPDeployment> {
+        let seen: u64 = obj
+            .resource_version()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let written = self.written.lock().unwrap();
+        match written.get(&obj.uid().unwrap_or_default()) {
+            Some((version, status)) if *version > seen => {
+                let mut newer = (*obj).clone();
+                newer.status = Some(status.clone());
+                Arc::new(newer)
+            }
+            _ => obj,
+        }
+    }
+
+    fn remember_written(&self, written: &MCPDeployment) {
+        let (Some(uid), Some(version), Some(status)) = (
+            written.uid(),
+            written.resource_version(),
+            written.status.clone(),
+        ) else {
+            return;
+        };
+        if let Ok(version) = version.parse() {
+            self.written.lock().unwrap().insert(uid, (version, status));
+        }
+    }
+
+    fn forget(&self, obj: &MCPDeployment) {
+        let uid = obj.uid().unwrap_or_default();
+        self.written.lock().unwrap().remove(&uid);
+        self.failures.lock().unwrap().remove(&uid);
     }
 
     fn record_outcome(&self, obj: &MCPDeployment, ok: bool) {

@@ -35,6 +35,7 @@ const AFTER_AMBIGUOUS: Duration = Duration::from_secs(2);
 const DELETE_POLL: Duration = Duration::from_secs(2);
 
 pub async fn reconcile(obj: Arc<MCPDeployment>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let obj = ctx.freshest(obj);
     let namespace = obj.namespace().ok_or(Error::NotNamespaced)?;
     let api: Api<MCPDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let result = if obj.meta().deletion_timestamp.is_some() {
@@ -121,7 +122,7 @@ async fn cleanup(
                     .await;
                     let mut deleting = status.clone();
                     deleting.phase = Some(Phase::Deleting);
-                    write_status(api, obj, &status, &deleting).await?;
+                    write_status(ctx, api, obj, &status, &deleting).await?;
                     return Ok(Requeue::requeue(DELETE_POLL));
                 }
             }
@@ -143,6 +144,7 @@ async fn cleanup(
         }
     }
     remove_finalizer(obj, api).await?;
+    ctx.forget(obj);
     Ok(Requeue::await_change())
 }
 
@@ -165,7 +167,7 @@ async fn apply(
     if obj.spec.suspend {
         status.phase = Some(Phase::Suspended);
         clear(&mut status, ConditionType::Reconciling);
-        write_status(api, obj, &stored, &status).await?;
+        write_status(ctx, api, obj, &stored, &status).await?;
         return Ok(Requeue::await_change());
     }
 
@@ -177,7 +179,7 @@ async fn apply(
     if stored.app.as_deref() != Some(app.as_str()) {
         status.app = Some(app.clone());
         status.phase = Some(Phase::Pending);
-        write_status(api, obj, &stored, &status).await?;
+        write_status(ctx, api, obj, &stored, &status).await?;
         return Ok(Requeue::requeue(Duration::ZERO));
     }
 
@@ -374,7 +376,7 @@ async fn apply(
         act_error.as_deref(),
         generation,
     );
-    write_status(api, obj, &stored, &status).await?;
+    write_status(ctx, api, obj, &stored, &status).await?;
     Ok(requeue)
 }
 
@@ -392,7 +394,7 @@ async fn stalled(
         != Some(stall.reason.as_str());
     warn!(reason = %stall.reason, message = %stall.message, "stalled");
     mark_stalled(&mut status, &stall, obj.metadata.generation);
-    write_status(api, obj, stored, &status).await?;
+    write_status(ctx, api, obj, stored, &status).await?;
     if newly {
         ctx.publish(obj, EventType::Warning, &stall.reason, &stall.message)
             .await;
@@ -403,6 +405,7 @@ async fn stalled(
 
 /// Writes status with server-side apply, and only when it changed: idle deployments cause no writes.
 async fn write_status(
+    ctx: &Context,
     api: &Api<MCPDeployment>,
     obj: &MCPDeployment,
     stored: &MCPDeploymentStatus,
@@ -413,12 +416,14 @@ async fn write_status(
     }
     let patch =
         json!({"apiVersion": "mcpfly.dev/v1alpha1", "kind": "MCPDeployment", "status": status});
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    let written = api
+        .patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    ctx.remember_written(&written);
     Ok(())
 }
 

@@ -15,6 +15,7 @@
 mod bins;
 mod certs;
 pub mod process;
+pub mod stack;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

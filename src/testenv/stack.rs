@@ -1,0 +1,204 @@
+//! A whole mcpfly system on one machine: the real control plane, a Fly emulator, and the controller running
+//! in-process against both, scoped to one namespace so tests sharing a control plane stay independent.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use fly_adapter::emulator::{DEFAULT_ORG, DEFAULT_TOKEN, Emulator, EmulatorConfig, EmulatorHandle};
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+
+use super::ControlPlane;
+use crate::api::MCPDeployment;
+use crate::controller::ControllerConfig;
+use crate::packages::{PinnedOnlyResolver, SourceResolver};
+
+pub struct StackOptions {
+    pub emulator: EmulatorConfig,
+    /// Fernet key ring text (primary first) stored in the Secret `keyring` of the namespace.
+    pub keyring: Option<String>,
+    pub resync: Duration,
+    pub converge_interval: Duration,
+    pub resolver: Arc<dyn SourceResolver>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            emulator: EmulatorConfig::default(),
+            keyring: None,
+            resync: Duration::from_secs(3600),
+            converge_interval: Duration::from_millis(200),
+            resolver: Arc::new(PinnedOnlyResolver),
+        }
+    }
+}
+
+pub struct Stack {
+    pub cp: &'static ControlPlane,
+    pub namespace: String,
+    pub emulator: EmulatorHandle,
+    pub config: ControllerConfig,
+    controller: tokio::task::JoinHandle<()>,
+}
+
+impl Stack {
+    /// Starts an emulator and a controller watching only `namespace` (created if needed).
+    pub async fn start(namespace: &str, options: StackOptions) -> anyhow::Result<Self> {
+        let cp = ControlPlane::shared().await?;
+        cp.install_crds().await?;
+        cp.create_namespace(namespace).await?;
+        let emulator = Emulator::start(options.emulator).await?;
+        let client = cp.client().await?;
+        if let Some(keys) = &options.keyring {
+            let secret: Secret = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "keyring", "namespace": namespace},
+                "stringData": {"keys": keys},
+            }))?;
+            Api::<Secret>::namespaced(client.clone(), namespace)
+                .patch(
+                    "keyring",
+                    &PatchParams::apply("test").force(),
+                    &Patch::Apply(&secret_with_kind(secret)?),
+                )
+                .await?;
+        }
+        let config = ControllerConfig {
+            fly_api_token: DEFAULT_TOKEN.into(),
+            fly_org: DEFAULT_ORG.into(),
+            fly_api_base_url: emulator.base_url(),
+            cluster_name: "test".into(),
+            app_prefix: "mcpfly".into(),
+            runtime_image: "registry.example/mcpfly-runtime:test".into(),
+            url_template: "https://{app}.fly.dev/mcp".into(),
+            namespaces: vec![namespace.to_string()],
+            label_selector: None,
+            keyring_secret: options
+                .keyring
+                .as_ref()
+                .map(|_| format!("{namespace}/keyring")),
+            keyring_file: None,
+            resync_seconds: options.resync.as_secs().max(1),
+            converge_interval_ms: options.converge_interval.as_millis() as u64,
+            concurrency: 8,
+            operations: crate::controller::OperationsConfig::in_process(),
+        };
+        let run_config = config.clone();
+        let resolver = options.resolver.clone();
+        let controller = tokio::spawn(async move {
+            if let Err(e) = crate::controller::run_with_client(client, run_config, resolver).await {
+                tracing::error!(error = %format!("{e:#}"), "controller stopped");
+            }
+        });
+        Ok(Self {
+            cp,
+            namespace: namespace.to_string(),
+            emulator,
+            config,
+            controller,
+        })
+    }
+
+    pub async fn deployments(&self) -> anyhow::Result<Api<MCPDeployment>> {
+        Ok(Api::namespaced(self.cp.client().await?, &self.namespace))
+    }
+
+    /// Server-side applies a manifest (YAML of one MCPDeployment) into the stack's namespace.
+    pub async fn apply(&self, yaml: &str) -> anyhow::Result<MCPDeployment> {
+        let mut value: serde_json::Value = serde_yaml::from_str(yaml)?;
+        value["metadata"]["namespace"] = serde_json::Value::String(self.namespace.clone());
+        let name = value["metadata"]["name"]
+            .as_str()
+            .context("manifest has no metadata.name")?
+            .to_string();
+        let api = self.deployments().await?;
+        Ok(api
+            .patch(
+                &name,
+                &PatchParams::apply("test").force(),
+                &Patch::Apply(&value),
+            )
+            .await?)
+    }
+
+    pub async fn delete(&self, name: &str) -> anyhow::Result<()> {
+        self.deployments()
+            .await?
+            .delete(name, &DeleteParams::default())
+            .await?;
+        Ok(())
+    }
+
+    /// Polls the resource until `done` holds, failing with its last status after `timeout`.
+    pub async fn wait_for(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&MCPDeployment) -> bool,
+    ) -> anyhow::Result<MCPDeployment> {
+        let api = self.deployments().await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let current = api.get_opt(name).await?;
+            if let Some(current) = &current
+                && done(current)
+            {
+                return Ok(current.clone());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name}: not {what} after {timeout:?}; status: {}",
+                    current
+                        .and_then(|c| c.status)
+                        .map(|s| serde_json::to_string_pretty(&s).unwrap_or_default())
+                        .unwrap_or_else(|| "(gone or none)".into())
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_ready(&self, name: &str, timeout: Duration) -> anyhow::Result<MCPDeployment> {
+        self.wait_for(name, timeout, "Ready", |d| {
+            d.status.as_ref().is_some_and(|s| {
+                s.observed_generation == d.metadata.generation
+                    && s.condition(crate::api::ConditionType::Ready)
+                        .is_some_and(|c| c.is_true())
+            })
+        })
+        .await
+    }
+
+    /// Waits until the resource no longer exists (finalizer released).
+    pub async fn wait_gone(&self, name: &str, timeout: Duration) -> anyhow::Result<()> {
+        let api = self.deployments().await?;
+        let deadline = Instant::now() + timeout;
+        while api.get_opt(name).await?.is_some() {
+            if Instant::now() > deadline {
+                let left = api
+                    .get_opt(name)
+                    .await?
+                    .map(|d| (d.finalizers().to_vec(), d.status));
+                bail!("{name} still exists after {timeout:?}: {left:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.controller.abort();
+    }
+}
+
+fn secret_with_kind(secret: Secret) -> anyhow::Result<serde_json::Value> {
+    let mut value = serde_json::to_value(secret)?;
+    value["apiVersion"] = "v1".into();
+    value["kind"] = "Secret".into();
+    Ok(value)
+}

@@ -1,0 +1,691 @@
+//! The controller against the real control plane and the Fly emulator (issue 5's scenarios).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use fly_adapter::client::{FlyClient, FlyClientConfig};
+use fly_adapter::emulator::{DEFAULT_TOKEN, EventRecord, Fault, ScriptedFault};
+use k8s_openapi::api::core::v1::{Event, Secret};
+use kube::api::{Api, ListParams};
+use mcpfly::api::{ConditionType, MCPDeployment, Phase};
+use mcpfly::testenv::stack::{Stack, StackOptions};
+
+const READY: Duration = Duration::from_secs(30);
+
+fn manifest(name: &str, extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: mcpfly.dev/v1alpha1
+kind: MCPDeployment
+metadata: {{name: {name}}}
+spec:
+  source: {{npm: {{package: "@acme/server", version: "1.2.3"}}}}
+  fly: {{regions: [iad, ams], machinesPerRegion: 1}}
+{extra}"#
+    )
+}
+
+fn fly_client(stack: &Stack) -> FlyClient {
+    FlyClient::new(FlyClientConfig::new(
+        stack.emulator.base_url(),
+        DEFAULT_TOKEN,
+    ))
+    .unwrap()
+}
+
+/// Mutating calls in the emulator's event log (everything but reads and lease bookkeeping).
+fn mutations(events: &[EventRecord]) -> Vec<&EventRecord> {
+    events
+        .iter()
+        .filter(|e| {
+            e.method != "GET" && !e.label.starts_with("leases.") && e.label != "machines.wait"
+        })
+        .collect()
+}
+
+fn app_of(d: &MCPDeployment) -> String {
+    d.status
+        .as_ref()
+        .and_then(|s| s.app.clone())
+        .expect("status.app")
+}
+
+#[tokio::test]
+async fn create_becomes_ready_with_url_machines_digests_and_connection_secret() -> anyhow::Result<()>
+{
+    let stack = Stack::start("ctl-create", StackOptions::default()).await?;
+    stack
+        .apply(&manifest("github", "  env: {LOG_LEVEL: info}\n"))
+        .await?;
+    let ready = stack.wait_ready("github", READY).await?;
+    let status = ready.status.clone().unwrap();
+    let app = app_of(&ready);
+
+    assert_eq!(status.phase, Some(Phase::Ready));
+    assert_eq!(
+        status.url.as_deref(),
+        Some(format!("https://{app}.fly.dev/mcp").as_str())
+    );
+    assert_eq!(status.machines_summary.as_deref(), Some("2/2"));
+    assert_eq!(status.machines.len(), 2);
+    assert!(status.machines.iter().all(|m| m.state == "started"));
+    assert_eq!(
+        status.source.as_ref().unwrap().resolved,
+        "@acme/server@1.2.3"
+    );
+    let token_status = status
+        .credentials
+        .iter()
+        .find(|c| c.name == "MCP_AUTH_TOKEN")
+        .expect("token digest");
+    assert!(token_status.digest.starts_with("sha256:"));
+    assert_eq!(status.secrets_version, Some(1));
+
+    // Fly: one app on its own network, v6 + shared v4, the token as a secret, machines booted with it.
+    let inventory = stack.emulator.inventory();
+    let fly_app = inventory.app(&app).expect("app on the emulator");
+    assert_eq!(fly_app.network, app, "a private network of its own");
+    assert_eq!(fly_app.ips.len(), 2);
+    assert_eq!(fly_app.secret_names, ["MCP_AUTH_TOKEN"]);
+    let names: BTreeSet<&str> = fly_app.machines.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, BTreeSet::from(["ams-0", "iad-0"]));
+    for machine in &fly_app.machines {
+        assert_eq!(machine.booted_secrets_version, Some(1));
+        let env = &machine.config["env"];
+        assert_eq!(env["LOG_LEVEL"], "info");
+        assert!(
+            env.get("MCP_AUTH_TOKEN").is_none(),
+            "the token is never machine env"
+        );
+        assert!(
+            machine.config["metadata"]
+                .get("fly_platform_version")
+                .is_none()
+        );
+    }
+
+    // The connection Secret: URL and token, owned by the resource.
+    let secret = Api::<Secret>::namespaced(stack.cp.client().await?, &stack.namespace)
+        .get("github-mcp-connection")
+        .await?;
+    let data = secret.data.clone().unwrap();
+    assert_eq!(
+        String::from_utf8(data["url"].0.clone())?,
+        status.url.unwrap()
+    );
+    assert_eq!(String::from_utf8(data["token"].0.clone())?.len(), 43);
+    let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(owner.kind, "MCPDeployment");
+    assert_eq!(owner.controller, Some(true));
+
+    // Events tell the story on the resource.
+    let events = Api::<Event>::namespaced(stack.cp.client().await?, &stack.namespace)
+        .list(&ListParams::default())
+        .await?;
+    let reasons: BTreeSet<String> = events
+        .items
+        .iter()
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    for expected in [
+        "AppCreated",
+        "IpAssigned",
+        "SecretsUpdated",
+        "MachineCreated",
+    ] {
+        assert!(
+            reasons.contains(expected),
+            "missing event {expected}: {reasons:?}"
+        );
+    }
+    Ok(())
+}
+
+fn position(events: &[EventRecord], label: &str, machine: &str) -> Vec<usize> {
+    events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| {
+            e.label == label && e.machine.as_deref() == Some(machine) && e.status < 300
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+#[tokio::test]
+async fn env_change_rolls_machines_one_at_a_time_holding_a_lease_until_healthy()
+-> anyhow::Result<()> {
+    let stack = Stack::start("ctl-rolling", StackOptions::default()).await?;
+    stack.apply(&manifest("roll", "")).await?;
+    let ready = stack.wait_ready("roll", READY).await?;
+    let app = app_of(&ready);
+    let before = stack
+        .emulator
+        .inventory()
+        .app(&app)
+        .unwrap()
+        .machines
+        .clone();
+    stack.emulator.reset_counters();
+
+    stack
+        .apply(&manifest("roll", "  env: {LOG_LEVEL: debug}\n"))
+        .await?;
+    let ready = stack.wait_ready("roll", READY).await?;
+    assert_eq!(ready.status.as_ref().unwrap().phase, Some(Phase::Ready));
+
+    let events = stack.emulator.event_log();
+    let ids: Vec<String> = before.iter().map(|m| m.id.clone()).collect();
+    let updates: Vec<usize> = ids
+        .iter()
+        .flat_map(|id| position(&events, "machines.update", id))
+        .collect();
+    assert_eq!(
+        updates.len(),
+        2,
+        "each machine updated exactly once: {:?}",
+        mutations(&events)
+    );
+    // One at a time: the first machine's lease is released (it became healthy) before the second is leased.
+    let (first, second) = if updates[0] < updates[1] {
+        (&ids[0], &ids[1])
+    } else {
+        (&ids[1], &ids[0])
+    };
+    let first_release = position(&events, "leases.release", first);
+    let second_acquire = position(&events, "leases.acquire", second);
+    assert_eq!(first_release.len(), 1, "lease released once");
+    assert!(
+        first_release[0] < second_acquire[0],
+        "second machine leased (event {}) before the first was healthy and released (event {})",
+        second_acquire[0],
+        first_release[0]
+    );
+    let after = stack
+        .emulator
+        .inventory()
+        .app(&app)
+        .unwrap()
+        .machines
+        .clone();
+    for machine in after.iter().filter(|m| !m.gone) {
+        assert_eq!(machine.config["env"]["LOG_LEVEL"], "debug");
+        assert_eq!(machine.state, "started");
+    }
+    assert_eq!(
+        mutations(&events)
+            .iter()
+            .filter(|e| e.label == "machines.create")
+            .count(),
+        0,
+        "updated in place"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn credential_change_sets_secrets_once_then_updates_machines_with_min_secrets_version()
+-> anyhow::Result<()> {
+    let stack = Stack::start("ctl-secrets", StackOptions::default()).await?;
+    let client = stack.cp.client().await?;
+    let secrets: Api<Secret> = Api::namespaced(client, &stack.namespace);
+    let put = |value: &str| {
+        serde_json::from_value::<Secret>(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "gh", "namespace": "ctl-secrets"},
+            "stringData": {"token": value},
+        }))
+        .unwrap()
+    };
+    let pp = kube::api::PatchParams::apply("test").force();
+    secrets
+        .patch("gh", &pp, &kube::api::Patch::Apply(&put("first-value")))
+        .await?;
+    let extra = "  credentials: [{name: GITHUB_TOKEN, secretKeyRef: {name: gh, key: token}}]\n";
+    stack.apply(&manifest("creds", extra)).await?;
+    let ready = stack.wait_ready("creds", READY).await?;
+    let app = app_of(&ready);
+    let digest_before = ready
+        .status
+        .as_ref()
+        .unwrap()
+        .credentials
+        .iter()
+        .find(|c| c.name == "GITHUB_TOKEN")
+        .unwrap()
+        .digest
+        .clone();
+    assert_eq!(
+        stack
+            .emulator
+            .inventory()
+            .app(&app)
+            .unwrap()
+            .secrets_version,
+        1
+    );
+    stack.emulator.reset_counters();
+
+    // Changing only the referenced Secret must be noticed (the Secret watch requeues the resource).
+    secrets
+        .patch("gh", &pp, &kube::api::Patch::Apply(&put("second-value")))
+        .await?;
+    let changed = stack
+        .wait_for("creds", READY, "Ready on the new credential", |d| {
+            let s = d.status.as_ref().unwrap();
+            s.secrets_version == Some(2) && s.phase == Some(Phase::Ready)
+        })
+        .await?;
+    let digest_after = changed
+        .status
+        .as_ref()
+        .unwrap()
+        .credentials
+        .iter()
+        .find(|c| c.name == "GITHUB_TOKEN")
+        .unwrap()
+        .digest
+        .clone();
+    assert_ne!(digest_before, digest_after);
+
+    let events = stack.emulator.event_log();
+    assert_eq!(
+        events.iter().filter(|e| e.label == "secrets.set").count(),
+        1,
+        "exactly one secrets call"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.label == "machines.update")
+            .count(),
+        2
+    );
+    let inventory = stack.emulator.inventory();
+    let fly_app = inventory.app(&app).unwrap();
+    assert_eq!(fly_app.secrets_version, 2);
+    for machine in fly_app.machines.iter().filter(|m| !m.gone) {
+        assert_eq!(
+            machine.booted_secrets_version,
+            Some(2),
+            "machine {} rebooted with the new secrets",
+            machine.name
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn adding_and_removing_a_region() -> anyhow::Result<()> {
+    let stack = Stack::start("ctl-regions", StackOptions::default()).await?;
+    stack.apply(&manifest("regions", "")).await?;
+    let app = app_of(&stack.wait_ready("regions", READY).await?);
+    let live = |stack: &Stack| -> BTreeSet<String> {
+        stack
+            .emulator
+            .inventory()
+            .app(&app)
+            .unwrap()
+            .machines
+            .iter()
+            .filter(|m| !m.gone)
+            .map(|m| m.name.clone())
+            .collect()
+    };
+
+    let three = manifest("regions", "").replace("[iad, ams]", "[iad, ams, syd]");
+    stack.apply(&three).await?;
+    stack.wait_ready("regions", READY).await?;
+    assert_eq!(
+        live(&stack),
+        BTreeSet::from(["ams-0".into(), "iad-0".into(), "syd-0".into()])
+    );
+
+    let one = manifest("regions", "").replace("[iad, ams]", "[syd]");
+    stack.apply(&one).await?;
+    let ready = stack.wait_ready("regions", READY).await?;
+    assert_eq!(live(&stack), BTreeSet::from(["syd-0".to_string()]));
+    assert_eq!(
+        ready.status.unwrap().machines_summary.as_deref(),
+        Some("1/1")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn delete_destroys_the_app_then_releases_the_finalizer() -> anyhow::Result<()> {
+    let stack = Stack::start("ctl-delete", StackOptions::default()).await?;
+    stack.apply(&manifest("doomed", "")).await?;
+    let app = app_of(&stack.wait_ready("doomed", READY).await?);
+    stack.delete("doomed").await?;
+    stack.wait_gone("doomed", READY).await?;
+    assert!(
+        stack.emulator.inventory().app(&app).is_none(),
+        "app still on Fly after the finalizer was released"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn orphan_policy_leaves_fly_alone() -> anyhow::Result<()> {
+    let stack = Stack::start("ctl-orphan", StackOptions::default()).await?;
+    stack
+        .apply(&manifest("kept", "  deletionPolicy: Orphan\n"))
+        .await?;
+    let app = app_of(&stack.wait_ready("kept", READY).await?);
+    stack.emulator.reset_counters();
+    stack.delete("kept").await?;
+    stack.wait_gone("kept", READY).await?;
+    let inventory = stack.emulator.inventory();
+    let fly_app = inventory.app(&app).expect("app left in place");
+    assert_eq!(fly_app.machines.iter().filter(|m| !m.gone).count(), 2);
+    assert!(
+        mutations(&stack.emulator.event_log()).is_empty(),
+        "no mutation on Fly: {:?}",
+        stack.emulator.event_log()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn suspend_touches_nothing_on_fly() -> anyhow::Result<()> {
+    let stack = Stack::start("ctl-suspend", StackOptions::default()).await?;
+    stack.apply(&manifest("paused", "")).await?;
+    stack.wait_ready("paused", READY).await?;
+
+    // Suspend and change the spec at once: the change must not reach Fly.
+    stack
+        .apply(&manifest("paused", "  suspend: true\n  env: {A: b}\n"))
+        .await?;
+    stack
+        .wait_for("paused", READY, "Suspended", |d| {
+            d.status.as_ref().and_then(|s| s.phase) == Some(Phase::Suspended)
+        })
+        .await?;
+    // A reconcile started before the suspension was seen may still finish; count from here.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stack.emulator.reset_counters();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        stack.emulator.total_calls(),
+        0,
+        "calls while suspended: {:?}",
+        stack.emulator.event_log()
+    );
+
+    stack.apply(&manifest("paused", "  env: {A: b}\n")).await?;
+    stack.wait_ready("paused", READY).await?;
+    assert_eq!(
+        stack.emulator.count("machines.update"),
+        2,
+        "resuming applies the held change"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn drift_is_repaired_but_autostop_is_left_alone() -> anyhow::Result<()> {
+    let options = StackOptions {
+        resync: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let stack = Stack::start("ctl-drift", options).await?;
+    stack.apply(&manifest("drifty", "")).await?;
+    let app = app_of(&stack.wait_ready("drifty", READY).await?);
+    let fly = fly_client(&stack);
+    // Observed through the emulator's inventory: test polling must not eat the controller's rate budget.
+    let live = |stack: &Stack| {
+        stack
+            .emulator
+            .inventory()
+            .app(&app)
+            .unwrap()
+            .machines
+            .iter()
+            .filter(|m| !m.gone)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let machines = live(&stack);
+    let (victim, other) = (machines[0].clone(), machines[1].clone());
+
+    // A machine destroyed behind our back is recreated under the same name.
+    fly.delete_machine(&app, &victim.id, true, None).await?;
+    let deadline = std::time::Instant::now() + READY;
+    while !live(&stack)
+        .iter()
+        .any(|m| m.name == victim.name && m.id != victim.id && m.state == "started")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} was not recreated",
+            victim.name
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A config altered behind our back is restored.
+    let mut altered: fly_adapter::client::types::MachineConfig =
+        serde_json::from_value(other.config.clone())?;
+    altered.env.insert("INJECTED".into(), "by-someone".into());
+    let request = fly_adapter::client::types::CreateMachineRequest {
+        config: altered,
+        ..Default::default()
+    };
+    fly.update_machine(&app, &other.id, &request, None).await?;
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        let restored = live(&stack)
+            .into_iter()
+            .find(|m| m.id == other.id)
+            .expect("machine kept, updated in place");
+        if restored.config["env"].get("INJECTED").is_none() && restored.state == "started" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "altered config not restored"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stack.wait_ready("drifty", READY).await?;
+
+    // Fly's proxy parking a machine (autostop: suspend by default) is not drift.
+    let parked = live(&stack)[0].id.clone();
+    fly.suspend_machine(&app, &parked, None).await?;
+    stack.emulator.reset_counters();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events = stack.emulator.event_log();
+    assert!(
+        events.iter().any(|e| e.label == "machines.list"),
+        "resync looked at Fly"
+    );
+    assert!(
+        mutations(&events).is_empty(),
+        "autostop treated as drift: {:?}",
+        mutations(&events)
+    );
+    let state = live(&stack)
+        .into_iter()
+        .find(|m| m.id == parked)
+        .unwrap()
+        .state;
+    assert_eq!(state, "suspended");
+    Ok(())
+}
+
+#[tokio::test]
+async fn ambiguous_create_never_duplicates_a_machine() -> anyhow::Result<()> {
+    let stack = Stack::start("ctl-ambiguous", StackOptions::default()).await?;
+    // The first machine create commits on Fly but the client sees a 408.
+    stack.emulator.script_faults([ScriptedFault {
+        label: Some("machines.create".into()),
+        fault: Fault::CommitThenStatus(408),
+    }]);
+    stack.apply(&manifest("twice", "")).await?;
+    let app = app_of(&stack.wait_ready("twice", READY).await?);
+    let inventory = stack.emulator.inventory();
+    let live: Vec<_> = inventory
+        .app(&app)
+        .unwrap()
+        .machines
+        .iter()
+        .filter(|m| !m.gone)
+        .collect();
+    let names: BTreeSet<&str> = live.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(live.len(), 2, "exactly the desired machines: {live:?}");
+    assert_eq!(names.len(), 2);
+    let creates = stack
+        .emulator
+        .event_log()
+        .iter()
+        .filter(|e| e.label == "machines.create")
+        .count();
+    assert_eq!(creates, 2, "the ambiguous create was found, not repeated");
+    Ok(())
+}
+
+#[tokio::test]
+async fn app_name_owned_by_another_org_stalls_without_mutation() -> anyhow::Result<()> {
+    let stack = Stack::start("ctl-taken", StackOptions::default()).await?;
+    let app = mcpfly::reconcile::naming::app_name("mcpfly", "test", "ctl-taken", "taken");
+    stack.emulator.add_foreign_app(&app, "someone-else");
+    stack.emulator.reset_counters();
+    stack.apply(&manifest("taken", "")).await?;
+    let stalled = stack
+        .wait_for("taken", READY, "Stalled", |d| {
+            d.status
+                .as_ref()
+                .and_then(|s| s.condition(ConditionType::Stalled))
+                .is_some_and(|c| c.is_true())
+        })
+        .await?;
+    let condition = stalled
+        .status
+        .as_ref()
+        .unwrap()
+        .condition(ConditionType::Stalled)
+        .unwrap()
+        .clone();
+    assert_eq!(condition.reason, "AppNameTaken");
+    assert!(
+        condition.message.contains("spec.fly.app"),
+        "message tells what to do: {}",
+        condition.message
+    );
+    assert_eq!(stalled.status.as_ref().unwrap().phase, Some(Phase::Failed));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        mutations(&stack.emulator.event_log()).is_empty(),
+        "{:?}",
+        stack.emulator.event_log()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn credential_sealed_for_another_namespace_stalls_without_mutation() -> anyhow::Result<()> {
+    use mcpfly::sealing::{Binding, KeyRing, SecretValue, Target, keyring::generate_key, seal};
+    let key = generate_key();
+    let ring = KeyRing::parse(&key, "test")?;
+    let sealed = seal(
+        &ring,
+        Binding::Strict(Target::new("team-b", "scoped", "TOKEN")),
+        SecretValue::new("canary-3f1c".into()),
+    )?;
+    let options = StackOptions {
+        keyring: Some(key.to_string()),
+        ..Default::default()
+    };
+    let stack = Stack::start("ctl-scope", options).await?;
+    stack.emulator.reset_counters();
+    stack
+        .apply(&manifest(
+            "scoped",
+            &format!("  credentials: [{{name: TOKEN, sealed: \"{sealed}\"}}]\n"),
+        ))
+        .await?;
+    let stalled = stack
+        .wait_for("scoped", READY, "Stalled", |d| {
+            d.status
+                .as_ref()
+                .and_then(|s| s.condition(ConditionType::Stalled))
+                .is_some_and(|c| c.is_true())
+        })
+        .await?;
+    let status = stalled.status.unwrap();
+    let condition = status.condition(ConditionType::Stalled).unwrap();
+    assert_eq!(condition.reason, "CredentialScopeMismatch");
+    assert_eq!(
+        status
+            .condition(ConditionType::CredentialsReady)
+            .unwrap()
+            .reason,
+        "CredentialScopeMismatch"
+    );
+    assert!(!serde_json::to_string(&status)?.contains("canary-3f1c"));
+    // The controller's start-up token check (apps.list) may land here; nothing may concern this app.
+    let about_apps: Vec<_> = stack
+        .emulator
+        .event_log()
+        .into_iter()
+        .filter(|e| e.app.is_some())
+        .collect();
+    assert!(
+        about_apps.is_empty(),
+        "nothing asked of Fly about the app: {about_apps:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn idle_ready_deployment_makes_no_kubernetes_writes_and_only_observes_fly()
+-> anyhow::Result<()> {
+    let options = StackOptions {
+        resync: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let stack = Stack::start("ctl-idle", options).await?;
+    stack.apply(&manifest("quiet", "")).await?;
+    let ready = stack.wait_ready("quiet", READY).await?;
+    // Let the last converging writes settle, then measure.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let api = stack.deployments().await?;
+    let before = api.get("quiet").await?.metadata.resource_version;
+    let secrets: Api<Secret> = Api::namespaced(stack.cp.client().await?, &stack.namespace);
+    let secret_before = secrets
+        .get("quiet-mcp-connection")
+        .await?
+        .metadata
+        .resource_version;
+    stack.emulator.reset_counters();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    assert_eq!(
+        api.get("quiet").await?.metadata.resource_version,
+        before,
+        "status written while idle"
+    );
+    assert_eq!(
+        secrets
+            .get("quiet-mcp-connection")
+            .await?
+            .metadata
+            .resource_version,
+        secret_before
+    );
+    let events = stack.emulator.event_log();
+    let labels: BTreeSet<&str> = events.iter().map(|e| e.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        BTreeSet::from(["apps.get", "machines.list"]),
+        "only observation calls while idle"
+    );
+    let resyncs = events.iter().filter(|e| e.label == "apps.get").count();
+    assert!(
+        (2..=6).contains(&resyncs),
+        "about one look per resync second, saw {resyncs}"
+    );
+    let _ = ready;
+    Ok(())
+}
