@@ -432,6 +432,9 @@ impl FlyClient {
                 Ok((status, body, request_id, retry_after)) => {
                     self.record(r.label, Some(status), elapsed);
                     if (200..300).contains(&status) {
+                        if mutating {
+                            audit(&r, Some(status), request_id.as_deref(), "ok");
+                        }
                         return Ok(Resp {
                             status,
                             body,
@@ -448,6 +451,9 @@ impl FlyClient {
                         continue;
                     }
                     tracing::warn!(label = r.label, status, request_id = err.request_id(), error = %err, "fly call failed");
+                    if mutating {
+                        audit(&r, Some(status), err.request_id(), err.kind());
+                    }
                     return Err(err);
                 }
                 Err((e, request_id)) => {
@@ -476,6 +482,9 @@ impl FlyClient {
                         }
                     };
                     tracing::warn!(label = r.label, request_id = err.request_id(), error = %err, "fly call failed");
+                    if mutating {
+                        audit(&r, None, err.request_id(), err.kind());
+                    }
                     return Err(err);
                 }
             }
@@ -1082,6 +1091,25 @@ fn classify(
             request_id,
         },
     }
+}
+
+/// Target of the audit log: one line per mutating call on Fly, whatever its outcome.
+pub const AUDIT_TARGET: &str = "mcpfly::audit";
+
+/// One audit line for a mutating call. Emitted inside the caller's span, so the controller's reconcile span
+/// adds the resource. Never carries a request or response body (secrets travel in bodies).
+fn audit(r: &Req<'_>, status: Option<u16>, request_id: Option<&str>, outcome: &str) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        action = r.label,
+        method = %r.method,
+        app = r.app,
+        machine = r.machine,
+        status,
+        fly_request_id = request_id,
+        outcome,
+        "fly mutation"
+    );
 }
 
 #[cfg(test)]
