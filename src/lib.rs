@@ -4,6 +4,7 @@
 //! exercise the same code.
 
 pub mod api;
+pub mod bridge;
 pub mod controller;
 pub mod packages;
 pub mod reconcile;

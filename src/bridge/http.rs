@@ -1,0 +1,875 @@
+//! The HTTP side, on axum rather than rmcp's `StreamableHttpService`: the bridge relays raw messages between
+//! two eras and must own every status code and header (401 before any child work, 404 meaning "session gone"
+//! in one era and "method not found" in the other, per-era 405s), which a typed server stack built to host a
+//! handler in-process does not expose.
+//!
+//! Order of checks on the MCP path: Origin (403) → per-client rate limit (429) → bearer token (401) → per-token
+//! rate limit (429) → method → body limit (413) → the era's own rules. Nothing reaches a child before auth.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State as AxumState};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use futures::Stream;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+
+use super::BridgeArgs;
+use super::audit::AuditRecord;
+use super::auth::Auth;
+use super::child::{
+    CHILD_PROTOCOL_VERSION, Child, ChildSpec, HANDSHAKE_VERSIONS, error_response, is_response,
+};
+use super::modern::{self, Primary};
+use super::ratelimit::{Limiter, Rate};
+use super::session::Sessions;
+
+pub const SESSION_HEADER: &str = "mcp-session-id";
+pub const VERSION_HEADER: &str = "mcp-protocol-version";
+
+/// Settings the handlers read, copied from [`BridgeArgs`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: String,
+    pub allowed_origins: Vec<String>,
+    pub max_body_bytes: usize,
+    pub client_ip_header: String,
+    pub request_timeout: Duration,
+    pub init_timeout: Duration,
+    pub session_idle_timeout_secs: u64,
+}
+
+pub struct State {
+    pub config: Config,
+    pub auth: Auth,
+    pub spec: ChildSpec,
+    pub primary: Primary,
+    pub sessions: Arc<Sessions>,
+    per_token: Limiter,
+    per_client: Limiter,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl State {
+    pub fn new(
+        args: &BridgeArgs,
+        auth: Auth,
+        spec: ChildSpec,
+        primary: Primary,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            config: Config {
+                path: args.path.clone(),
+                allowed_origins: args
+                    .allowed_origins
+                    .iter()
+                    .map(|o| o.trim_end_matches('/').to_string())
+                    .collect(),
+                max_body_bytes: args.max_body_bytes,
+                client_ip_header: args.client_ip_header.to_ascii_lowercase(),
+                request_timeout: Duration::from_secs(args.request_timeout_secs),
+                init_timeout: Duration::from_secs(args.init_timeout_secs),
+                session_idle_timeout_secs: args.session_idle_timeout_secs,
+            },
+            auth,
+            spec,
+            primary,
+            sessions: Sessions::new(args.max_sessions),
+            per_token: Limiter::new(Rate {
+                per_minute: args.rate_per_token,
+                burst: args.rate_burst,
+            }),
+            per_client: Limiter::new(Rate {
+                per_minute: args.rate_per_client,
+                burst: args.rate_burst,
+            }),
+            shutdown,
+        }
+    }
+}
+
+pub fn router(state: Arc<State>) -> Router {
+    let path = state.config.path.clone();
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route(&path, any(mcp))
+        .with_state(state)
+}
+
+/// 200 only while the shared child is initialized (it answered `initialize`); 503 while it starts or restarts.
+async fn readyz(AxumState(state): AxumState<Arc<State>>) -> Response {
+    match state.primary.current() {
+        Some(_) => (StatusCode::OK, "ready").into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "MCP server not ready").into_response(),
+    }
+}
+
+async fn mcp(
+    AxumState(state): AxumState<Arc<State>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let client = client_address(&state.config, request.headers(), peer);
+    let mut audit = AuditRecord::new(method_name(request.method()), client);
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .map(str::to_string);
+    let mut response = handle(&state, &mut audit, request).await;
+    if let Some(origin) = origin.filter(|o| origin_allowed(&state.config, o)) {
+        let h = response.headers_mut();
+        if let Ok(value) = HeaderValue::from_str(&origin) {
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+        }
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("Mcp-Session-Id, WWW-Authenticate, Retry-After"),
+        );
+    }
+    audit.emit(response.status().as_u16());
+    response
+}
+
+fn method_name(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+fn client_address(config: &Config, headers: &HeaderMap, peer: SocketAddr) -> String {
+    if !config.client_ip_header.is_empty()
+        && let Some(ip) = headers
+            .get(config.client_ip_header.as_str())
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok())
+    {
+        return ip.to_string();
+    }
+    peer.ip().to_string()
+}
+
+fn origin_allowed(config: &Config, origin: &str) -> bool {
+    let origin = origin.trim_end_matches('/');
+    config
+        .allowed_origins
+        .iter()
+        .any(|o| o == "*" || o == origin)
+}
+
+async fn handle(state: &Arc<State>, audit: &mut AuditRecord, request: Request) -> Response {
+    let headers = request.headers().clone();
+    // DNS rebinding: a browser page on another origin must not reach the server (2025-11-25: 403).
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let ok = origin
+            .to_str()
+            .is_ok_and(|o| origin_allowed(&state.config, o));
+        if !ok {
+            audit.note = Some("origin rejected");
+            return plain(StatusCode::FORBIDDEN, "Origin not allowed");
+        }
+    }
+    if request.method() == Method::OPTIONS {
+        return preflight(&headers);
+    }
+    if let Err(retry) = state.per_client.check(&audit.client) {
+        audit.note = Some("rate limited (client)");
+        return too_many(retry);
+    }
+    let token = match state.auth.check(&headers) {
+        Ok(token) => token.map(|t| hex::encode(&Sha256::digest(t.as_bytes())[..8])),
+        Err(denied) => {
+            audit.note = Some("unauthorized");
+            let mut response = plain(StatusCode::UNAUTHORIZED, "Unauthorized");
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(denied.challenge()),
+            );
+            return response;
+        }
+    };
+    if let Some(token) = &token
+        && let Err(retry) = state.per_token.check(token)
+    {
+        audit.note = Some("rate limited (token)");
+        return too_many(retry);
+    }
+    let session_id = headers
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    audit.session = session_id.clone();
+    match *request.method() {
+        Method::POST => {
+            let body = match axum::body::to_bytes(request.into_body(), state.config.max_body_bytes)
+                .await
+            {
+                Ok(body) => body,
+                Err(_) => {
+                    audit.note = Some("body too large");
+                    return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+                }
+            };
+            post(state, audit, &headers, session_id, &body).await
+        }
+        Method::GET => get_stream(state, audit, &headers, session_id),
+        Method::DELETE => delete(state, audit, &headers, session_id).await,
+        _ => {
+            let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+            response
+        }
+    }
+}
+
+fn preflight(headers: &HeaderMap) -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
+    );
+    let requested = headers
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_static(
+                "authorization, content-type, accept, mcp-session-id, mcp-protocol-version, mcp-method, mcp-name, last-event-id",
+            )
+        });
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested);
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    response
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response {
+    (status, text).into_response()
+}
+
+fn too_many(retry: Duration) -> Response {
+    let mut response = plain(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+    let secs = retry.as_secs_f64().ceil().max(1.0) as u64;
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    response
+}
+
+fn json_response(status: u16, body: &Value) -> Response {
+    let mut response = (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+        body.to_string(),
+    )
+        .into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn rpc_error(
+    audit: &mut AuditRecord,
+    status: u16,
+    id: Value,
+    code: i64,
+    message: &str,
+) -> Response {
+    audit.rpc_error = Some(code);
+    json_response(status, &error_response(id, code, message))
+}
+
+fn accepts(headers: &HeaderMap, kind: &str) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| {
+            let v = v.trim();
+            v.starts_with(kind) || v.starts_with("*/*")
+        })
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn post(
+    state: &Arc<State>,
+    audit: &mut AuditRecord,
+    headers: &HeaderMap,
+    session_id: Option<String>,
+    body: &[u8],
+) -> Response {
+    let json_content = header_str(headers, header::CONTENT_TYPE.as_str()).is_some_and(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case("application/json")
+    });
+    if !json_content {
+        audit.note = Some("content-type");
+        return rpc_error(
+            audit,
+            400,
+            Value::Null,
+            -32600,
+            "Content-Type must be application/json",
+        );
+    }
+    let message: Value = match serde_json::from_slice(body) {
+        Ok(message) => message,
+        Err(_) => return rpc_error(audit, 400, Value::Null, -32700, "Parse error"),
+    };
+    if message.is_array() {
+        audit.note = Some("batch");
+        return rpc_error(
+            audit,
+            400,
+            Value::Null,
+            -32600,
+            "JSON-RPC batches are not supported",
+        );
+    }
+    if !message.is_object() {
+        return rpc_error(audit, 400, Value::Null, -32600, "Invalid Request");
+    }
+    audit.describe(&message);
+    if modern::is_modern(headers, &message) {
+        audit.era = "2026-07-28";
+        audit.protocol_version = Some(modern::MODERN_VERSION.into());
+        return modern_post(state, audit, headers, message).await;
+    }
+    audit.era = "handshake";
+    if !(accepts(headers, "application/json") && accepts(headers, "text/event-stream")) {
+        audit.note = Some("accept");
+        return plain(
+            StatusCode::NOT_ACCEPTABLE,
+            "Accept must list application/json and text/event-stream",
+        );
+    }
+    let method = message
+        .get("method")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let id = message.get("id").cloned();
+    if method.as_deref() == Some("initialize") && id.is_some() {
+        return initialize(state, audit, message).await;
+    }
+    let Some(session_id) = session_id else {
+        audit.note = Some("no session");
+        return rpc_error(
+            audit,
+            400,
+            id.unwrap_or(Value::Null),
+            -32600,
+            "Mcp-Session-Id header is required",
+        );
+    };
+    let Some(session) = state.sessions.get(&session_id) else {
+        audit.note = Some("unknown session");
+        return rpc_error(
+            audit,
+            404,
+            id.unwrap_or(Value::Null),
+            -32001,
+            "Session not found",
+        );
+    };
+    audit.protocol_version = Some(session.protocol_version.clone());
+    if let Some(version) = header_str(headers, VERSION_HEADER)
+        && !HANDSHAKE_VERSIONS.contains(&version)
+    {
+        audit.note = Some("protocol version header");
+        return rpc_error(
+            audit,
+            400,
+            id.unwrap_or(Value::Null),
+            -32600,
+            "Unsupported MCP-Protocol-Version",
+        );
+    }
+    let (Some(_), Some(_)) = (&method, &id) else {
+        // A notification or a response (to a request the child made): forward, 202.
+        return match session.child.send_from_client(message) {
+            Ok(()) => StatusCode::ACCEPTED.into_response(),
+            Err(_) => rpc_error(audit, 404, Value::Null, -32001, "Session not found"),
+        };
+    };
+    let wants_stream = method.as_deref() == Some("tools/call")
+        || message.pointer("/params/_meta/progressToken").is_some();
+    let handle = match session.child.request(message, true) {
+        Ok(handle) => handle,
+        Err(_) => {
+            return rpc_error(
+                audit,
+                404,
+                id.unwrap_or(Value::Null),
+                -32001,
+                "Session not found",
+            );
+        }
+    };
+    let timeout = state.config.request_timeout;
+    if !wants_stream {
+        let mut rx = handle.rx;
+        let id = id.unwrap_or(Value::Null);
+        return match tokio::time::timeout(timeout, async {
+            while let Some(m) = rx.recv().await {
+                if is_response(&m) {
+                    return Some(m);
+                }
+            }
+            None
+        })
+        .await
+        {
+            Ok(Some(response)) => {
+                audit.rpc_error = response.pointer("/error/code").and_then(Value::as_i64);
+                json_response(200, &response)
+            }
+            Ok(None) => rpc_error(
+                audit,
+                200,
+                id,
+                -32603,
+                "the MCP server exited before answering",
+            ),
+            Err(_) => {
+                session
+                    .child
+                    .cancel(handle.bridge_id, "request timed out at the bridge");
+                rpc_error(audit, 200, id, -32603, "request timed out")
+            }
+        };
+    }
+    // SSE: the request's own progress and response, plus what the child sends on its own while no GET stream is
+    // open. Disconnecting is not cancellation here: anything left goes to the session's GET stream (or backlog).
+    let (tx, rx) = mpsc::unbounded_channel();
+    let registration = session.register_post(tx.clone());
+    let child = session.child.clone();
+    let relay_session = session.clone();
+    let bridge_id = handle.bridge_id;
+    let id = id.unwrap_or(Value::Null);
+    tokio::spawn(async move {
+        let mut own = handle.rx;
+        let result = tokio::time::timeout(timeout, async {
+            while let Some(m) = own.recv().await {
+                let last = is_response(&m);
+                if let Err(mpsc::error::SendError(m)) = tx.send(m) {
+                    relay_session.deliver(m);
+                }
+                if last {
+                    return;
+                }
+            }
+        })
+        .await;
+        if result.is_err() {
+            child.cancel(bridge_id, "request timed out at the bridge");
+            let _ = tx.send(error_response(id, -32603, "request timed out"));
+        }
+    });
+    let priming = session.protocol_version.as_str() >= "2025-11-25";
+    sse(
+        rx,
+        Some(session),
+        priming,
+        state.shutdown.clone(),
+        Some(registration),
+        None,
+    )
+}
+
+/// Starts a session: a new child, the client's `initialize` forwarded to it (version capped at the newest
+/// handshake revision), and `Mcp-Session-Id` on the answer.
+async fn initialize(state: &Arc<State>, audit: &mut AuditRecord, mut message: Value) -> Response {
+    let id = message.get("id").cloned().unwrap_or(Value::Null);
+    if state.sessions.has_room().is_err() {
+        audit.note = Some("too many sessions");
+        let mut response = rpc_error(audit, 503, id, -32603, "too many sessions; try again later");
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(5));
+        return response;
+    }
+    let requested = message
+        .pointer("/params/protocolVersion")
+        .and_then(Value::as_str)
+        .unwrap_or(CHILD_PROTOCOL_VERSION)
+        .to_string();
+    if requested.as_str() > CHILD_PROTOCOL_VERSION {
+        message["params"]["protocolVersion"] = json!(CHILD_PROTOCOL_VERSION);
+    }
+    let (child, unsolicited) = match Child::spawn(&state.spec) {
+        Ok(spawned) => spawned,
+        Err(error) => {
+            tracing::error!(%error, "cannot start a session's MCP server");
+            return rpc_error(audit, 500, id, -32603, "cannot start the MCP server");
+        }
+    };
+    let answer = tokio::time::timeout(state.config.init_timeout, async {
+        let mut handle = child.request(message, false).ok()?;
+        while let Some(m) = handle.rx.recv().await {
+            if is_response(&m) {
+                return Some(m);
+            }
+        }
+        None
+    })
+    .await;
+    let response = match answer {
+        Ok(Some(response)) => response,
+        Ok(None) | Err(_) => {
+            child.shutdown(Duration::from_secs(2)).await;
+            return rpc_error(
+                audit,
+                500,
+                id,
+                -32603,
+                "the MCP server did not answer initialize",
+            );
+        }
+    };
+    let Some(version) = response
+        .pointer("/result/protocolVersion")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+    else {
+        // The server refused: pass its error on and drop the child.
+        audit.rpc_error = response.pointer("/error/code").and_then(Value::as_i64);
+        child.shutdown(Duration::from_secs(2)).await;
+        return json_response(200, &response);
+    };
+    let session = state.sessions.insert(child, unsolicited, version.clone());
+    audit.session = Some(session.id.clone());
+    audit.protocol_version = Some(version);
+    let mut http_response = json_response(200, &response);
+    http_response.headers_mut().insert(
+        SESSION_HEADER,
+        HeaderValue::from_str(&session.id).expect("hex session id"),
+    );
+    http_response
+}
+
+fn get_stream(
+    state: &Arc<State>,
+    audit: &mut AuditRecord,
+    headers: &HeaderMap,
+    session_id: Option<String>,
+) -> Response {
+    if !accepts(headers, "text/event-stream") {
+        audit.note = Some("accept");
+        return plain(
+            StatusCode::NOT_ACCEPTABLE,
+            "Accept must list text/event-stream",
+        );
+    }
+    let Some(session_id) = session_id else {
+        return no_session(audit, headers);
+    };
+    audit.era = "handshake";
+    audit.method = Some("(get stream)".into());
+    let Some(session) = state.sessions.get(&session_id) else {
+        audit.note = Some("unknown session");
+        return plain(StatusCode::NOT_FOUND, "Session not found");
+    };
+    audit.protocol_version = Some(session.protocol_version.clone());
+    let Some(stream) = session.open_get() else {
+        audit.note = Some("second GET stream");
+        return plain(
+            StatusCode::CONFLICT,
+            "a GET stream is already open for this session",
+        );
+    };
+    let priming = session.protocol_version.as_str() >= "2025-11-25";
+    let shutdown = state.shutdown.clone();
+    // The GET stream owns its receiver through the claim, which frees the slot when the stream is dropped.
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut claim = stream;
+    tokio::spawn(async move {
+        while let Some(m) = claim.rx.recv().await {
+            if tx.send(m).is_err() {
+                break;
+            }
+        }
+        drop(claim);
+    });
+    sse(rx, Some(session), priming, shutdown, None, None)
+}
+
+/// Without a session id: the modern era has no GET/DELETE (405, `Allow: POST`); the handshake era needs one (400).
+fn no_session(audit: &mut AuditRecord, headers: &HeaderMap) -> Response {
+    if header_str(headers, VERSION_HEADER) == Some(modern::MODERN_VERSION) {
+        audit.era = "2026-07-28";
+        let mut response = plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "2026-07-28 serves POST only",
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
+    audit.note = Some("no session");
+    plain(StatusCode::BAD_REQUEST, "Mcp-Session-Id header is required")
+}
+
+async fn delete(
+    state: &Arc<State>,
+    audit: &mut AuditRecord,
+    headers: &HeaderMap,
+    session_id: Option<String>,
+) -> Response {
+    let Some(session_id) = session_id else {
+        return no_session(audit, headers);
+    };
+    audit.era = "handshake";
+    audit.method = Some("(end session)".into());
+    if state
+        .sessions
+        .end(&session_id, Duration::from_secs(3))
+        .await
+    {
+        StatusCode::OK.into_response()
+    } else {
+        audit.note = Some("unknown session");
+        plain(StatusCode::NOT_FOUND, "Session not found")
+    }
+}
+
+/// Sends `notifications/cancelled` to the shared child when a modern response is dropped before its answer
+/// (2026-07-28: closing the stream is cancellation).
+struct CancelOnDrop {
+    child: Arc<Child>,
+    bridge_id: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            self.child.cancel(self.bridge_id, "client disconnected");
+        }
+    }
+}
+
+async fn modern_post(
+    state: &Arc<State>,
+    audit: &mut AuditRecord,
+    headers: &HeaderMap,
+    message: Value,
+) -> Response {
+    let id = message.get("id").cloned();
+    let method = message
+        .get("method")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let (Some(method), Some(id)) = (method, id) else {
+        if message.get("method").is_some() {
+            // Notifications carry nothing a stateless, handshake-era child can use (cancellation is closing
+            // the stream); accepted and dropped.
+            return StatusCode::ACCEPTED.into_response();
+        }
+        return rpc_error(
+            audit,
+            400,
+            Value::Null,
+            modern::INVALID_REQUEST,
+            "a response is not a request",
+        );
+    };
+    if let Err(rejection) = modern::validate(headers, &message) {
+        audit.rpc_error = Some(rejection.code);
+        return json_response(
+            modern::http_status(rejection.code),
+            &rejection.to_response(id),
+        );
+    }
+    if modern::not_served(&method) {
+        return rpc_error(audit, 404, id, modern::METHOD_NOT_FOUND, "Method not found");
+    }
+    // discover must answer well inside the clients' 10 s probe timeout; other methods may wait for a cold start.
+    let wait = if method == "server/discover" {
+        Duration::from_secs(8).min(state.config.init_timeout)
+    } else {
+        state.config.init_timeout
+    };
+    let Some(ready) = state.primary.wait_ready(wait).await else {
+        audit.note = Some("not ready");
+        return rpc_error(audit, 503, id, -32603, "the MCP server is not ready");
+    };
+    if method == "server/discover" {
+        return json_response(
+            200,
+            &json!({"jsonrpc": "2.0", "id": id, "result": modern::discover_result(&ready.init)}),
+        );
+    }
+    let wants_stream = message.pointer("/params/_meta/progressToken").is_some()
+        && accepts(headers, "text/event-stream");
+    let handle = match ready.child.request(modern::to_child(message), false) {
+        Ok(handle) => handle,
+        Err(_) => return rpc_error(audit, 503, id, -32603, "the MCP server is not ready"),
+    };
+    let mut guard = CancelOnDrop {
+        child: ready.child.clone(),
+        bridge_id: handle.bridge_id,
+        armed: true,
+    };
+    let timeout = state.config.request_timeout;
+    let init = ready.init.clone();
+    if !wants_stream {
+        let mut rx = handle.rx;
+        let answer = tokio::time::timeout(timeout, async {
+            while let Some(m) = rx.recv().await {
+                if is_response(&m) {
+                    return Some(m);
+                }
+            }
+            None
+        })
+        .await;
+        return match answer {
+            Ok(Some(response)) => {
+                guard.armed = false;
+                let response = modern::from_child(response, &method, &init);
+                let code = response.pointer("/error/code").and_then(Value::as_i64);
+                audit.rpc_error = code;
+                json_response(code.map(modern::http_status).unwrap_or(200), &response)
+            }
+            Ok(None) => {
+                guard.armed = false;
+                rpc_error(
+                    audit,
+                    200,
+                    id,
+                    -32603,
+                    "the MCP server exited before answering",
+                )
+            }
+            Err(_) => rpc_error(audit, 200, id, -32603, "request timed out"),
+        };
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut own = handle.rx;
+    tokio::spawn(async move {
+        let result = tokio::time::timeout(timeout, async {
+            while let Some(m) = own.recv().await {
+                let last = is_response(&m);
+                let m = if last {
+                    modern::from_child(m, &method, &init)
+                } else {
+                    m
+                };
+                if tx.send(m).is_err() || last {
+                    return;
+                }
+            }
+        })
+        .await;
+        if result.is_err() {
+            let _ = tx.send(error_response(id, -32603, "request timed out"));
+        }
+    });
+    sse(rx, None, false, state.shutdown.clone(), None, Some(guard))
+}
+
+/// An SSE response relaying `rx` until a response message (or shutdown). Event ids are per session.
+fn sse(
+    rx: mpsc::UnboundedReceiver<Value>,
+    session: Option<Arc<super::session::Session>>,
+    priming: bool,
+    shutdown: watch::Receiver<bool>,
+    registration: Option<super::session::PostStream>,
+    cancel: Option<CancelOnDrop>,
+) -> Response {
+    struct StreamState {
+        rx: mpsc::UnboundedReceiver<Value>,
+        session: Option<Arc<super::session::Session>>,
+        priming: bool,
+        shutdown: watch::Receiver<bool>,
+        done: bool,
+        _registration: Option<super::session::PostStream>,
+        cancel: Option<CancelOnDrop>,
+    }
+    let st = StreamState {
+        rx,
+        session,
+        priming,
+        shutdown,
+        done: false,
+        _registration: registration,
+        cancel,
+    };
+    let stream = futures::stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        if st.priming {
+            // 2025-11-25 SSE priming: an event with an id and empty data, so the client can resume from it.
+            st.priming = false;
+            let id = st
+                .session
+                .as_ref()
+                .map(|s| s.next_event_id())
+                .unwrap_or_default();
+            return Some((Ok::<_, Infallible>(Event::default().id(id).data("")), st));
+        }
+        let message = tokio::select! {
+            m = st.rx.recv() => m,
+            _ = modern::until_shutdown(&mut st.shutdown) => None,
+        };
+        let message = message?;
+        if is_response(&message) && message.get("method").is_none() {
+            // The end of a request stream (a GET stream never carries responses of its own).
+            st.done = true;
+            if let Some(cancel) = &mut st.cancel {
+                cancel.armed = false;
+            }
+        }
+        let mut event = Event::default().event("message").data(message.to_string());
+        if let Some(session) = &st.session {
+            event = event.id(session.next_event_id());
+        }
+        Some((Ok(event), st))
+    });
+    sse_response(stream)
+}
+
+fn sse_response<S>(stream: S) -> Response
+where
+    S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
+{
+    let mut response = Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response();
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}

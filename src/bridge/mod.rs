@@ -1,0 +1,240 @@
+//! `mcpfly bridge`: runs a stdio MCP server and serves it over MCP Streamable HTTP, inside each Fly machine.
+//!
+//! - [`http`]: the endpoint (auth, Origin/CORS, limits, both protocol eras, health and readiness).
+//! - [`session`]: handshake-era sessions, one child each; [`modern`]: the 2026-07-28 envelope on a shared child.
+//! - [`child`]: the stdio process and JSON-RPC multiplexing; [`auth`], [`ratelimit`], [`audit`]: cross-cutting.
+//! - [`verify`]: the MCP client the controller uses to check a deployment through its public URL.
+
+pub mod audit;
+pub mod auth;
+pub mod child;
+pub mod http;
+pub mod modern;
+pub mod ratelimit;
+pub mod session;
+pub mod verify;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use verify::{ServerInfo, VerifyError, verify};
+
+/// Arguments of `mcpfly bridge [OPTIONS] -- CMD ARGS...`.
+#[derive(Args, Debug, Clone)]
+pub struct BridgeArgs {
+    /// Address to listen on. `::` accepts IPv6 (Fly's private network) and, dual-stack, IPv4.
+    #[arg(long, default_value = "::", env = "MCPFLY_BRIDGE_HOST")]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080, env = "MCPFLY_BRIDGE_PORT")]
+    pub port: u16,
+    /// Path of the MCP endpoint.
+    #[arg(long, default_value = "/mcp")]
+    pub path: String,
+    /// Serve without authentication. Without this flag, `MCP_AUTH_TOKEN` must hold the bearer token.
+    #[arg(long)]
+    pub no_auth: bool,
+    /// Browser origins allowed to call the endpoint (CORS allowlist; repeat or comma-separate). A request with
+    /// any other `Origin` gets 403; requests without `Origin` (non-browser clients) are allowed.
+    #[arg(
+        long = "allowed-origin",
+        env = "MCPFLY_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+    /// Largest request body accepted, in bytes (413 above it).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Requests per minute per bearer token (0: unlimited).
+    #[arg(long, default_value_t = 1200)]
+    pub rate_per_token: u32,
+    /// Requests per minute per client address (0: unlimited).
+    #[arg(long, default_value_t = 600)]
+    pub rate_per_client: u32,
+    /// Burst size of both rate limits.
+    #[arg(long, default_value_t = 100)]
+    pub rate_burst: u32,
+    /// Header carrying the client's address, set by the proxy in front (Fly sets `Fly-Client-IP`). Empty: use
+    /// the TCP peer address.
+    #[arg(long, default_value = "fly-client-ip")]
+    pub client_ip_header: String,
+    /// Longest a single request may run, in seconds (the child is told to cancel it after that).
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout_secs: u64,
+    /// How long the MCP server may take to answer `initialize`, in seconds (`npx -y` may download first).
+    #[arg(long, default_value_t = 120)]
+    pub init_timeout_secs: u64,
+    /// Sessions idle this long, in seconds, with no stream open, are ended.
+    #[arg(long, default_value_t = 1800)]
+    pub session_idle_timeout_secs: u64,
+    /// Most concurrent handshake-era sessions (each runs its own server process); 503 above it.
+    #[arg(long, default_value_t = 32)]
+    pub max_sessions: usize,
+    /// On SIGTERM, how long in-flight requests may finish, in seconds, before servers are stopped.
+    #[arg(long, default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+    /// The stdio MCP server to run, after `--`: program and arguments, never through a shell.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<String>,
+}
+
+impl BridgeArgs {
+    /// Parses bridge arguments alone, as `mcpfly bridge` would (for tests and embedding).
+    pub fn parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: BridgeArgs,
+        }
+        let matches = <Wrapper as clap::CommandFactory>::command()
+            .no_binary_name(true)
+            .try_get_matches_from(args)?;
+        Ok(Wrapper::from_arg_matches(&matches)?.args)
+    }
+
+    /// The auth setting these arguments ask for, with the token from `token_env` (normally `MCP_AUTH_TOKEN`).
+    /// Turning auth off must be explicit: no token and no `--no-auth` is an error.
+    pub fn auth(&self, token_env: Option<String>) -> anyhow::Result<auth::Auth> {
+        match (self.no_auth, token_env.filter(|t| !t.trim().is_empty())) {
+            (true, Some(_)) => {
+                tracing::warn!(
+                    "--no-auth given: ignoring MCP_AUTH_TOKEN and serving without authentication"
+                );
+                Ok(auth::Auth::disabled())
+            }
+            (true, None) => Ok(auth::Auth::disabled()),
+            (false, Some(token)) => Ok(auth::Auth::bearer(token.trim().to_string())),
+            (false, None) => anyhow::bail!(
+                "{} is not set: set it to the endpoint's bearer token, or pass --no-auth to serve without \
+                 authentication",
+                child::TOKEN_ENV
+            ),
+        }
+    }
+}
+
+/// A running bridge (for tests and for [`run`]).
+pub struct Bridge {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Bridge {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Graceful shutdown, as on SIGTERM; waits until every server process is stopped.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.done.await.context("bridge task")?
+    }
+}
+
+/// Starts serving on `listener`.
+pub async fn start(
+    args: BridgeArgs,
+    auth: auth::Auth,
+    listener: TcpListener,
+) -> anyhow::Result<Bridge> {
+    let addr = listener.local_addr()?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let spec = child::ChildSpec {
+        program: args.command[0].clone(),
+        args: args.command[1..].to_vec(),
+    };
+    let primary = modern::Primary::start(
+        spec.clone(),
+        Duration::from_secs(args.init_timeout_secs),
+        modern::Backoff {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+            healthy_after: Duration::from_secs(60),
+        },
+        shutdown_rx.clone(),
+    );
+    let state = Arc::new(http::State::new(
+        &args,
+        auth,
+        spec,
+        primary,
+        shutdown_rx.clone(),
+    ));
+    let reaper_state = state.clone();
+    let mut reaper_shutdown = shutdown_rx.clone();
+    tokio::spawn(async move {
+        let idle = Duration::from_secs(reaper_state.config.session_idle_timeout_secs);
+        let mut tick = tokio::time::interval(Duration::from_secs(30).min(idle));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => reaper_state.sessions.reap(idle, Duration::from_secs(2)).await,
+                _ = modern::until_shutdown(&mut reaper_shutdown) => break,
+            }
+        }
+    });
+    tracing::info!(%addr, path = %args.path, auth = state.auth.enabled(), "bridge listening");
+    let app = http::router(state.clone());
+    let grace = Duration::from_secs(args.shutdown_grace_secs);
+    let mut serve_shutdown = shutdown_rx.clone();
+    let done = tokio::spawn(async move {
+        let server = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { modern::until_shutdown(&mut serve_shutdown).await });
+        let mut wait_shutdown = shutdown_rx.clone();
+        let server = async move { server.await };
+        tokio::pin!(server);
+        // In-flight requests get `grace` after the signal; then the servers are stopped regardless.
+        tokio::select! {
+            result = &mut server => result?,
+            _ = async {
+                modern::until_shutdown(&mut wait_shutdown).await;
+                tokio::time::sleep(grace).await;
+            } => tracing::warn!("shutdown grace period over; stopping with requests in flight"),
+        }
+        state.sessions.end_all(Duration::from_secs(3)).await;
+        // The primary's supervisor stops its child on the same signal; wait for it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+        while state.primary.current().is_some() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    });
+    Ok(Bridge {
+        addr,
+        shutdown: shutdown_tx,
+        done,
+    })
+}
+
+/// `mcpfly bridge`: serve until SIGTERM or SIGINT, then shut down gracefully.
+pub async fn run(args: BridgeArgs) -> anyhow::Result<()> {
+    let auth = args.auth(std::env::var(child::TOKEN_ENV).ok())?;
+    let host: std::net::IpAddr = args
+        .host
+        .parse()
+        .with_context(|| format!("--host {} is not an IP address", args.host))?;
+    let listener = TcpListener::bind(SocketAddr::new(host, args.port))
+        .await
+        .with_context(|| format!("listening on [{host}]:{}", args.port))?;
+    let bridge = start(args, auth, listener).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+    bridge.shutdown().await
+}

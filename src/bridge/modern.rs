@@ -1,0 +1,506 @@
+//! The 2026-07-28 stateless envelope, translated onto a handshake-only stdio child.
+//!
+//! Modern requests have no session, so they are served by one shared, long-lived child (the "primary", which
+//! also decides readiness) with id and `progressToken` remapping in [`super::child`]: any number of requests run
+//! concurrently and each gets only its own progress and response. A pool of children would add memory (one node
+//! process each, on 256 MB machines) without adding isolation a stateless protocol promises.
+//!
+//! What the bridge does for a modern request: validates the envelope (headers against `_meta`, version),
+//! answers `server/discover` itself from the child's cached `InitializeResult`, strips the
+//! `io.modelcontextprotocol/*` `_meta` keys, forwards, and rewrites the result (`resultType`, `ttlMs`,
+//! `cacheScope`, serverInfo in `_meta`, `-32002` → `-32602`).
+//!
+//! Server-to-client requests from the shared child (sampling, elicitation, roots) cannot be attributed to one
+//! modern request on stdio, so the bridge answers them itself with an error (`-32601`) rather than translating
+//! them into `input_required`; the tool sees a client without that capability, which is what the modern request
+//! declared unless it said otherwise. Notifications the child sends on its own (logs, `list_changed`) are
+//! dropped: modern clients receive those only on `subscriptions/listen`, which the bridge does not offer (404).
+
+use std::time::Duration;
+
+use http::HeaderMap;
+use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, watch};
+
+use super::child::{Child, ChildSpec, error_response};
+
+pub const MODERN_VERSION: &str = "2026-07-28";
+pub const META_PROTOCOL_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+pub const META_CLIENT_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+pub const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
+const META_PREFIX: &str = "io.modelcontextprotocol/";
+
+pub const HEADER_MISMATCH: i64 = -32020;
+pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
+pub const INVALID_PARAMS: i64 = -32602;
+pub const INVALID_REQUEST: i64 = -32600;
+pub const METHOD_NOT_FOUND: i64 = -32601;
+
+/// Methods that 2026-07-28 removed, and the one it added that the bridge does not offer.
+const NOT_SERVED: [&str; 6] = [
+    "initialize",
+    "ping",
+    "logging/setLevel",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "subscriptions/listen",
+];
+/// Results that carry cache hints in 2026-07-28.
+const CACHEABLE: [&str; 6] = [
+    "tools/list",
+    "prompts/list",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "server/discover",
+];
+
+/// Whether a POST belongs to the modern era: the version header names it, the body carries its envelope, or it
+/// is `server/discover`. Handshake-era messages carry none of these.
+pub fn is_modern(headers: &HeaderMap, message: &Value) -> bool {
+    header(headers, "mcp-protocol-version") == Some(MODERN_VERSION)
+        || message.get("method").and_then(Value::as_str) == Some("server/discover")
+        || message
+            .pointer("/params/_meta")
+            .and_then(Value::as_object)
+            .is_some_and(|m| m.contains_key(META_PROTOCOL_VERSION))
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A JSON-RPC error for the modern path, with the HTTP status 2026-07-28 assigns to its code.
+#[derive(Debug, PartialEq)]
+pub struct Rejection {
+    pub code: i64,
+    pub message: String,
+    pub data: Option<Value>,
+}
+
+pub fn http_status(code: i64) -> u16 {
+    match code {
+        -32700 | -32600 | -32602 | -32020 | -32021 | -32022 => 400,
+        -32601 => 404,
+        _ => 200,
+    }
+}
+
+/// The envelope checks, in the order the official SDKs apply them: `_meta` keys (-32602), routing headers against
+/// the body (-32020), then the version (-32022).
+pub fn validate(headers: &HeaderMap, message: &Value) -> Result<(), Rejection> {
+    for name in ["mcp-protocol-version", "mcp-method", "mcp-name"] {
+        if headers.get_all(name).iter().count() > 1 {
+            return Err(rejection(
+                HEADER_MISMATCH,
+                &format!("{name} header is duplicated"),
+            ));
+        }
+    }
+    let Some(meta) = message.pointer("/params/_meta").and_then(Value::as_object) else {
+        return Err(rejection(
+            INVALID_PARAMS,
+            "params._meta must carry the protocol version and client capabilities",
+        ));
+    };
+    let missing: Vec<&str> = [META_PROTOCOL_VERSION, META_CLIENT_CAPABILITIES]
+        .into_iter()
+        .filter(|k| !meta.contains_key(*k))
+        .collect();
+    if !missing.is_empty() {
+        return Err(rejection(
+            INVALID_PARAMS,
+            &format!("params._meta is missing {}", missing.join(", ")),
+        ));
+    }
+    let version = meta.get(META_PROTOCOL_VERSION);
+    if header(headers, "mcp-protocol-version")
+        .map(|h| json!(h))
+        .as_ref()
+        != version
+    {
+        return Err(rejection(
+            HEADER_MISMATCH,
+            "MCP-Protocol-Version header does not match the request's protocol version",
+        ));
+    }
+    let method = message.get("method").and_then(Value::as_str);
+    if header(headers, "mcp-method") != method {
+        return Err(rejection(
+            HEADER_MISMATCH,
+            "Mcp-Method header does not match the request's method",
+        ));
+    }
+    let name_key = match method {
+        Some("tools/call") | Some("prompts/get") => Some("name"),
+        Some("resources/read") => Some("uri"),
+        _ => None,
+    };
+    if let Some(key) = name_key
+        && let Some(body_value) = message
+            .pointer(&format!("/params/{key}"))
+            .and_then(Value::as_str)
+        && header(headers, "mcp-name")
+            .map(decode_header_value)
+            .as_deref()
+            != Some(body_value)
+    {
+        return Err(rejection(
+            HEADER_MISMATCH,
+            "Mcp-Name header does not match the request",
+        ));
+    }
+    let version = version.and_then(Value::as_str);
+    if version != Some(MODERN_VERSION) {
+        return Err(Rejection {
+            code: UNSUPPORTED_PROTOCOL_VERSION,
+            message: "Unsupported protocol version".into(),
+            data: Some(json!({"supported": [MODERN_VERSION], "requested": version})),
+        });
+    }
+    Ok(())
+}
+
+/// Header values that are not plain ASCII are sent as `=?base64?...?=`.
+fn decode_header_value(raw: &str) -> String {
+    use base64::Engine;
+    if let Some(inner) = raw
+        .strip_prefix("=?base64?")
+        .and_then(|r| r.strip_suffix("?="))
+        && let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(inner)
+        && let Ok(text) = String::from_utf8(bytes)
+    {
+        return text;
+    }
+    raw.to_string()
+}
+
+fn rejection(code: i64, message: &str) -> Rejection {
+    Rejection {
+        code,
+        message: message.into(),
+        data: None,
+    }
+}
+
+impl Rejection {
+    pub fn to_response(&self, id: Value) -> Value {
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(data) = &self.data {
+            error["data"] = data.clone();
+        }
+        json!({"jsonrpc": "2.0", "id": id, "error": error})
+    }
+}
+
+/// Whether the bridge answers `method` with -32601 instead of forwarding it.
+pub fn not_served(method: &str) -> bool {
+    NOT_SERVED.contains(&method)
+}
+
+/// The `server/discover` result, from the child's `InitializeResult`.
+pub fn discover_result(init: &Value) -> Value {
+    let mut result = json!({
+        "supportedVersions": [MODERN_VERSION],
+        "capabilities": init.get("capabilities").cloned().unwrap_or_else(|| json!({})),
+        "resultType": "complete",
+        "ttlMs": 0,
+        "cacheScope": "private",
+        "_meta": {META_SERVER_INFO: server_info(init)},
+    });
+    if let Some(instructions) = init.get("instructions").filter(|i| i.is_string()) {
+        result["instructions"] = instructions.clone();
+    }
+    result
+}
+
+fn server_info(init: &Value) -> Value {
+    init.get("serverInfo")
+        .cloned()
+        .unwrap_or_else(|| json!({"name": "unknown", "version": "0"}))
+}
+
+/// Prepares a modern request for the handshake-era child: drops the envelope's `_meta` keys (the child would not
+/// understand them, and they describe this request only).
+pub fn to_child(mut message: Value) -> Value {
+    if let Some(params) = message.get_mut("params").and_then(Value::as_object_mut) {
+        if let Some(meta) = params.get_mut("_meta").and_then(Value::as_object_mut) {
+            meta.retain(|k, _| !k.starts_with(META_PREFIX));
+            if meta.is_empty() {
+                params.remove("_meta");
+            }
+        }
+        if params.is_empty() {
+            message.as_object_mut().unwrap().remove("params");
+        }
+    }
+    message
+}
+
+/// Rewrites the child's answer for a modern client. Progress notifications pass unchanged.
+pub fn from_child(mut message: Value, method: &str, init: &Value) -> Value {
+    if let Some(result) = message.get_mut("result").and_then(Value::as_object_mut) {
+        result.entry("resultType").or_insert(json!("complete"));
+        if CACHEABLE.contains(&method) {
+            result.entry("ttlMs").or_insert(json!(0));
+            result.entry("cacheScope").or_insert(json!("private"));
+        }
+        let meta = result
+            .entry("_meta")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Some(meta) = meta.as_object_mut() {
+            meta.insert(META_SERVER_INFO.into(), server_info(init));
+        }
+    } else if let Some(error) = message.get_mut("error").and_then(Value::as_object_mut)
+        && error.get("code").and_then(Value::as_i64) == Some(-32002)
+    {
+        // Resource not found moved from -32002 to -32602 in 2026-07-28.
+        error.insert("code".into(), json!(INVALID_PARAMS));
+    }
+    message
+}
+
+/// The shared child: started at boot, initialized by the bridge, restarted with backoff when it exits.
+///
+/// Restart rather than exit: exiting the bridge would also kill every healthy session's child and drop its
+/// client, and Fly's restart of the whole machine is slower than restarting one process. Readiness is false
+/// while the child is down, so Fly's health check and the controller see it.
+pub struct Primary {
+    state: watch::Receiver<Option<Ready>>,
+}
+
+#[derive(Clone)]
+pub struct Ready {
+    pub child: std::sync::Arc<Child>,
+    pub init: Value,
+}
+
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    /// A child that lived this long resets the backoff.
+    pub healthy_after: Duration,
+}
+
+impl Primary {
+    pub fn start(
+        spec: ChildSpec,
+        init_timeout: Duration,
+        backoff: Backoff,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let mut delay = backoff.initial;
+            loop {
+                if *shutdown.borrow() {
+                    break;
+                }
+                let started = tokio::time::Instant::now();
+                match Child::spawn(&spec) {
+                    Ok((child, unsolicited)) => match child.initialize(init_timeout).await {
+                        Ok(init) => {
+                            tracing::info!(
+                                pid = child.pid(),
+                                protocol_version = init
+                                    .get("protocolVersion")
+                                    .and_then(|v| v.as_str())
+                                    .unwrap_or("-"),
+                                "MCP server initialized; ready"
+                            );
+                            tokio::spawn(answer_unsolicited(child.clone(), unsolicited));
+                            let _ = tx.send(Some(Ready {
+                                child: child.clone(),
+                                init,
+                            }));
+                            tokio::select! {
+                                _ = child.wait_exit() => {
+                                    tracing::warn!("MCP server exited; not ready until it is restarted");
+                                }
+                                _ = until_shutdown(&mut shutdown) => {
+                                    child.shutdown(Duration::from_secs(5)).await;
+                                    let _ = tx.send(None);
+                                    break;
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "MCP server failed to initialize");
+                            child.shutdown(Duration::from_secs(2)).await;
+                        }
+                    },
+                    Err(error) => tracing::error!(%error, "cannot start the MCP server"),
+                }
+                let _ = tx.send(None);
+                if started.elapsed() >= backoff.healthy_after {
+                    delay = backoff.initial;
+                }
+                tracing::info!(
+                    delay_ms = delay.as_millis() as u64,
+                    "restarting the MCP server after a delay"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = until_shutdown(&mut shutdown) => break,
+                }
+                delay = (delay * 2).min(backoff.max);
+            }
+        });
+        Self { state: rx }
+    }
+
+    pub fn current(&self) -> Option<Ready> {
+        self.state.borrow().clone()
+    }
+
+    /// Waits up to `timeout` for the child to be ready.
+    pub async fn wait_ready(&self, timeout: Duration) -> Option<Ready> {
+        let mut state = self.state.clone();
+        let ready = tokio::time::timeout(timeout, state.wait_for(|s| s.is_some())).await;
+        match ready {
+            Ok(Ok(ready)) => ready.clone(),
+            _ => None,
+        }
+    }
+}
+
+/// Resolves once shutdown is signalled (the watch guard is not held across an await, so futures stay `Send`).
+pub async fn until_shutdown(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// Requests the shared child makes of "its client" are answered by the bridge (see the module docs); its own
+/// notifications are dropped.
+async fn answer_unsolicited(
+    child: std::sync::Arc<Child>,
+    mut unsolicited: mpsc::UnboundedReceiver<Value>,
+) {
+    while let Some(message) = unsolicited.recv().await {
+        if message.get("method").is_some()
+            && let Some(id) = message.get("id")
+        {
+            let _ = child.send_from_client(error_response(
+                id.clone(),
+                METHOD_NOT_FOUND,
+                "server-to-client requests are not available to stateless (2026-07-28) clients of this bridge",
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    fn call(version: &str) -> Value {
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "echo", "arguments": {"text": "x"},
+            "_meta": {META_PROTOCOL_VERSION: version, META_CLIENT_CAPABILITIES: {}, "progressToken": 7}}})
+    }
+
+    #[test]
+    fn validation_ladder_codes() {
+        let good = headers(&[
+            ("mcp-protocol-version", MODERN_VERSION),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "echo"),
+        ]);
+        assert_eq!(validate(&good, &call(MODERN_VERSION)), Ok(()));
+        let no_meta = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
+        assert_eq!(validate(&good, &no_meta).unwrap_err().code, INVALID_PARAMS);
+        let wrong_name = headers(&[
+            ("mcp-protocol-version", MODERN_VERSION),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "other"),
+        ]);
+        assert_eq!(
+            validate(&wrong_name, &call(MODERN_VERSION))
+                .unwrap_err()
+                .code,
+            HEADER_MISMATCH
+        );
+        let no_method = headers(&[
+            ("mcp-protocol-version", MODERN_VERSION),
+            ("mcp-name", "echo"),
+        ]);
+        assert_eq!(
+            validate(&no_method, &call(MODERN_VERSION))
+                .unwrap_err()
+                .code,
+            HEADER_MISMATCH
+        );
+        let dup = headers(&[
+            ("mcp-protocol-version", MODERN_VERSION),
+            ("mcp-method", "tools/call"),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "echo"),
+        ]);
+        assert_eq!(
+            validate(&dup, &call(MODERN_VERSION)).unwrap_err().code,
+            HEADER_MISMATCH
+        );
+        let future = headers(&[
+            ("mcp-protocol-version", "2099-01-01"),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "echo"),
+        ]);
+        let rejected = validate(&future, &call("2099-01-01")).unwrap_err();
+        assert_eq!(rejected.code, UNSUPPORTED_PROTOCOL_VERSION);
+        assert_eq!(rejected.data.unwrap()["supported"], json!([MODERN_VERSION]));
+        let b64 = headers(&[
+            ("mcp-protocol-version", MODERN_VERSION),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "=?base64?ZWNobw==?="),
+        ]);
+        assert_eq!(validate(&b64, &call(MODERN_VERSION)), Ok(()));
+    }
+
+    #[test]
+    fn envelope_is_stripped_and_results_rewritten() {
+        let child_msg = to_child(call(MODERN_VERSION));
+        assert_eq!(child_msg["params"]["_meta"], json!({"progressToken": 7}));
+        let bare = to_child(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list",
+            "params": {"_meta": {META_PROTOCOL_VERSION: MODERN_VERSION}}}));
+        assert!(bare.get("params").is_none());
+
+        let init =
+            json!({"serverInfo": {"name": "s", "version": "1"}, "capabilities": {"tools": {}}});
+        let list = from_child(
+            json!({"jsonrpc": "2.0", "id": 1, "result": {"tools": []}}),
+            "tools/list",
+            &init,
+        );
+        assert_eq!(list["result"]["resultType"], "complete");
+        assert_eq!(list["result"]["ttlMs"], 0);
+        assert_eq!(list["result"]["cacheScope"], "private");
+        assert_eq!(list["result"]["_meta"][META_SERVER_INFO]["name"], "s");
+        let call = from_child(
+            json!({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}),
+            "tools/call",
+            &init,
+        );
+        assert!(call["result"].get("ttlMs").is_none());
+        let missing = from_child(
+            json!({"jsonrpc": "2.0", "id": 1, "error": {"code": -32002, "message": "nf"}}),
+            "resources/read",
+            &init,
+        );
+        assert_eq!(missing["error"]["code"], INVALID_PARAMS);
+
+        let discover = discover_result(&init);
+        assert_eq!(discover["supportedVersions"], json!([MODERN_VERSION]));
+        assert_eq!(discover["capabilities"], json!({"tools": {}}));
+        assert_eq!(discover["_meta"][META_SERVER_INFO]["version"], "1");
+    }
+}

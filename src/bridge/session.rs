@@ -1,0 +1,257 @@
+//! Handshake-era sessions: one child process per `Mcp-Session-Id`.
+//!
+//! Why one child per session rather than one shared child with id remapping: an MCP server keeps per-connection
+//! state (negotiated version, capabilities the client declared, log level, subscriptions, whatever a tool
+//! remembers), and with one child per session none of it can leak from one client to another. It also routes the
+//! child's own requests (sampling, elicitation, roots) and notifications to the one client that can answer them,
+//! which a shared child cannot do without guessing. The cost is a process per session, bounded by
+//! `--max-sessions` and reaped after `--session-idle-timeout`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::child::Child;
+
+/// Messages kept for a session while no stream is open to take them.
+const BACKLOG: usize = 1000;
+
+pub struct Session {
+    pub id: String,
+    pub child: Arc<Child>,
+    pub protocol_version: String,
+    outbound: Mutex<Outbound>,
+    next_event: AtomicU64,
+    next_stream: AtomicU64,
+    last_seen: Mutex<Instant>,
+}
+
+#[derive(Default)]
+struct Outbound {
+    /// The session's GET stream, if one is open.
+    get: Option<mpsc::UnboundedSender<Value>>,
+    /// POST response streams still open: the fallback for server-initiated messages when no GET stream is, since
+    /// a stdio child does not say which request a message relates to.
+    posts: Vec<(u64, mpsc::UnboundedSender<Value>)>,
+    backlog: VecDeque<Value>,
+}
+
+/// Claim on the session's single GET stream; dropping it frees the slot.
+pub struct GetStream {
+    pub rx: mpsc::UnboundedReceiver<Value>,
+    session: Arc<Session>,
+}
+
+impl Drop for GetStream {
+    fn drop(&mut self) {
+        self.session.outbound.lock().unwrap().get = None;
+    }
+}
+
+/// Registration of a POST response stream as a fallback target; dropping it unregisters.
+pub struct PostStream {
+    id: u64,
+    session: Arc<Session>,
+}
+
+impl Drop for PostStream {
+    fn drop(&mut self) {
+        self.session
+            .outbound
+            .lock()
+            .unwrap()
+            .posts
+            .retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl Session {
+    pub fn touch(&self) {
+        *self.last_seen.lock().unwrap() = Instant::now();
+    }
+
+    pub fn next_event_id(&self) -> String {
+        self.next_event.fetch_add(1, Ordering::Relaxed).to_string()
+    }
+
+    /// Opens the GET stream; `None` if one is already open (→ 409). Backlogged messages come first.
+    pub fn open_get(self: &Arc<Self>) -> Option<GetStream> {
+        let mut out = self.outbound.lock().unwrap();
+        if out.get.as_ref().is_some_and(|tx| !tx.is_closed()) {
+            return None;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        for message in out.backlog.drain(..) {
+            let _ = tx.send(message);
+        }
+        out.get = Some(tx);
+        Some(GetStream {
+            rx,
+            session: self.clone(),
+        })
+    }
+
+    pub fn register_post(self: &Arc<Self>, tx: mpsc::UnboundedSender<Value>) -> PostStream {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        self.outbound.lock().unwrap().posts.push((id, tx));
+        PostStream {
+            id,
+            session: self.clone(),
+        }
+    }
+
+    /// Delivers a message the child sent on its own: GET stream, else the newest open POST stream, else backlog.
+    pub fn deliver(&self, message: Value) {
+        let mut out = self.outbound.lock().unwrap();
+        if let Some(tx) = &out.get {
+            match tx.send(message) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(m)) => {
+                    out.get = None;
+                    return self.deliver_fallback(&mut out, m);
+                }
+            }
+        }
+        self.deliver_fallback(&mut out, message)
+    }
+
+    fn deliver_fallback(&self, out: &mut Outbound, mut message: Value) {
+        while let Some((_, tx)) = out.posts.last() {
+            match tx.send(message) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(m)) => {
+                    message = m;
+                    out.posts.pop();
+                }
+            }
+        }
+        if out.backlog.len() >= BACKLOG {
+            out.backlog.pop_front();
+        }
+        out.backlog.push_back(message);
+    }
+}
+
+/// All live sessions.
+pub struct Sessions {
+    map: Mutex<HashMap<String, Arc<Session>>>,
+    max: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("too many sessions (limit {0})")]
+pub struct TooMany(pub usize);
+
+impl Sessions {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            map: Mutex::new(HashMap::new()),
+            max,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a new session may start; checked before spawning a child for it.
+    pub fn has_room(&self) -> Result<(), TooMany> {
+        if self.len() >= self.max {
+            Err(TooMany(self.max))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Registers an initialized child as a session and starts relaying what it sends on its own. The session
+    /// ends when the child exits.
+    pub fn insert(
+        self: &Arc<Self>,
+        child: Arc<Child>,
+        mut unsolicited: mpsc::UnboundedReceiver<Value>,
+        protocol_version: String,
+    ) -> Arc<Session> {
+        let id = hex::encode(rand::random::<[u8; 16]>());
+        let session = Arc::new(Session {
+            id: id.clone(),
+            child,
+            protocol_version,
+            outbound: Mutex::new(Outbound::default()),
+            next_event: AtomicU64::new(1),
+            next_stream: AtomicU64::new(1),
+            last_seen: Mutex::new(Instant::now()),
+        });
+        self.map.lock().unwrap().insert(id.clone(), session.clone());
+        let sessions = Arc::downgrade(self);
+        let weak = Arc::downgrade(&session);
+        tokio::spawn(async move {
+            while let Some(message) = unsolicited.recv().await {
+                match weak.upgrade() {
+                    Some(session) => session.deliver(message),
+                    None => return,
+                }
+            }
+            // The child is gone: so is the session (its client gets 404 and re-initializes).
+            if let Some(sessions) = sessions.upgrade() {
+                sessions.map.lock().unwrap().remove(&id);
+            }
+        });
+        session
+    }
+
+    /// A live session by id; a session whose child has exited counts as gone.
+    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+        let mut map = self.map.lock().unwrap();
+        let session = map.get(id)?.clone();
+        if session.child.has_exited() {
+            map.remove(id);
+            return None;
+        }
+        session.touch();
+        Some(session)
+    }
+
+    /// Ends a session (DELETE, idle, shutdown): forgets it and stops its child.
+    pub async fn end(&self, id: &str, grace: Duration) -> bool {
+        let session = self.map.lock().unwrap().remove(id);
+        match session {
+            Some(session) => {
+                session.child.shutdown(grace).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub async fn end_all(&self, grace: Duration) {
+        let all: Vec<_> = self.map.lock().unwrap().drain().map(|(_, s)| s).collect();
+        futures::future::join_all(all.iter().map(|s| s.child.shutdown(grace))).await;
+    }
+
+    /// Ends sessions idle for longer than `idle` with no GET stream open.
+    pub async fn reap(&self, idle: Duration, grace: Duration) {
+        let stale: Vec<String> = self
+            .map
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| {
+                s.last_seen.lock().unwrap().elapsed() > idle
+                    && s.outbound.lock().unwrap().get.is_none()
+            })
+            .map(|s| s.id.clone())
+            .collect();
+        for id in stale {
+            tracing::info!(session = %id, "ending idle session");
+            self.end(&id, grace).await;
+        }
+    }
+}

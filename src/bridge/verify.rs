@@ -1,0 +1,106 @@
+//! The check the controller runs after a deployment is Ready: an MCP handshake and `tools/list` through the
+//! public URL with the endpoint's bearer token, as a client in its default mode would do it (rmcp's `Auto`
+//! lifecycle: `server/discover`, falling back to `initialize`).
+
+use std::time::Duration;
+
+use rmcp::model::{ClientConfig, ProtocolVersion};
+use rmcp::service::{ClientInitializeError, ClientLifecycleMode, ClientServiceExt};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+
+/// What the handshake learned; recorded in the resource's `status.server`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerInfo {
+    pub name: String,
+    pub version: String,
+    pub protocol_version: String,
+    pub tools: Vec<String>,
+}
+
+/// Why verification failed. Messages never contain the token.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("the endpoint rejected the credentials (401/403)")]
+    Unauthorized,
+    #[error("MCP handshake with {url} failed: {message}")]
+    Handshake { url: String, message: String },
+    #[error("listing tools at {url} failed: {message}")]
+    ListTools { url: String, message: String },
+    #[error("no answer from {url} within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+}
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connects to `url` (e.g. `https://app.fly.dev/mcp`), handshakes, lists tools, and closes the session.
+pub async fn verify(url: &str, token: Option<&str>) -> Result<ServerInfo, VerifyError> {
+    // reqwest is built without a default crypto provider; install ring's if the process has none yet.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match tokio::time::timeout(TIMEOUT, verify_inner(url, token)).await {
+        Ok(result) => result,
+        Err(_) => Err(VerifyError::Timeout {
+            url: url.to_string(),
+            timeout: TIMEOUT,
+        }),
+    }
+}
+
+async fn verify_inner(url: &str, token: Option<&str>) -> Result<ServerInfo, VerifyError> {
+    let mut config = StreamableHttpClientTransportConfig::with_uri(url.to_string());
+    if let Some(token) = token {
+        config = config.auth_header(token.to_string());
+    }
+    let transport = StreamableHttpClientTransport::from_config(config);
+    let mut info = ClientConfig::default();
+    info.client_info.name = "mcpfly-verify".into();
+    info.client_info.version = env!("CARGO_PKG_VERSION").into();
+    let lifecycle = ClientLifecycleMode::Auto {
+        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+        legacy_version: Some(ProtocolVersion::V_2025_11_25),
+    };
+    let client = info
+        .serve_with_lifecycle(transport, lifecycle)
+        .await
+        .map_err(|error| classify(url, error))?;
+    let peer = client.peer_info();
+    let protocol_version = peer
+        .as_ref()
+        .map(|i| i.protocol_version.to_string())
+        .unwrap_or_default();
+    let (name, version) = peer
+        .as_ref()
+        .and_then(|i| i.server_info.as_ref())
+        .map(|s| (s.name.clone(), s.version.clone()))
+        .unwrap_or_default();
+    let tools = client
+        .list_all_tools()
+        .await
+        .map_err(|error| VerifyError::ListTools {
+            url: url.to_string(),
+            message: error.to_string(),
+        })?;
+    let _ = client.cancel().await;
+    Ok(ServerInfo {
+        name,
+        version,
+        protocol_version,
+        tools: tools.into_iter().map(|t| t.name.to_string()).collect(),
+    })
+}
+
+fn classify(url: &str, error: ClientInitializeError) -> VerifyError {
+    let message = error.to_string();
+    let lower = message.to_ascii_lowercase();
+    if lower.contains("401")
+        || lower.contains("403")
+        || lower.contains("unauthorized")
+        || lower.contains("auth")
+    {
+        return VerifyError::Unauthorized;
+    }
+    VerifyError::Handshake {
+        url: url.to_string(),
+        message,
+    }
+}
