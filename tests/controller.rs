@@ -689,3 +689,148 @@ async fn idle_ready_deployment_makes_no_kubernetes_writes_and_only_observes_fly(
     let _ = ready;
     Ok(())
 }
+
+#[tokio::test]
+async fn key_ring_rotation_in_the_secret_requeues_and_unstalls() -> anyhow::Result<()> {
+    use mcpfly::sealing::{Binding, KeyRing, SecretValue, Target, keyring::generate_key, seal};
+    let (old_key, new_key) = (generate_key(), generate_key());
+    let new_ring = KeyRing::parse(&new_key, "test")?;
+    let sealed = seal(
+        &new_ring,
+        Binding::Strict(Target::new("ctl-rotate", "rotated", "TOKEN")),
+        SecretValue::new("rotation-value".into()),
+    )?;
+    let options = StackOptions {
+        keyring: Some(old_key.to_string()),
+        ..Default::default()
+    };
+    let stack = Stack::start("ctl-rotate", options).await?;
+    stack
+        .apply(&manifest(
+            "rotated",
+            &format!("  credentials: [{{name: TOKEN, sealed: \"{sealed}\"}}]\n"),
+        ))
+        .await?;
+    let stalled = stack
+        .wait_for("rotated", READY, "Stalled", |d| {
+            d.status
+                .as_ref()
+                .and_then(|s| s.condition(ConditionType::Stalled))
+                .is_some_and(|c| c.is_true())
+        })
+        .await?;
+    let reason = stalled
+        .status
+        .unwrap()
+        .condition(ConditionType::Stalled)
+        .unwrap()
+        .reason
+        .clone();
+    assert_eq!(reason, "CredentialUnknownKey");
+
+    // Only the key-ring Secret changes; the resource itself is untouched.
+    let secrets: Api<Secret> = Api::namespaced(stack.cp.client().await?, &stack.namespace);
+    let ring: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "keyring", "namespace": "ctl-rotate"},
+        "stringData": {"keys": format!("{}\n{}\n", new_key.as_str(), old_key.as_str())},
+    }))?;
+    secrets
+        .patch(
+            "keyring",
+            &kube::api::PatchParams::apply("test").force(),
+            &kube::api::Patch::Apply(&ring),
+        )
+        .await?;
+    let ready = stack.wait_ready("rotated", READY).await?;
+    let status = ready.status.unwrap();
+    let token = status
+        .credentials
+        .iter()
+        .find(|c| c.name == "TOKEN")
+        .unwrap();
+    assert_eq!(
+        token.key.as_deref(),
+        Some(new_ring.primary_id().as_str()),
+        "status names the key that unsealed it"
+    );
+    assert!(
+        status.condition(ConditionType::Stalled).is_none(),
+        "Stalled is removed once resolved"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_existing_app_is_adopted_only_when_it_is_provably_ours() -> anyhow::Result<()> {
+    use fly_adapter::client::types::{CreateAppRequest, CreateMachineRequest, MachineConfig};
+    let stack = Stack::start("ctl-adopt", StackOptions::default()).await?;
+    let fly = fly_client(&stack);
+    let create = |name: &str| CreateAppRequest {
+        name: name.to_string(),
+        org_slug: fly_adapter::emulator::DEFAULT_ORG.into(),
+        network: None,
+        enable_subdomains: None,
+    };
+
+    // Left over from a crash between "create app" and anything else: empty, in our org. Adopted.
+    let leftover = mcpfly::reconcile::naming::app_name("mcpfly", "test", "ctl-adopt", "leftover");
+    fly.create_app(&create(&leftover)).await?;
+    stack.emulator.reset_counters();
+    stack.apply(&manifest("leftover", "")).await?;
+    let ready = stack.wait_ready("leftover", READY).await?;
+    assert_eq!(app_of(&ready), leftover);
+    assert_eq!(
+        stack.emulator.count("apps.create"),
+        0,
+        "adopted, not created again"
+    );
+
+    // Same org, but running a machine created for another resource: not ours.
+    let foreign = mcpfly::reconcile::naming::app_name("mcpfly", "test", "ctl-adopt", "foreign");
+    fly.create_app(&create(&foreign)).await?;
+    let mut config = MachineConfig {
+        image: "someone/else:1".into(),
+        ..Default::default()
+    };
+    config
+        .metadata
+        .insert("mcpfly_owner_uid".into(), "another-resource-uid".into());
+    fly.create_machine(
+        &foreign,
+        &CreateMachineRequest {
+            config,
+            ..Default::default()
+        },
+    )
+    .await?;
+    stack.emulator.reset_counters();
+    stack.apply(&manifest("foreign", "")).await?;
+    let stalled = stack
+        .wait_for("foreign", READY, "Stalled", |d| {
+            d.status
+                .as_ref()
+                .and_then(|s| s.condition(ConditionType::Stalled))
+                .is_some_and(|c| c.is_true())
+        })
+        .await?;
+    assert_eq!(
+        stalled
+            .status
+            .unwrap()
+            .condition(ConditionType::Stalled)
+            .unwrap()
+            .reason,
+        "AppNotOwned"
+    );
+    let touched: Vec<_> = mutations(&stack.emulator.event_log())
+        .into_iter()
+        .filter(|e| e.app.as_deref() == Some(foreign.as_str()))
+        .cloned()
+        .collect();
+    assert!(
+        touched.is_empty(),
+        "mutated someone else's app: {touched:?}"
+    );
+    Ok(())
+}
