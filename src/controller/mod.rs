@@ -293,6 +293,9 @@ pub async fn run(config: ControllerConfig) -> anyhow::Result<()> {
     run_with_client(client, config, Arc::new(PinnedOnlyResolver)).await
 }
 
+/// How long start-up waits for a busy or unreachable Fly before giving up.
+const STARTUP_FLY_PATIENCE: Duration = Duration::from_secs(60);
+
 pub async fn run_with_client(
     client: kube::Client,
     config: ControllerConfig,
@@ -315,8 +318,23 @@ pub async fn run_with_client(
     fly_config.org = Some(config.fly_org.clone());
     fly_config.observer = Some(metrics.clone());
     let fly = FlyClient::new(fly_config)?;
-    // Fail at start-up with a clear message rather than on the first resource.
-    if let Err(e) = fly.list_apps(&config.fly_org).await {
+    // Fail at start-up with a clear message rather than on the first resource; a Fly that is only busy (429,
+    // 5xx, unreachable for a moment) is waited for, so a restart during a rate-limit storm does not crash-loop.
+    let deadline = std::time::Instant::now() + STARTUP_FLY_PATIENCE;
+    let checked = loop {
+        match fly.list_apps(&config.fly_org).await {
+            Err(e) if e.is_retryable() && std::time::Instant::now() < deadline => {
+                health.fail(
+                    Check::Fly,
+                    format!("Fly API busy or unreachable ({e}); retrying"),
+                );
+                warn!(error = %e, "checking the Fly token and org; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            other => break other,
+        }
+    };
+    if let Err(e) = checked {
         let message = match e {
             FlyError::Unauthorized { .. } => format!(
                 "the Fly token was refused: set FLY_API_TOKEN to an org token for {}",
