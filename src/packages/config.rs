@@ -170,3 +170,50 @@ impl std::fmt::Debug for RegistrySecret {
         f.write_str("RegistrySecret(<redacted>)")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        resolver: ResolverConfig,
+    }
+
+    #[test]
+    fn flags_parse_and_defaults_match() {
+        let cli = Cli::try_parse_from([
+            "mcpfly",
+            "--npm-registry",
+            "https://npm.internal/",
+            "--npm-token",
+            "tok",
+            "--package-allow",
+            "@acme/*,mcp-server-*",
+            "--require-version",
+            "--registry-timeout-seconds",
+            "2.5",
+        ])
+        .unwrap();
+        let c = cli.resolver;
+        assert_eq!(c.npm_registry, "https://npm.internal/");
+        assert_eq!(c.npm_token.as_ref().unwrap().expose(), "tok");
+        assert_eq!(c.package_allow, ["@acme/*", "mcp-server-*"]);
+        assert!(c.require_version && !c.block_deprecated);
+        assert_eq!(c.timeout(), Duration::from_millis(2500));
+        assert!(!format!("{c:?}").contains("tok\""));
+
+        let d = Cli::try_parse_from(["mcpfly"]).unwrap().resolver;
+        let default = ResolverConfig::default();
+        assert_eq!(d.npm_registry, default.npm_registry);
+        assert_eq!(d.pypi_index, default.pypi_index);
+        assert_eq!(d.registry_retries, default.registry_retries);
+        assert_eq!(
+            d.package_cache_ttl_seconds,
+            default.package_cache_ttl_seconds
+        );
+    }
+}
