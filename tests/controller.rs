@@ -834,3 +834,70 @@ async fn an_existing_app_is_adopted_only_when_it_is_provably_ours() -> anyhow::R
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn fleet_wide_listing_finds_drift_and_idles_on_one_call_per_poll() -> anyhow::Result<()> {
+    // Per-resource resync far away: only the org-wide listing can notice what happens on Fly.
+    let options = StackOptions {
+        resync: Duration::from_secs(3600),
+        fleet_poll: Some(Duration::from_secs(1)),
+        ..Default::default()
+    };
+    let stack = Stack::start("ctl-fleet", options).await?;
+    stack.apply(&manifest("fleet-a", "")).await?;
+    stack.apply(&manifest("fleet-b", "")).await?;
+    let app = app_of(&stack.wait_ready("fleet-a", READY).await?);
+    stack.wait_ready("fleet-b", READY).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    stack.emulator.reset_counters();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let labels: BTreeSet<String> = stack
+        .emulator
+        .event_log()
+        .iter()
+        .map(|e| e.label.clone())
+        .collect();
+    assert_eq!(
+        labels,
+        BTreeSet::from(["orgs.machines".to_string()]),
+        "idle fleet: only the org-wide listing"
+    );
+    let polls = stack.emulator.count("orgs.machines");
+    assert!(
+        (3..=6).contains(&polls),
+        "about one listing per second for the whole fleet, saw {polls}"
+    );
+
+    // A machine destroyed behind our back is noticed through the listing and recreated.
+    let victim = stack
+        .emulator
+        .inventory()
+        .app(&app)
+        .unwrap()
+        .machines
+        .iter()
+        .find(|m| !m.gone)
+        .unwrap()
+        .clone();
+    fly_client(&stack)
+        .delete_machine(&app, &victim.id, true, None)
+        .await?;
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        let inventory = stack.emulator.inventory();
+        let machines = &inventory.app(&app).unwrap().machines;
+        if machines
+            .iter()
+            .any(|m| !m.gone && m.name == victim.name && m.id != victim.id && m.state == "started")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "destroyed machine not noticed through the fleet listing"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

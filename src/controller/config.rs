@@ -56,9 +56,17 @@ pub struct ControllerConfig {
     /// A key-ring file (one Fernet key per line, primary first), e.g. a mounted Secret.
     #[arg(long, env = "MCPFLY_KEYRING_FILE")]
     pub keyring_file: Option<PathBuf>,
-    /// Seconds between checks of a Ready deployment.
-    #[arg(long, env = "MCPFLY_RESYNC_SECONDS", default_value_t = 3600)]
+    /// Seconds between full checks of a Ready deployment while fleet-wide change detection works (a safety
+    /// net: changes on Fly are noticed through the org-wide machine listing within --fleet-poll-seconds).
+    #[arg(long, env = "MCPFLY_RESYNC_SECONDS", default_value_t = 7 * 24 * 3600)]
     pub resync_seconds: u64,
+    /// Seconds between org-wide machine listings (one Fly call for the whole fleet); 0 turns fleet-wide
+    /// change detection off, so every Ready deployment is polled every --fallback-resync-seconds.
+    #[arg(long, env = "MCPFLY_FLEET_POLL_SECONDS", default_value_t = 60)]
+    pub fleet_poll_seconds: u64,
+    /// Seconds between checks of a Ready deployment when the org-wide listing is off or failing.
+    #[arg(long, env = "MCPFLY_FALLBACK_RESYNC_SECONDS", default_value_t = 300)]
+    pub fallback_resync_seconds: u64,
     /// Milliseconds between looks at a deployment that is converging.
     #[arg(long, env = "MCPFLY_CONVERGE_INTERVAL_MS", default_value_t = 1000)]
     pub converge_interval_ms: u64,
@@ -125,6 +133,15 @@ impl ControllerConfig {
 
     pub fn resync(&self) -> Duration {
         Duration::from_secs(self.resync_seconds)
+    }
+
+    pub fn fallback_resync(&self) -> Duration {
+        Duration::from_secs(self.fallback_resync_seconds)
+    }
+
+    /// `None` when fleet-wide change detection is off.
+    pub fn fleet_poll(&self) -> Option<Duration> {
+        (self.fleet_poll_seconds > 0).then(|| Duration::from_secs(self.fleet_poll_seconds))
     }
 
     pub fn converge_interval(&self) -> Duration {

@@ -10,6 +10,7 @@
 //! Stalled).
 
 pub mod config;
+pub mod fleet;
 pub mod leader;
 pub mod reconciler;
 pub mod status;
@@ -85,6 +86,8 @@ pub struct Context {
     /// Who holds leases, in lease descriptions (pod name or host).
     pub identity: String,
     pub resync: Duration,
+    pub fallback_resync: Duration,
+    pub fleet: Arc<fleet::FleetWatch>,
     pub converge_interval: Duration,
     failures: Mutex<HashMap<String, u32>>,
     /// The last status this process wrote per resource (uid → resourceVersion, status). The watch cache can
@@ -121,10 +124,28 @@ impl Context {
             in_flight: InFlight::default(),
             identity,
             resync: config.resync(),
+            fallback_resync: config.fallback_resync(),
+            fleet: Arc::new(fleet::FleetWatch::default()),
             converge_interval: config.converge_interval(),
             failures: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// When to look at a Ready resource again: rarely while the org-wide listing reports changes, otherwise
+    /// per-resource polling. Jittered by up to a tenth so a fleet started together does not resync together.
+    pub fn ready_requeue(&self) -> Duration {
+        let base = if self.fleet.healthy() {
+            self.resync
+        } else {
+            self.fallback_resync
+        };
+        let jitter = base.as_millis() as u64 / 10;
+        base + Duration::from_millis(if jitter == 0 {
+            0
+        } else {
+            rand::random::<u64>() % jitter
+        })
     }
 
     /// `obj` with the status this process last wrote, when the cached copy predates that write.
@@ -432,6 +453,7 @@ pub async fn run_with_client(
     metrics.set_leader(true);
 
     let mut controllers = Vec::new();
+    let mut fleet_routes = Vec::new();
     for (scope, reconcile_all) in scopes.into_iter().zip(reconcile_all_rx) {
         // Secrets are watched by metadata only: the controller never caches Secret values.
         let (deployments, secrets): (Api<MCPDeployment>, Api<PartialObjectMeta<Secret>>) =
@@ -445,6 +467,11 @@ pub async fn run_with_client(
         let controller = Controller::new(deployments, watch_config.clone());
         let store = controller.store();
         metrics.watch_store(store.clone());
+        let (fleet_trigger, fleet_changes) = mpsc::channel(1024);
+        fleet_routes.push(fleet::Route {
+            store: store.clone(),
+            trigger: fleet_trigger,
+        });
         let secret_changes =
             watcher(secrets, watcher::Config::default().any_semantic()).touched_objects();
         let controller = controller
@@ -453,6 +480,7 @@ pub async fn run_with_client(
                 referencing(&store, &namespace, &name)
             })
             .reconcile_all_on(receiver_stream(reconcile_all))
+            .reconcile_on(receiver_stream(fleet_changes))
             .with_config(
                 kube::runtime::controller::Config::default().concurrency(config.concurrency),
             )
@@ -464,6 +492,16 @@ pub async fn run_with_client(
                 }
             });
         controllers.push(controller);
+    }
+    if let Some(interval) = config.fleet_poll() {
+        let watch = fleet::run(
+            ctx.fleet.clone(),
+            ctx.fly.clone(),
+            config.fly_org.clone(),
+            interval,
+            fleet_routes,
+        );
+        tokio::spawn(watch);
     }
     info!(org = %config.fly_org, identity = %ctx.identity, "controller running");
     let lost = async {
@@ -523,6 +561,8 @@ impl Shutdown {
     }
 }
 
-fn receiver_stream(mut rx: mpsc::Receiver<()>) -> impl futures::Stream<Item = ()> + Send + 'static {
+fn receiver_stream<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

@@ -334,7 +334,7 @@ async fn apply(
     }
 
     let requeue = match &outcome.error {
-        None if the_plan.converged() => Requeue::requeue(ctx.resync),
+        None if the_plan.converged() => Requeue::requeue(ctx.ready_requeue()),
         None => Requeue::requeue(ctx.converge_interval),
         Some(ActError::Ambiguous { .. }) => Requeue::requeue(AFTER_AMBIGUOUS),
         Some(ActError::AppNameTaken) => {

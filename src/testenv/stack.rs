@@ -20,6 +20,8 @@ pub struct StackOptions {
     /// Fernet key ring text (primary first) stored in the Secret `keyring` of the namespace.
     pub keyring: Option<String>,
     pub resync: Duration,
+    /// Org-wide machine listing interval; `None` polls each Ready resource every `resync` instead.
+    pub fleet_poll: Option<Duration>,
     pub converge_interval: Duration,
     pub resolver: Arc<dyn SourceResolver>,
 }
@@ -30,6 +32,7 @@ impl Default for StackOptions {
             emulator: EmulatorConfig::default(),
             keyring: None,
             resync: Duration::from_secs(3600),
+            fleet_poll: None,
             converge_interval: Duration::from_millis(200),
             resolver: Arc::new(PinnedOnlyResolver),
         }
@@ -81,6 +84,8 @@ impl Stack {
                 .map(|_| format!("{namespace}/keyring")),
             keyring_file: None,
             resync_seconds: options.resync.as_secs().max(1),
+            fleet_poll_seconds: options.fleet_poll.map_or(0, |d| d.as_secs().max(1)),
+            fallback_resync_seconds: options.resync.as_secs().max(1),
             converge_interval_ms: options.converge_interval.as_millis() as u64,
             concurrency: 8,
             operations: crate::controller::OperationsConfig::in_process(),
