@@ -1,0 +1,87 @@
+//! The real `mcpfly bridge` process: listens on `::`, refuses to start without a token unless `--no-auth`,
+//! serves an MCP client, and shuts down on SIGTERM taking its servers with it.
+
+#[path = "support/bridge_env.rs"]
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mcpfly bridge wiring"]
+async fn mcpfly_bridge_process_serves_and_stops_on_sigterm() {
+    let server = test_server();
+    // Without a token and without --no-auth it must refuse to start.
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_mcpfly"))
+        .args(["bridge", "--port", "0", "--"])
+        .arg(&server)
+        .env_remove("MCP_AUTH_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("MCP_AUTH_TOKEN"));
+
+    let port = free_port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mcpfly"))
+        .args([
+            "bridge",
+            "--port",
+            &port.to_string(),
+            "--path",
+            "/mcp",
+            "--",
+        ])
+        .arg(&server)
+        .env("MCP_AUTH_TOKEN", TOKEN)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = {
+        logs();
+        reqwest::Client::new()
+    };
+    let ready_url = format!("http://[::1]:{port}/readyz");
+    let mut ready = false;
+    for _ in 0..100 {
+        if http
+            .get(&ready_url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "mcpfly bridge never became ready on [::1]:{port}");
+    let info = mcpfly::bridge::verify(&format!("http://[::1]:{port}/mcp"), Some(TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(info.protocol_version, "2026-07-28");
+    assert!(info.tools.contains(&"echo".to_string()));
+
+    // SIGTERM: graceful exit, status 0, no server process left behind.
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: signals the process this test spawned.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("bridge exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let leftover = std::process::Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .unwrap();
+    assert!(leftover.stdout.is_empty(), "children left behind");
+}
