@@ -75,6 +75,9 @@ pub struct ControllerConfig {
     pub concurrency: u16,
     #[command(flatten)]
     pub operations: OperationsConfig,
+    /// npm and PyPI registries, supply-chain policy and the resolution cache.
+    #[command(flatten)]
+    pub resolver: crate::packages::ResolverConfig,
 }
 
 /// How the controller runs as a service: its HTTP listener and leader election.

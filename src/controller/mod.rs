@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::api::MCPDeployment;
-use crate::packages::{PinnedOnlyResolver, SourceResolver};
+use crate::packages::SourceResolver;
 use crate::reconcile::act::InFlight;
 use crate::reconcile::desired::Settings;
 use crate::sealing::KeyRing;
@@ -311,7 +311,9 @@ fn referencing(
 
 pub async fn run(config: ControllerConfig) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
-    run_with_client(client, config, Arc::new(PinnedOnlyResolver)).await
+    let resolver = crate::packages::RegistryResolver::new(&config.resolver)
+        .map_err(|e| anyhow::anyhow!("registry configuration: {e}"))?;
+    run_with_client(client, config, Arc::new(resolver)).await
 }
 
 /// How long start-up waits for a busy or unreachable Fly before giving up.

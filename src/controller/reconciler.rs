@@ -19,7 +19,7 @@ use super::status::{Stall, clear, condition, mark_progress, mark_stalled};
 use super::{Context, Error};
 use crate::api::{
     Auth, ConditionType, CredentialStatus, DeletionPolicy, FINALIZER, MCPDeployment,
-    MCPDeploymentStatus, Phase, RECONCILE_ANNOTATION, ResolvedSource,
+    MCPDeploymentStatus, Phase, RECONCILE_ANNOTATION,
 };
 use crate::packages::Resolved;
 use crate::reconcile::act::{ActError, Actor};
@@ -183,30 +183,61 @@ async fn apply(
         return Ok(Requeue::requeue(Duration::ZERO));
     }
 
-    // Source: a registry answer that will not change without the user changing the spec stalls.
-    let resolved: Resolved = match ctx.resolver.resolve(&obj.spec.source).await {
-        Ok(resolved) => resolved,
-        Err(e) if e.transient => return Err(Error::Resolve(e)),
-        Err(e) => {
-            let stall = Stall {
-                reason: e.reason.into(),
-                message: e.message.clone(),
-                condition: Some(ConditionType::SourceResolved),
-            };
-            return stalled(api, obj, &stored, status, stall, ctx).await;
+    // Source: pinned once and recorded in status; a registry is asked again only when the spec's source
+    // changes or the force-reconcile annotation asks, so a reboot never changes what runs.
+    let force = crate::packages::force_requested(
+        obj.annotations()
+            .get(RECONCILE_ANNOTATION)
+            .map(String::as_str),
+        stored.last_handled_reconcile_at.as_deref(),
+    );
+    let pinned =
+        match crate::packages::resolve_pinned(&*ctx.resolver, &obj.spec.source, &stored, force)
+            .await
+        {
+            Ok(pinned) => pinned,
+            Err(e) if e.transient => return Err(Error::Resolve(e)),
+            Err(e) => {
+                let stall = Stall {
+                    reason: e.reason.into(),
+                    message: e.message.clone(),
+                    condition: Some(ConditionType::SourceResolved),
+                };
+                return stalled(api, obj, &stored, status, stall, ctx).await;
+            }
+        };
+    pinned.record(&mut status);
+    let resolved: Resolved = pinned.resolved.clone();
+    match pinned.warnings.as_deref() {
+        // Reused from status: nothing was re-checked, so an earlier warning stands.
+        None if status
+            .condition(ConditionType::SourceResolved)
+            .is_some_and(|c| c.is_true()) => {}
+        None | Some([]) => status.set_condition(condition(
+            ConditionType::SourceResolved,
+            true,
+            "Resolved",
+            format!("runs {}", resolved.display()),
+            generation,
+        )),
+        // Allowed by policy but worth a person's attention (e.g. a deprecated npm version).
+        Some(warnings) => {
+            let message = warnings
+                .iter()
+                .map(|w| w.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            status.set_condition(condition(
+                ConditionType::SourceResolved,
+                true,
+                warnings[0].reason,
+                format!("runs {}; {message}", resolved.display()),
+                generation,
+            ));
+            ctx.publish(obj, EventType::Warning, warnings[0].reason, &message)
+                .await;
         }
-    };
-    status.source = Some(ResolvedSource {
-        resolved: resolved.display(),
-        integrity: resolved.integrity.clone(),
-    });
-    status.set_condition(condition(
-        ConditionType::SourceResolved,
-        true,
-        "Resolved",
-        format!("runs {}", resolved.display()),
-        generation,
-    ));
+    }
 
     // Credentials: unsealed only into memory; digests go to status, values only into the Fly secrets call.
     let unsealed = match ctx.unseal(namespace, &name, &obj.spec.credentials).await {

@@ -89,6 +89,7 @@ impl Stack {
             converge_interval_ms: options.converge_interval.as_millis() as u64,
             concurrency: 8,
             operations: crate::controller::OperationsConfig::in_process(),
+            resolver: Default::default(),
         };
         let run_config = config.clone();
         let resolver = options.resolver.clone();
