@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need() { command -v "$1" >/dev/null || { echo "missing prerequisite: $1 ($2)" >&2; exit 1; }; }
 need cargo "Rust 1.89 or newer, https://rustup.rs"
 need go "Go 1.25 or newer, to build kube-apiserver, etcd, kubectl and helm (or set KUBEBUILDER_ASSETS)"
+need python3 "Python 3.10 or newer with venv, for the official MCP Python SDK client tests"
 
 start=$SECONDS
 bins="$(hack/control-plane-bins.sh)"
@@ -16,5 +17,8 @@ echo "control-plane binaries ($((SECONDS - start)) s): $bins"
 "$bins/etcd" --version | head -1
 "$bins/kubectl" version --client | head -1
 "$bins/helm" version --short
+
+# The official Python MCP SDK, for the bridge's client-compatibility tests (a venv under target/).
+echo "python MCP SDK: $(hack/python-mcp-env.sh)"
 
 cargo test --workspace --locked "$@"

@@ -45,6 +45,8 @@ pub enum Command {
     Reseal(crate::cli_sealing::ResealArgs),
     /// Check that every sealed value in manifests unseals for its resource; prints nothing secret.
     Unseal(crate::cli_sealing::UnsealArgs),
+    /// Serve a stdio MCP server over MCP Streamable HTTP (runs inside each Fly machine): `mcpfly bridge -- CMD ARGS...`.
+    Bridge(mcpfly::bridge::BridgeArgs),
     /// Serve the Fly Machines API emulator (for local runs and benchmarks; API under /v1, admin under /__emulator/).
     Emulator(EmulatorArgs),
     /// Start a local control plane (etcd + kube-apiserver), install the CRD, apply examples/ and show them.
@@ -106,6 +108,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Seal(args) => crate::cli_sealing::run_seal(args).await,
         Command::Reseal(args) => crate::cli_sealing::run_reseal(args).await,
         Command::Unseal(args) => crate::cli_sealing::run_unseal(args).await,
+        Command::Bridge(args) => mcpfly::bridge::run(args).await,
         Command::Emulator(args) => {
             let config = fly_adapter::emulator::EmulatorConfig::from_knobs(
                 std::time::Duration::from_millis(args.start_latency_ms),

@@ -17,7 +17,6 @@ fn free_port() -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs mcpfly bridge wiring"]
 async fn mcpfly_bridge_process_serves_and_stops_on_sigterm() {
     let server = test_server();
     // Without a token and without --no-auth it must refuse to start.
