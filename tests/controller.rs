@@ -901,3 +901,61 @@ async fn fleet_wide_listing_finds_drift_and_idles_on_one_call_per_poll() -> anyh
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn rotate_token_annotation_replaces_the_endpoint_token_everywhere() -> anyhow::Result<()> {
+    let stack = Stack::start("ctl-rotate-token", StackOptions::default()).await?;
+    stack.apply(&manifest("tokened", "")).await?;
+    let ready = stack.wait_ready("tokened", READY).await?;
+    let app = app_of(&ready);
+    let secrets: Api<Secret> = Api::namespaced(stack.cp.client().await?, &stack.namespace);
+    let token_of =
+        |s: &Secret| String::from_utf8(s.data.as_ref().unwrap()["token"].0.clone()).unwrap();
+    let before = token_of(&secrets.get("tokened-mcp-connection").await?);
+
+    let rotated = manifest("tokened", "").replace(
+        "metadata: {name: tokened}",
+        "metadata: {name: tokened, annotations: {mcpfly.dev/rotate-token: \"2026-11-24\"}}",
+    );
+    stack.apply(&rotated).await?;
+    let done = stack
+        .wait_for("tokened", READY, "Ready with the rotated token", |d| {
+            let s = d.status.as_ref().unwrap();
+            s.token_rotation.as_deref() == Some("2026-11-24")
+                && s.phase == Some(Phase::Ready)
+                && s.secrets_version == Some(2)
+        })
+        .await?;
+    let after = token_of(&secrets.get("tokened-mcp-connection").await?);
+    assert_ne!(before, after, "a new token in the connection Secret");
+    let inventory = stack.emulator.inventory();
+    for machine in inventory
+        .app(&app)
+        .unwrap()
+        .machines
+        .iter()
+        .filter(|m| !m.gone)
+    {
+        assert_eq!(
+            machine.booted_secrets_version,
+            Some(2),
+            "machines rebooted with the new token"
+        );
+    }
+    // Handled once: a later reconcile with the same annotation does not rotate again.
+    stack
+        .apply(&rotated.replace("regions: [iad, ams]", "regions: [ams, iad]"))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        token_of(&secrets.get("tokened-mcp-connection").await?),
+        after
+    );
+    let later = stack.deployments().await?.get("tokened").await?;
+    assert_eq!(
+        later.status.unwrap().secrets_version,
+        done.status.unwrap().secrets_version,
+        "no second secrets call"
+    );
+    Ok(())
+}

@@ -57,6 +57,10 @@ pub struct MCPDeploymentStatus {
     /// The last value of the `mcpfly.dev/reconcile-requested-at` annotation the controller acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_reconcile_at: Option<String>,
+    /// The last value of the `mcpfly.dev/rotate-token` annotation the controller acted on: setting the
+    /// annotation to a new value replaces the endpoint token (connection Secret, Fly secret, machines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_rotation: Option<String>,
     /// kstatus conditions: Ready, Reconciling, Stalled, SourceResolved, CredentialsReady, Verified.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]

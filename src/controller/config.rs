@@ -70,6 +70,10 @@ pub struct ControllerConfig {
     /// Milliseconds between looks at a deployment that is converging.
     #[arg(long, env = "MCPFLY_CONVERGE_INTERVAL_MS", default_value_t = 1000)]
     pub converge_interval_ms: u64,
+    /// After a deployment is Ready, perform an MCP handshake (initialize + tools/list) through its public URL
+    /// and record the server's name, version, protocol and tools in status (condition Verified).
+    #[arg(long, env = "MCPFLY_VERIFY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub verify: bool,
     /// Resources reconciled at once.
     #[arg(long, env = "MCPFLY_CONCURRENCY", default_value_t = 32)]
     pub concurrency: u16,

@@ -89,6 +89,8 @@ pub struct Context {
     pub fallback_resync: Duration,
     pub fleet: Arc<fleet::FleetWatch>,
     pub converge_interval: Duration,
+    /// Verify each Ready deployment with an MCP handshake through its public URL.
+    pub verify: bool,
     failures: Mutex<HashMap<String, u32>>,
     /// The last status this process wrote per resource (uid → resourceVersion, status). The watch cache can
     /// lag our own writes; a reconcile queued by our own change must not act on the status before it.
@@ -127,6 +129,7 @@ impl Context {
             fallback_resync: config.fallback_resync(),
             fleet: Arc::new(fleet::FleetWatch::default()),
             converge_interval: config.converge_interval(),
+            verify: config.verify,
             failures: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
         }

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use super::status::{Stall, clear, condition, mark_progress, mark_stalled};
 use super::{Context, Error};
+use crate::api::ROTATE_TOKEN_ANNOTATION;
 use crate::api::{
     Auth, ConditionType, CredentialStatus, DeletionPolicy, FINALIZER, MCPDeployment,
     MCPDeploymentStatus, Phase, RECONCILE_ANNOTATION,
@@ -270,10 +271,17 @@ async fn apply(
 
     // The endpoint token lives in the connection Secret, the one place MCP clients read it from.
     let connection = ConnectionSecret::read(ctx, namespace, &obj.connection_secret_name()).await?;
+    // A new value of the rotate-token annotation replaces the token; otherwise the stored one stands.
+    let rotation = obj.annotations().get(ROTATE_TOKEN_ANNOTATION).cloned();
+    let rotate = rotation.is_some() && rotation != stored.token_rotation;
     let token = match obj.spec.access.auth {
-        Auth::Bearer => Some(connection.token.clone().unwrap_or_else(generate_token)),
+        Auth::Bearer => Some(match (&connection.token, rotate) {
+            (Some(existing), false) => existing.clone(),
+            _ => generate_token(),
+        }),
         Auth::None => None,
     };
+    status.token_rotation = rotation.or(stored.token_rotation.clone());
     if let Some(token) = &token {
         let value = crate::sealing::SecretValue::new(token.clone());
         secret_digests.insert(
@@ -323,6 +331,13 @@ async fn apply(
         }
     };
 
+    // The connection Secret is the token's one home: written before Fly receives it, so a retry after any
+    // failure converges on the same token. (During a rotation clients may see the new token a moment before
+    // the machines accept it.)
+    connection
+        .ensure(ctx, obj, &want.url, token.as_deref())
+        .await?;
+
     let actor = Actor {
         fly: &ctx.fly,
         app: &app,
@@ -356,12 +371,6 @@ async fn apply(
                 entry.key = credential_keys.get(&entry.name).cloned();
             }
         }
-    }
-
-    if !matches!(outcome.error, Some(ActError::AppNameTaken)) {
-        connection
-            .ensure(ctx, obj, &want.url, token.as_deref())
-            .await?;
     }
 
     let requeue = match &outcome.error {
@@ -407,8 +416,100 @@ async fn apply(
         act_error.as_deref(),
         generation,
     );
+    let mut requeue = requeue;
+    if ctx.verify {
+        let converged = the_plan.converged() && act_error.is_none();
+        if let Some(retry) = verify(
+            &mut status,
+            converged,
+            rotate,
+            &want.url,
+            token.as_deref(),
+            generation,
+        )
+        .await
+        {
+            requeue = Requeue::requeue(retry);
+        }
+    }
     write_status(ctx, api, obj, &stored, &status).await?;
     Ok(requeue)
+}
+
+/// After a retry failure, look again after this long.
+const VERIFY_RETRY: Duration = Duration::from_secs(30);
+
+/// The MCP handshake through the public URL, once per rollout: a converged deployment whose `Verified` is not
+/// yet true for this generation is verified; any change in flight resets `Verified` to Unknown. Returns a
+/// requeue delay when verification failed.
+async fn verify(
+    status: &mut MCPDeploymentStatus,
+    converged: bool,
+    token_rotated: bool,
+    url: &str,
+    token: Option<&str>,
+    generation: Option<i64>,
+) -> Option<Duration> {
+    if !converged {
+        status.set_condition(crate::api::Condition::new(
+            ConditionType::Verified,
+            crate::api::ConditionStatus::Unknown,
+            "Pending",
+            "the endpoint is verified once every machine runs the current spec",
+            generation,
+        ));
+        return None;
+    }
+    let current = status.condition(ConditionType::Verified);
+    if !token_rotated && current.is_some_and(|c| c.is_true() && c.observed_generation == generation)
+    {
+        return None;
+    }
+    match crate::bridge::verify(url, token).await {
+        Ok(info) => {
+            let message = format!(
+                "{} {} speaks MCP {} and offers {} tool(s)",
+                info.name,
+                info.version,
+                info.protocol_version,
+                info.tools.len()
+            );
+            status.server = Some(crate::api::ServerInfo {
+                name: Some(info.name),
+                version: Some(info.version),
+                protocol_version: Some(info.protocol_version),
+                tools: info.tools,
+            });
+            status.set_condition(condition(
+                ConditionType::Verified,
+                true,
+                "HandshakeSucceeded",
+                message,
+                generation,
+            ));
+            None
+        }
+        Err(e) => {
+            let message =
+                format!("{e}; the machines run but the endpoint does not answer MCP; retrying");
+            status.set_condition(condition(
+                ConditionType::Verified,
+                false,
+                "HandshakeFailed",
+                &message,
+                generation,
+            ));
+            status.set_condition(condition(
+                ConditionType::Ready,
+                false,
+                "HandshakeFailed",
+                &message,
+                generation,
+            ));
+            status.phase = Some(Phase::Degraded);
+            Some(VERIFY_RETRY)
+        }
+    }
 }
 
 async fn stalled(

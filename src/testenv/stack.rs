@@ -23,6 +23,8 @@ pub struct StackOptions {
     /// Org-wide machine listing interval; `None` polls each Ready resource every `resync` instead.
     pub fleet_poll: Option<Duration>,
     pub converge_interval: Duration,
+    /// Handshake through each deployment's URL once Ready (needs machines that really run).
+    pub verify: bool,
     pub resolver: Arc<dyn SourceResolver>,
 }
 
@@ -33,6 +35,7 @@ impl Default for StackOptions {
             keyring: None,
             resync: Duration::from_secs(3600),
             fleet_poll: None,
+            verify: false,
             converge_interval: Duration::from_millis(200),
             resolver: Arc::new(PinnedOnlyResolver),
         }
@@ -90,6 +93,8 @@ impl Stack {
             concurrency: 8,
             operations: crate::controller::OperationsConfig::in_process(),
             resolver: Default::default(),
+            // Emulated machines run nothing unless the stack has a machine driver, so there is no endpoint.
+            verify: options.verify,
         };
         let run_config = config.clone();
         let resolver = options.resolver.clone();
