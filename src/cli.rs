@@ -64,6 +64,13 @@ pub struct EmulatorArgs {
     /// Disable Fly's per-action rate limits.
     #[arg(long)]
     pub no_rate_limits: bool,
+    /// Also cap all mutating calls of the org at this many per second (Fly documents no such limit; benchmarks
+    /// set one). The controller must be told the same with --fly-org-mutations-per-second.
+    #[arg(long)]
+    pub org_mutations_per_second: Option<f64>,
+    /// Burst of the org-wide mutation limit.
+    #[arg(long, default_value_t = 20.0)]
+    pub org_mutations_burst: f64,
     /// The API token the emulator accepts, and the org it belongs to.
     #[arg(long, env = "MCPFLY_EMULATOR_TOKEN", default_value = fly_adapter::emulator::DEFAULT_TOKEN, hide_env_values = true)]
     pub token: String,
@@ -110,12 +117,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unseal(args) => crate::cli_sealing::run_unseal(args).await,
         Command::Bridge(args) => mcpfly::bridge::run(args).await,
         Command::Emulator(args) => {
-            let config = fly_adapter::emulator::EmulatorConfig::from_knobs(
+            let mut config = fly_adapter::emulator::EmulatorConfig::from_knobs(
                 std::time::Duration::from_millis(args.start_latency_ms),
                 !args.no_rate_limits,
                 Some(&args.token),
                 Some(&args.org),
             );
+            if let Some(rate) = args.org_mutations_per_second {
+                config = config.with_org_mutation_limit(rate, args.org_mutations_burst);
+            }
             fly_adapter::emulator::serve(
                 config,
                 std::net::SocketAddr::from(([127, 0, 0, 1], args.port)),

@@ -7,6 +7,7 @@
 
 pub mod clock;
 pub mod faults;
+pub mod local;
 mod routes;
 pub mod state;
 
@@ -106,10 +107,69 @@ impl fmt::Debug for MachineChange {
     }
 }
 
-/// A hook for running something real per machine (a later issue runs a local process). Called
+/// A hook for running something real per machine ([`local::LocalDriver`] runs a local process). Called
 /// outside the emulator's lock, in request order.
 pub trait MachineDriver: Send + Sync + 'static {
     fn on_change(&self, _change: &MachineChange) {}
+    /// Called once when the emulator starts, with a handle the driver may keep (it holds the emulator weakly).
+    fn attach(&self, _emulator: EmulatorControl) {}
+    /// Extra routes served on the emulator's port next to `/v1` and `/__emulator/` (e.g. apps' public URLs).
+    fn public_router(&self) -> Option<axum::Router> {
+        None
+    }
+}
+
+/// What a driver may do to the emulator: what Fly's own platform does (its proxy and health checker), never
+/// an API call, so nothing is counted or rate limited.
+#[derive(Clone)]
+pub struct EmulatorControl {
+    shared: std::sync::Weak<Shared>,
+}
+
+/// A machine as a driver sees it.
+#[derive(Debug, Clone)]
+pub struct MachineView {
+    pub id: String,
+    pub name: String,
+    pub state: String,
+    pub config: Value,
+}
+
+impl EmulatorControl {
+    /// Set a check's result, as Fly's health checker would (see [`EmulatorHandle::set_check_status`]).
+    pub fn set_check_status(&self, app: &str, machine: &str, check: &str, status: &str) -> bool {
+        self.shared.upgrade().is_some_and(|sh| {
+            sh.state
+                .lock()
+                .expect("poisoned")
+                .set_check_status(app, machine, check, status)
+        })
+    }
+
+    /// The app's machines that are not destroyed, oldest first.
+    pub fn machines(&self, app: &str) -> Vec<MachineView> {
+        let Some(sh) = self.shared.upgrade() else {
+            return Vec::new();
+        };
+        let now = sh.clock.now();
+        let mut st = sh.state.lock().expect("poisoned");
+        st.advance(now);
+        st.machine_views(app)
+    }
+
+    /// `start`, `stop` or `suspend` a machine the way Fly's proxy does for autostart and autostop: through the
+    /// same state machine as the API (leases do not hold the platform back). The driver is told as usual.
+    pub fn platform_action(&self, app: &str, machine: &str, action: &str) -> Result<(), String> {
+        let sh = self.shared.upgrade().ok_or("emulator stopped")?;
+        let now = sh.clock.now();
+        let result = {
+            let mut st = sh.state.lock().expect("poisoned");
+            st.advance(now);
+            st.platform_action(now, app, machine, action)
+        };
+        routes::deliver_driver_changes(&sh);
+        result.map(|_| ()).map_err(|e| e.error)
+    }
 }
 
 /// The default: machines are pure state.
@@ -180,6 +240,12 @@ impl EmulatorConfig {
         c
     }
 
+    /// A cap on all mutations of one org (Fly documents none; benchmarks use one to bound a fleet's creation).
+    pub fn with_org_mutation_limit(mut self, per_second: f64, burst: f64) -> Self {
+        self.rate_limits.org_mutations = Some(crate::token_bucket::Limit::new(per_second, burst));
+        self
+    }
+
     pub fn with_token(mut self, token: &str, org: &str) -> Self {
         self.tokens.insert(token.into(), org.into());
         self
@@ -224,7 +290,7 @@ impl Shared {
             script: VecDeque::new(),
         };
         let cfg = Arc::new(cfg);
-        Arc::new(Shared {
+        let shared = Arc::new(Shared {
             state: Mutex::new(state::State::new(
                 cfg.clone(),
                 clock.wall_ms(Duration::ZERO),
@@ -238,7 +304,11 @@ impl Shared {
                 buckets: HashMap::new(),
                 org: HashMap::new(),
             }),
-        })
+        });
+        shared.cfg.driver.attach(EmulatorControl {
+            shared: Arc::downgrade(&shared),
+        });
+        shared
     }
 }
 

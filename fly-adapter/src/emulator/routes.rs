@@ -15,7 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    Router::new().fallback(handle).with_state(shared)
+    let public = shared.cfg.driver.public_router();
+    let api = Router::new().fallback(handle).with_state(shared);
+    match public {
+        Some(public) => public.merge(api),
+        None => api,
+    }
 }
 
 /// (endpoint label, app, machine, extra path segment) of an API path below `/v1`.
@@ -195,7 +200,19 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
     if sh.cfg.rate_limits.enabled {
         let t = now.as_secs_f64();
         let limits = &sh.cfg.rate_limits;
-        let id = bucket_identity(label, &org, app.as_deref(), machine.as_deref());
+        // `POST /apps` names its app in the body: keyed by that name, as the client keys it (Fly: "app ID for
+        // app-level calls such as list and create"); a cap across apps is the optional org-wide mutation limit.
+        let created = (label == "apps.create")
+            .then(|| serde_json::from_slice::<Value>(&body).ok())
+            .flatten()
+            .and_then(|b| {
+                b.get("name")
+                    .or_else(|| b.get("app_name"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            });
+        let limit_app = app.as_deref().or(created.as_deref());
+        let id = bucket_identity(label, &org, limit_app, machine.as_deref());
         let mut lim = sh.limiter.lock().expect("poisoned");
         let mut verdict = lim
             .buckets
@@ -291,7 +308,7 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
     }
 }
 
-fn deliver_driver_changes(sh: &Shared) {
+pub(crate) fn deliver_driver_changes(sh: &Shared) {
     let changes = std::mem::take(&mut sh.state.lock().expect("poisoned").driver_queue);
     for c in &changes {
         sh.cfg.driver.on_change(c);
