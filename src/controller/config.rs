@@ -74,6 +74,13 @@ pub struct ControllerConfig {
     /// and record the server's name, version, protocol and tools in status (condition Verified).
     #[arg(long, env = "MCPFLY_VERIFY", default_value_t = true, action = clap::ArgAction::Set)]
     pub verify: bool,
+    /// An org-wide cap on mutating Fly calls per second, if the org has one (Fly documents none; the emulator
+    /// can impose one): the client then paces all mutations under it instead of collecting 429s.
+    #[arg(long, env = "MCPFLY_FLY_ORG_MUTATIONS_PER_SECOND")]
+    pub fly_org_mutations_per_second: Option<f64>,
+    /// Burst of the org-wide mutation cap.
+    #[arg(long, env = "MCPFLY_FLY_ORG_MUTATIONS_BURST", default_value_t = 20.0)]
+    pub fly_org_mutations_burst: f64,
     /// Resources reconciled at once.
     #[arg(long, env = "MCPFLY_CONCURRENCY", default_value_t = 32)]
     pub concurrency: u16,
@@ -136,6 +143,15 @@ impl ControllerConfig {
             runtime_image: self.runtime_image.clone(),
             url_template: self.url_template.clone(),
         }
+    }
+
+    /// Fly's documented limits plus the org-wide mutation cap, with the client's margin.
+    pub fn fly_rate_limits(&self) -> fly_adapter::token_bucket::RateLimits {
+        let mut limits = fly_adapter::token_bucket::RateLimits::fly();
+        limits.org_mutations = self
+            .fly_org_mutations_per_second
+            .map(|rate| fly_adapter::token_bucket::Limit::new(rate, self.fly_org_mutations_burst));
+        limits.with_margin()
     }
 
     pub fn resync(&self) -> Duration {

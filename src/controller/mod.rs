@@ -343,6 +343,7 @@ pub async fn run_with_client(
     let mut fly_config = FlyClientConfig::new(&config.fly_api_base_url, &config.fly_api_token);
     fly_config.org = Some(config.fly_org.clone());
     fly_config.observer = Some(metrics.clone());
+    fly_config.rate_limits = config.fly_rate_limits();
     let fly = FlyClient::new(fly_config)?;
     // Fail at start-up with a clear message rather than on the first resource; a Fly that is only busy (429,
     // 5xx, unreachable for a moment) is waited for, so a restart during a rate-limit storm does not crash-loop.

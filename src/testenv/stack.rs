@@ -91,6 +91,8 @@ impl Stack {
             fallback_resync_seconds: options.resync.as_secs().max(1),
             converge_interval_ms: options.converge_interval.as_millis() as u64,
             concurrency: 8,
+            fly_org_mutations_per_second: None,
+            fly_org_mutations_burst: 20.0,
             operations: crate::controller::OperationsConfig::in_process(),
             resolver: Default::default(),
             // Emulated machines run nothing unless the stack has a machine driver, so there is no endpoint.
