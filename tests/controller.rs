@@ -7,7 +7,7 @@ use fly_adapter::client::{FlyClient, FlyClientConfig};
 use fly_adapter::emulator::{DEFAULT_TOKEN, EventRecord, Fault, ScriptedFault};
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{Api, ListParams};
-use mcpfly::api::{ConditionType, MCPDeployment, Phase};
+use mcpfly::api::{ConditionType, MCPDeployment, Phase, reason};
 use mcpfly::testenv::stack::{Stack, StackOptions};
 
 const READY: Duration = Duration::from_secs(30);
@@ -552,28 +552,21 @@ async fn app_name_owned_by_another_org_stalls_without_mutation() -> anyhow::Resu
     stack.emulator.add_foreign_app(&app, "someone-else");
     stack.emulator.reset_counters();
     stack.apply(&manifest("taken", "")).await?;
-    let stalled = stack
-        .wait_for("taken", READY, "Stalled", |d| {
-            d.status
-                .as_ref()
-                .and_then(|s| s.condition(ConditionType::Stalled))
-                .is_some_and(|c| c.is_true())
-        })
-        .await?;
-    let condition = stalled
-        .status
-        .as_ref()
-        .unwrap()
-        .condition(ConditionType::Stalled)
-        .unwrap()
-        .clone();
-    assert_eq!(condition.reason, "AppNameTaken");
+    let condition = stack.wait_stalled("taken", READY).await?;
+    assert_eq!(condition.reason, reason::APP_NAME_TAKEN);
     assert!(
         condition.message.contains("spec.fly.app"),
         "message tells what to do: {}",
         condition.message
     );
-    assert_eq!(stalled.status.as_ref().unwrap().phase, Some(Phase::Failed));
+    let phase = stack
+        .deployments()
+        .await?
+        .get("taken")
+        .await?
+        .status
+        .and_then(|s| s.phase);
+    assert_eq!(phase, Some(Phase::Failed));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         mutations(&stack.emulator.event_log()).is_empty(),
@@ -605,23 +598,23 @@ async fn credential_sealed_for_another_namespace_stalls_without_mutation() -> an
             &format!("  credentials: [{{name: TOKEN, sealed: \"{sealed}\"}}]\n"),
         ))
         .await?;
-    let stalled = stack
-        .wait_for("scoped", READY, "Stalled", |d| {
-            d.status
-                .as_ref()
-                .and_then(|s| s.condition(ConditionType::Stalled))
-                .is_some_and(|c| c.is_true())
-        })
-        .await?;
-    let status = stalled.status.unwrap();
-    let condition = status.condition(ConditionType::Stalled).unwrap();
-    assert_eq!(condition.reason, "CredentialScopeMismatch");
+    assert_eq!(
+        stack.wait_stalled("scoped", READY).await?.reason,
+        reason::CREDENTIAL_SCOPE_MISMATCH
+    );
+    let status = stack
+        .deployments()
+        .await?
+        .get("scoped")
+        .await?
+        .status
+        .unwrap();
     assert_eq!(
         status
             .condition(ConditionType::CredentialsReady)
             .unwrap()
             .reason,
-        "CredentialScopeMismatch"
+        reason::CREDENTIAL_SCOPE_MISMATCH
     );
     assert!(!serde_json::to_string(&status)?.contains("canary-3f1c"));
     // The controller's start-up token check (apps.list) may land here; nothing may concern this app.
@@ -711,22 +704,10 @@ async fn key_ring_rotation_in_the_secret_requeues_and_unstalls() -> anyhow::Resu
             &format!("  credentials: [{{name: TOKEN, sealed: \"{sealed}\"}}]\n"),
         ))
         .await?;
-    let stalled = stack
-        .wait_for("rotated", READY, "Stalled", |d| {
-            d.status
-                .as_ref()
-                .and_then(|s| s.condition(ConditionType::Stalled))
-                .is_some_and(|c| c.is_true())
-        })
-        .await?;
-    let reason = stalled
-        .status
-        .unwrap()
-        .condition(ConditionType::Stalled)
-        .unwrap()
-        .reason
-        .clone();
-    assert_eq!(reason, "CredentialUnknownKey");
+    assert_eq!(
+        stack.wait_stalled("rotated", READY).await?.reason,
+        reason::CREDENTIAL_UNKNOWN_KEY
+    );
 
     // Only the key-ring Secret changes; the resource itself is untouched.
     let secrets: Api<Secret> = Api::namespaced(stack.cp.client().await?, &stack.namespace);
@@ -806,22 +787,9 @@ async fn an_existing_app_is_adopted_only_when_it_is_provably_ours() -> anyhow::R
     .await?;
     stack.emulator.reset_counters();
     stack.apply(&manifest("foreign", "")).await?;
-    let stalled = stack
-        .wait_for("foreign", READY, "Stalled", |d| {
-            d.status
-                .as_ref()
-                .and_then(|s| s.condition(ConditionType::Stalled))
-                .is_some_and(|c| c.is_true())
-        })
-        .await?;
     assert_eq!(
-        stalled
-            .status
-            .unwrap()
-            .condition(ConditionType::Stalled)
-            .unwrap()
-            .reason,
-        "AppNotOwned"
+        stack.wait_stalled("foreign", READY).await?.reason,
+        reason::APP_NOT_OWNED
     );
     let touched: Vec<_> = mutations(&stack.emulator.event_log())
         .into_iter()

@@ -282,33 +282,58 @@ impl ConditionType {
     }
 }
 
-/// Condition reasons, machine-readable. Stalled reasons name what the user must fix.
+/// Every condition reason the controller sets, in one place (the README's troubleshooting table follows it).
+/// Stalled reasons name what the user must fix; the others describe progress.
 pub mod reason {
-    // Progress.
-    pub const DEPLOYING: &str = "Deploying";
-    pub const ROLLING_OUT: &str = "RollingOut";
-    pub const WAITING_FOR_MACHINES: &str = "WaitingForMachines";
+    // Ready / Reconciling.
     pub const READY: &str = "Ready";
-    pub const DEGRADED: &str = "Degraded";
-    pub const SUSPENDED: &str = "Suspended";
-    pub const DELETING: &str = "Deleting";
+    pub const PROGRESSING: &str = "Progressing";
+    /// A Fly call failed in a way that retrying can fix (5xx, 429, lease held by someone else).
+    pub const FLY_CALL_FAILED: &str = "FlyCallFailed";
+    // SourceResolved / CredentialsReady / Verified, when fine or in progress.
     pub const RESOLVED: &str = "Resolved";
-    pub const DELIVERED: &str = "Delivered";
+    pub const UNSEALED: &str = "Unsealed";
+    pub const VERIFICATION_PENDING: &str = "Pending";
     pub const HANDSHAKE_SUCCEEDED: &str = "HandshakeSucceeded";
+    /// The machines run but the endpoint does not answer MCP (phase Degraded; retried).
     pub const HANDSHAKE_FAILED: &str = "HandshakeFailed";
-    pub const FLY_API_ERROR: &str = "FlyApiError";
-    pub const RATE_LIMITED: &str = "RateLimited";
-    // Stalled: only a change by the user helps.
-    pub const INVALID_SPEC: &str = "InvalidSpec";
+
+    // Stalled on Fly.
+    pub const APP_NAME_TAKEN: &str = "AppNameTaken";
+    pub const APP_NOT_OWNED: &str = "AppNotOwned";
+    /// Fly refused the request as invalid (422/400): the spec asks for something Fly will not do.
+    pub const FLY_REJECTED: &str = "FlyRejected";
+
+    // Stalled on the source (supply-chain checks and policy).
     pub const PACKAGE_NOT_FOUND: &str = "PackageNotFound";
     pub const VERSION_NOT_FOUND: &str = "VersionNotFound";
-    pub const IMAGE_NOT_FOUND: &str = "ImageNotFound";
-    pub const APP_NAME_TAKEN: &str = "AppNameTaken";
-    pub const ORG_NOT_FOUND: &str = "OrgNotFound";
+    pub const VERSION_NOT_PINNED: &str = "VersionNotPinned";
+    pub const SECURITY_PLACEHOLDER: &str = "SecurityPlaceholder";
+    /// A warning on SourceResolved, or Stalled when the policy blocks deprecated versions.
+    pub const PACKAGE_DEPRECATED: &str = "PackageDeprecated";
+    pub const RELEASE_YANKED: &str = "ReleaseYanked";
+    pub const PROJECT_QUARANTINED: &str = "ProjectQuarantined";
+    pub const PROJECT_ARCHIVED: &str = "ProjectArchived";
+    pub const INVALID_PACKAGE_NAME: &str = "InvalidPackageName";
+    pub const INVALID_VERSION: &str = "InvalidVersion";
+    pub const PACKAGE_DENIED: &str = "PackageDenied";
+    pub const PACKAGE_NOT_ALLOWED: &str = "PackageNotAllowed";
+    pub const VERSION_REQUIRED: &str = "VersionRequired";
+    pub const INVALID_SOURCE: &str = "InvalidSource";
+    /// Transient: the registry timed out, answered 5xx/429, refused our credentials or sent something unreadable.
+    pub const REGISTRY_UNAVAILABLE: &str = "RegistryUnavailable";
+
+    // Stalled on credentials.
+    pub const KEY_RING_MISSING: &str = "KeyRingMissing";
     pub const CREDENTIAL_SCOPE_MISMATCH: &str = "CredentialScopeMismatch";
-    pub const CREDENTIAL_UNSEAL_FAILED: &str = "CredentialUnsealFailed";
-    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
-    pub const SECRET_KEY_NOT_FOUND: &str = "SecretKeyNotFound";
+    pub const CREDENTIAL_INVALID_TOKEN: &str = "CredentialInvalidToken";
+    pub const CREDENTIAL_UNKNOWN_KEY: &str = "CredentialUnknownKey";
+    pub const CREDENTIAL_UNSUPPORTED_VERSION: &str = "CredentialUnsupportedVersion";
+    pub const CREDENTIAL_INVALID_NAME: &str = "CredentialInvalidName";
+    pub const CREDENTIAL_SECRET_NOT_FOUND: &str = "CredentialSecretNotFound";
+    pub const CREDENTIAL_SECRET_KEY_NOT_FOUND: &str = "CredentialSecretKeyNotFound";
+    pub const CREDENTIAL_SECRET_NOT_UTF8: &str = "CredentialSecretNotUtf8";
+    pub const CREDENTIAL_SECRET_READ_FAILED: &str = "CredentialSecretReadFailed";
 }
 
 #[cfg(test)]
@@ -321,7 +346,7 @@ mod tests {
         let mut first = Condition::new(
             ConditionType::Ready,
             ConditionStatus::False,
-            reason::DEPLOYING,
+            reason::PROGRESSING,
             "creating machines",
             Some(1),
         );
@@ -332,13 +357,13 @@ mod tests {
         status.set_condition(Condition::new(
             ConditionType::Ready,
             ConditionStatus::False,
-            reason::WAITING_FOR_MACHINES,
+            reason::PROGRESSING,
             "1/2 machines started",
             Some(1),
         ));
         let ready = status.condition(ConditionType::Ready).unwrap();
         assert_eq!(ready.last_transition_time, Some(t0.clone()));
-        assert_eq!(ready.reason, reason::WAITING_FOR_MACHINES);
+        assert_eq!(ready.reason, reason::PROGRESSING);
 
         status.set_condition(Condition::new(
             ConditionType::Ready,

@@ -17,11 +17,11 @@ use tracing::{info, warn};
 
 use super::status::{Stall, clear, condition, mark_progress, mark_stalled};
 use super::{Context, Error};
-use crate::api::ROTATE_TOKEN_ANNOTATION;
 use crate::api::{
     Auth, ConditionType, CredentialStatus, DeletionPolicy, FINALIZER, MCPDeployment,
     MCPDeploymentStatus, Phase, RECONCILE_ANNOTATION,
 };
+use crate::api::{ROTATE_TOKEN_ANNOTATION, reason};
 use crate::packages::Resolved;
 use crate::reconcile::act::{ActError, Actor};
 use crate::reconcile::desired::{AUTH_TOKEN_SECRET, Inputs, app_name_for, desired};
@@ -217,7 +217,7 @@ async fn apply(
         None | Some([]) => status.set_condition(condition(
             ConditionType::SourceResolved,
             true,
-            "Resolved",
+            reason::RESOLVED,
             format!("runs {}", resolved.display()),
             generation,
         )),
@@ -264,7 +264,7 @@ async fn apply(
     status.set_condition(condition(
         ConditionType::CredentialsReady,
         true,
-        "Unsealed",
+        reason::UNSEALED,
         format!("{} credential(s) ready", unsealed.credentials.len()),
         generation,
     ));
@@ -379,7 +379,7 @@ async fn apply(
         Some(ActError::Ambiguous { .. }) => Requeue::requeue(AFTER_AMBIGUOUS),
         Some(ActError::AppNameTaken) => {
             let stall = Stall {
-                reason: "AppNameTaken".into(),
+                reason: reason::APP_NAME_TAKEN.into(),
                 message: format!(
                     "Fly app name {app} belongs to another organization; set spec.fly.app to a name that is free on Fly"
                 ),
@@ -397,7 +397,7 @@ async fn apply(
         {
             // Fly refused what we asked for (e.g. an invalid config): retrying the same request cannot help.
             let stall = Stall {
-                reason: "FlyRejected".into(),
+                reason: reason::FLY_REJECTED.into(),
                 message: format!(
                     "{}; fix the spec and apply again",
                     outcome.error.as_ref().unwrap()
@@ -454,7 +454,7 @@ async fn verify(
         status.set_condition(crate::api::Condition::new(
             ConditionType::Verified,
             crate::api::ConditionStatus::Unknown,
-            "Pending",
+            reason::VERIFICATION_PENDING,
             "the endpoint is verified once every machine runs the current spec",
             generation,
         ));
@@ -483,7 +483,7 @@ async fn verify(
             status.set_condition(condition(
                 ConditionType::Verified,
                 true,
-                "HandshakeSucceeded",
+                reason::HANDSHAKE_SUCCEEDED,
                 message,
                 generation,
             ));
@@ -495,14 +495,14 @@ async fn verify(
             status.set_condition(condition(
                 ConditionType::Verified,
                 false,
-                "HandshakeFailed",
+                reason::HANDSHAKE_FAILED,
                 &message,
                 generation,
             ));
             status.set_condition(condition(
                 ConditionType::Ready,
                 false,
-                "HandshakeFailed",
+                reason::HANDSHAKE_FAILED,
                 &message,
                 generation,
             ));

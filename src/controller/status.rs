@@ -4,7 +4,7 @@
 use fly_adapter::client::types::Machine;
 
 use crate::api::{
-    Condition, ConditionStatus, ConditionType, MCPDeploymentStatus, MachineStatus, Phase,
+    Condition, ConditionStatus, ConditionType, MCPDeploymentStatus, MachineStatus, Phase, reason,
 };
 use crate::reconcile::plan::Plan;
 
@@ -84,7 +84,7 @@ pub fn mark_progress(
         status.set_condition(condition(
             ConditionType::Ready,
             true,
-            "Ready",
+            reason::READY,
             format!(
                 "{} of {} machines serving",
                 plan.ready_machines, plan.desired_machines
@@ -120,7 +120,7 @@ pub fn mark_progress(
 
 fn progress_message(plan: &Plan, act_error: Option<&str>) -> (&'static str, String) {
     if let Some(error) = act_error {
-        return ("FlyCallFailed", format!("{error}; retrying"));
+        return (reason::FLY_CALL_FAILED, format!("{error}; retrying"));
     }
     let mut parts: Vec<String> = Vec::new();
     if !plan.actions.is_empty() {
@@ -136,7 +136,7 @@ fn progress_message(plan: &Plan, act_error: Option<&str>) -> (&'static str, Stri
             plan.ready_machines, plan.desired_machines
         ));
     }
-    ("Progressing", parts.join("; "))
+    (reason::PROGRESSING, parts.join("; "))
 }
 
 fn machine_statuses(machines: &[Machine]) -> Vec<MachineStatus> {

@@ -28,22 +28,14 @@ pub use pypi::normalize as normalize_pypi_name;
 pub use registry::{ConfigError, RegistryResolver};
 
 /// Stable `reason` strings of [`ResolveError`] and [`Warning`]; they become condition reasons.
+/// The reasons this module reports, from the one list in [`crate::api::reason`].
 pub mod reason {
-    pub const PACKAGE_NOT_FOUND: &str = "PackageNotFound";
-    pub const VERSION_NOT_FOUND: &str = "VersionNotFound";
-    pub const SECURITY_PLACEHOLDER: &str = "SecurityPlaceholder";
-    pub const PACKAGE_DEPRECATED: &str = "PackageDeprecated";
-    pub const RELEASE_YANKED: &str = "ReleaseYanked";
-    pub const PROJECT_QUARANTINED: &str = "ProjectQuarantined";
-    pub const PROJECT_ARCHIVED: &str = "ProjectArchived";
-    pub const INVALID_PACKAGE_NAME: &str = "InvalidPackageName";
-    pub const INVALID_VERSION: &str = "InvalidVersion";
-    pub const PACKAGE_DENIED: &str = "PackageDenied";
-    pub const PACKAGE_NOT_ALLOWED: &str = "PackageNotAllowed";
-    pub const VERSION_REQUIRED: &str = "VersionRequired";
-    pub const INVALID_SOURCE: &str = "InvalidSource";
-    /// Transient: the registry timed out, answered 5xx/429, refused our credentials or sent something unreadable.
-    pub const REGISTRY_UNAVAILABLE: &str = "RegistryUnavailable";
+    pub use crate::api::reason::{
+        INVALID_PACKAGE_NAME, INVALID_SOURCE, INVALID_VERSION, PACKAGE_DENIED, PACKAGE_DEPRECATED,
+        PACKAGE_NOT_ALLOWED, PACKAGE_NOT_FOUND, PROJECT_ARCHIVED, PROJECT_QUARANTINED,
+        REGISTRY_UNAVAILABLE, RELEASE_YANKED, SECURITY_PLACEHOLDER, VERSION_NOT_FOUND,
+        VERSION_NOT_PINNED, VERSION_REQUIRED,
+    };
 }
 
 /// A source pinned to one exact thing to run.
@@ -304,7 +296,7 @@ pub struct PinnedOnlyResolver;
 impl SourceResolver for PinnedOnlyResolver {
     async fn resolve(&self, source: &Source) -> Result<Resolved, ResolveError> {
         let unpinned = |package: &str| ResolveError {
-            reason: "VersionNotPinned",
+            reason: reason::VERSION_NOT_PINNED,
             message: format!(
                 "{package}: this controller resolves no registry versions; set an exact version in spec.source"
             ),

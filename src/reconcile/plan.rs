@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use fly_adapter::client::types::{IpAssignment, Machine};
 
 use super::desired::{DesiredDeployment, DesiredMachine, comparable_hash, metadata};
-use crate::api::RolloutStrategy;
+use crate::api::{RolloutStrategy, reason};
 
 /// The Fly app as observed.
 #[derive(Clone, Debug, PartialEq)]
@@ -154,7 +154,7 @@ pub fn plan(
         ObservedApp::OwnedByOtherOrg => return Err(app_taken(&desired.app)),
         ObservedApp::Present { org } if !org.is_empty() && org != &desired.org => {
             return Err(Blocked {
-                reason: "AppNameTaken",
+                reason: reason::APP_NAME_TAKEN,
                 message: format!(
                     "Fly app {} belongs to org {org}, not {}; set spec.fly.app to a free name or spec.fly.org to \
                      the app's org",
@@ -169,7 +169,7 @@ pub fn plan(
                 .find(|m| owner_of(m).is_some_and(|uid| uid != owner_uid))
             {
                 return Err(Blocked {
-                    reason: "AppNotOwned",
+                    reason: reason::APP_NOT_OWNED,
                     message: format!(
                         "Fly app {} already runs machine {} created for another resource ({}); set spec.fly.app to \
                          a free name",
@@ -201,7 +201,7 @@ pub fn plan(
 
 fn app_taken(app: &str) -> Blocked {
     Blocked {
-        reason: "AppNameTaken",
+        reason: reason::APP_NAME_TAKEN,
         message: format!(
             "Fly app name {app} belongs to another organization; set spec.fly.app to a name that is free on Fly"
         ),

@@ -18,6 +18,7 @@ use super::error::SealError;
 use super::keyring::{KeyId, KeyRing};
 use super::secret_value::SecretValue;
 use super::{credential_digest, unseal};
+use crate::api::reason;
 
 /// Where a credential's value comes from (the reconciler maps `spec.credentials[]` onto this).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,16 +110,18 @@ impl CredentialErrorReason {
     /// A CamelCase reason for conditions and events.
     pub fn condition_reason(&self) -> &'static str {
         match self {
-            Self::Seal(SealError::ScopeMismatch { .. }) => "CredentialScopeMismatch",
-            Self::Seal(SealError::InvalidToken { .. }) => "CredentialInvalidToken",
-            Self::Seal(SealError::UnknownKey { .. }) => "CredentialUnknownKey",
-            Self::Seal(SealError::UnsupportedVersion { .. }) => "CredentialUnsupportedVersion",
-            Self::Seal(SealError::InvalidName { .. }) => "CredentialInvalidName",
-            Self::NoKeyRing => "KeyRingMissing",
-            Self::SecretNotFound { .. } => "CredentialSecretNotFound",
-            Self::KeyNotFound { .. } => "CredentialSecretKeyNotFound",
-            Self::NotUtf8 { .. } => "CredentialSecretNotUtf8",
-            Self::ReadFailed { .. } => "CredentialSecretReadFailed",
+            Self::Seal(SealError::ScopeMismatch { .. }) => reason::CREDENTIAL_SCOPE_MISMATCH,
+            Self::Seal(SealError::InvalidToken { .. }) => reason::CREDENTIAL_INVALID_TOKEN,
+            Self::Seal(SealError::UnknownKey { .. }) => reason::CREDENTIAL_UNKNOWN_KEY,
+            Self::Seal(SealError::UnsupportedVersion { .. }) => {
+                reason::CREDENTIAL_UNSUPPORTED_VERSION
+            }
+            Self::Seal(SealError::InvalidName { .. }) => reason::CREDENTIAL_INVALID_NAME,
+            Self::NoKeyRing => reason::KEY_RING_MISSING,
+            Self::SecretNotFound { .. } => reason::CREDENTIAL_SECRET_NOT_FOUND,
+            Self::KeyNotFound { .. } => reason::CREDENTIAL_SECRET_KEY_NOT_FOUND,
+            Self::NotUtf8 { .. } => reason::CREDENTIAL_SECRET_NOT_UTF8,
+            Self::ReadFailed { .. } => reason::CREDENTIAL_SECRET_READ_FAILED,
         }
     }
 

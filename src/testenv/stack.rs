@@ -185,6 +185,25 @@ impl Stack {
         .await
     }
 
+    /// Waits until the resource is `Stalled` and returns that condition.
+    pub async fn wait_stalled(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<crate::api::Condition> {
+        let stalled = |d: &MCPDeployment| {
+            d.status
+                .as_ref()
+                .and_then(|s| s.condition(crate::api::ConditionType::Stalled))
+                .filter(|c| c.is_true())
+                .cloned()
+        };
+        let found = self
+            .wait_for(name, timeout, "Stalled", |d| stalled(d).is_some())
+            .await?;
+        Ok(stalled(&found).expect("checked by wait_for"))
+    }
+
     /// Waits until the resource no longer exists (finalizer released).
     pub async fn wait_gone(&self, name: &str, timeout: Duration) -> anyhow::Result<()> {
         let api = self.deployments().await?;
