@@ -7,7 +7,6 @@
 
 pub mod clock;
 pub mod faults;
-pub mod local;
 mod routes;
 pub mod state;
 

@@ -1477,6 +1477,51 @@ impl State {
         ))
     }
 
+    // ------------------------------------------------------------ platform (for machine drivers)
+
+    pub(crate) fn machine_views(&self, app: &str) -> Vec<super::MachineView> {
+        let Some(a) = self.apps.get(app) else {
+            return Vec::new();
+        };
+        let mut ms: Vec<&MachineRec> = a
+            .machines
+            .values()
+            .filter(|m| m.state != "destroyed" && !m.gone)
+            .collect();
+        ms.sort_by_key(|m| (m.created_ms, m.id.clone()));
+        ms.into_iter()
+            .map(|m| super::MachineView {
+                id: m.id.clone(),
+                name: m.name.clone(),
+                state: m.state.to_string(),
+                config: m.config.clone(),
+            })
+            .collect()
+    }
+
+    /// A start/stop/suspend by the platform itself (Fly's proxy): acts as the app's org, with the lease's nonce.
+    pub(crate) fn platform_action(
+        &mut self,
+        now: Duration,
+        app: &str,
+        id: &str,
+        action: &str,
+    ) -> Res {
+        let a = self.apps.get(app).ok_or_else(|| ApiErr::not_found("app"))?;
+        let nonce = a
+            .machines
+            .get(id)
+            .and_then(|m| m.lease.as_ref())
+            .filter(|l| l.expires > now)
+            .map(|l| l.nonce.clone());
+        let ctx = Ctx {
+            org: a.org.clone(),
+            now,
+            nonce,
+        };
+        self.machine_action(&ctx, app, id, action)
+    }
+
     // ------------------------------------------------------------ test hooks
 
     pub fn set_check_status(&mut self, app: &str, id: &str, check: &str, status: &str) -> bool {
