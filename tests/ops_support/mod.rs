@@ -85,6 +85,11 @@ impl ControllerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The file the process's stdout and stderr go to.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// `Some(code)` once the process has exited.
     pub fn exited(&mut self) -> Option<Option<i32>> {
         self.child
