@@ -7,6 +7,7 @@
 
 pub mod clock;
 pub mod faults;
+pub mod local;
 mod routes;
 pub mod state;
 
