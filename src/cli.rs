@@ -34,7 +34,7 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the controller: reconcile MCPDeployments into Fly apps and machines.
-    Controller(mcpfly::controller::ControllerConfig),
+    Controller(Box<mcpfly::controller::ControllerConfig>),
     /// Print the MCPDeployment CustomResourceDefinition (YAML), e.g. `mcpfly crd | kubectl apply --server-side -f -`.
     Crd,
     /// Print a new Fernet key (or add it as the new primary key of a key-ring file with --append).
@@ -49,8 +49,12 @@ pub enum Command {
     Bridge(mcpfly::bridge::BridgeArgs),
     /// Serve the Fly Machines API emulator (for local runs and benchmarks; API under /v1, admin under /__emulator/).
     Emulator(EmulatorArgs),
-    /// Start a local control plane (etcd + kube-apiserver), install the CRD, apply examples/ and show them.
-    Demo(DemoArgs),
+    /// Run everything on this machine: a local control plane, the Fly emulator running machines as local
+    /// processes, and the controller; apply examples/ and show each deployment's phase, URL and tools.
+    Demo(mcpfly::demo::DemoArgs),
+    /// The built-in example MCP server on stdio (what the runtime image runs without an init command).
+    #[command(hide = true)]
+    ExampleServer,
 }
 
 #[derive(Args, Debug)]
@@ -78,16 +82,6 @@ pub struct EmulatorArgs {
     pub org: String,
 }
 
-#[derive(Args, Debug)]
-pub struct DemoArgs {
-    /// Exit after showing the result instead of keeping the control plane running until Ctrl-C.
-    #[arg(long)]
-    pub once: bool,
-    /// Manifests to apply (files or folders).
-    #[arg(long, default_value = "examples")]
-    pub apply: Vec<std::path::PathBuf>,
-}
-
 pub fn init_logging(args: &LogArgs) {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -106,7 +100,7 @@ pub fn init_logging(args: &LogArgs) {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Controller(config) => mcpfly::controller::run(config).await,
+        Command::Controller(config) => mcpfly::controller::run(*config).await,
         Command::Crd => {
             print!("{}", mcpfly::api::crd_yaml());
             Ok(())
@@ -133,41 +127,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             Ok(())
         }
-        Command::Demo(args) => demo(args).await,
+        Command::Demo(args) => mcpfly::demo::run(args).await,
+        Command::ExampleServer => mcpfly::demo::example_server::run().await,
     }
-}
-
-async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    let cp = mcpfly::testenv::ControlPlane::start(Default::default()).await?;
-    println!(
-        "control plane: kube-apiserver {} at {}",
-        cp.apiserver_version().await?,
-        cp.server_url()
-    );
-    println!("kubeconfig:    {}", cp.kubeconfig_path().display());
-    cp.install_crds().await?;
-    cp.create_namespace("mcpfly-demo").await?;
-    for path in &args.apply {
-        let status = cp
-            .kubectl()
-            .args(["apply", "--server-side", "-R", "-f"])
-            .arg(path)
-            .status()?;
-        anyhow::ensure!(
-            status.success(),
-            "kubectl apply -f {} failed",
-            path.display()
-        );
-    }
-    cp.kubectl()
-        .args(["get", "mcpd", "--all-namespaces"])
-        .status()?;
-    if !args.once {
-        println!(
-            "\nRunning until Ctrl-C. Try: KUBECONFIG={} kubectl get mcpd -A",
-            cp.kubeconfig_path().display()
-        );
-        tokio::signal::ctrl_c().await?;
-    }
-    Ok(())
 }

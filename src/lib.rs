@@ -6,6 +6,7 @@
 pub mod api;
 pub mod bridge;
 pub mod controller;
+pub mod demo;
 pub mod packages;
 pub mod reconcile;
 pub mod sealing;
