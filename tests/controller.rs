@@ -669,12 +669,12 @@ async fn idle_ready_deployment_makes_no_kubernetes_writes_and_only_observes_fly(
     );
     let events = stack.emulator.event_log();
     let labels: BTreeSet<&str> = events.iter().map(|e| e.label.as_str()).collect();
-    assert_eq!(
-        labels,
-        BTreeSet::from(["apps.get", "machines.list"]),
-        "only observation calls while idle"
+    let observation = BTreeSet::from(["apps.get", "machines.list"]);
+    assert!(
+        labels.is_subset(&observation),
+        "only observation calls while idle: {labels:?}"
     );
-    let resyncs = events.iter().filter(|e| e.label == "apps.get").count();
+    let resyncs = events.iter().filter(|e| e.label == "machines.list").count();
     assert!(
         (2..=6).contains(&resyncs),
         "about one look per resync second, saw {resyncs}"

@@ -271,7 +271,11 @@ async fn watch_keyring(
 ) {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut stream = watcher(api, config).applied_objects().boxed();
+    // Backoff: a control plane that went away must not turn this loop hot.
+    let mut stream = watcher(api, config)
+        .default_backoff()
+        .applied_objects()
+        .boxed();
     while let Some(event) = stream.next().await {
         match event {
             Ok(secret) => match keyring_from_secret(&secret, &namespace, &name) {
@@ -332,13 +336,16 @@ pub async fn run_with_client(
     let metrics = Arc::new(Metrics::new());
     let health = Health::new();
     // The HTTP server comes first: /healthz answers and /readyz says what is missing while start-up runs.
-    crate::telemetry::serve(
+    let server = crate::telemetry::serve(
         config.operations.metrics_addr,
         metrics.clone(),
         health.clone(),
         shutdown.wait(),
     )
     .await?;
+    // Background tasks end with this function, also when its future is dropped (an in-process controller in
+    // the demo or a test is stopped by aborting it).
+    let mut background = vec![AbortOnDrop(server.task)];
 
     let mut fly_config = FlyClientConfig::new(&config.fly_api_base_url, &config.fly_api_token);
     fly_config.org = Some(config.fly_org.clone());
@@ -432,12 +439,12 @@ pub async fn run_with_client(
     let (reconcile_all_tx, reconcile_all_rx): (Vec<_>, Vec<_>) =
         scopes.iter().map(|_| mpsc::channel::<()>(1)).unzip();
     if let Some((namespace, name)) = config.keyring_secret_ref()? {
-        tokio::spawn(watch_keyring(
+        background.push(AbortOnDrop(tokio::spawn(watch_keyring(
             ctx.clone(),
             namespace,
             name,
             reconcile_all_tx,
-        ));
+        ))));
     }
 
     // Followers stay ready (they serve /seal and can take over at once) but do not watch or reconcile.
@@ -507,7 +514,7 @@ pub async fn run_with_client(
             interval,
             fleet_routes,
         );
-        tokio::spawn(watch);
+        background.push(AbortOnDrop(tokio::spawn(watch)));
     }
     info!(org = %config.fly_org, identity = %ctx.identity, "controller running");
     let lost = async {
@@ -536,6 +543,15 @@ pub async fn run_with_client(
 /// SIGINT or SIGTERM, observable by any number of waiters (controllers, the HTTP server, the elector).
 #[derive(Clone)]
 struct Shutdown(tokio::sync::watch::Receiver<bool>);
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 impl Shutdown {
     fn on_signals() -> Self {

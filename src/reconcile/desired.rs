@@ -88,6 +88,15 @@ pub fn app_name_for(
     }
 }
 
+/// The public URL: the template with `{app}` filled in; a trailing `/mcp` (the bridge's path) becomes the path an
+/// image source serves on. Only the end is replaced: a host name may contain "mcp" too.
+pub fn endpoint_url(template: &str, app: &str, path: &str) -> String {
+    match template.strip_suffix(MCP_PATH) {
+        Some(base) => format!("{}{path}", base.replace("{app}", app)),
+        None => template.replace("{app}", app),
+    }
+}
+
 /// Hash of a machine config as this controller compares it: Fly's echo and our desired config hash equal when
 /// they mean the same; the per-create launch id does not count.
 pub fn comparable_hash(config: &MachineConfig) -> String {
@@ -125,10 +134,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> DesiredDeployment {
         }
         _ => (MCP_PATH.to_string(), BRIDGE_PORT),
     };
-    let url = settings
-        .url_template
-        .replace("{app}", &app)
-        .replace("/mcp", &mcp_path);
+    let url = endpoint_url(&settings.url_template, &app, &mcp_path);
 
     let base = base_config(inputs, settings, internal_port, &inputs.secrets);
     let mut machines = Vec::new();
@@ -280,4 +286,28 @@ pub fn secrets_digest(secrets: &BTreeMap<String, String>) -> String {
         hasher.update([0]);
     }
     hex::encode(hasher.finalize())[..16].to_string()
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::endpoint_url;
+
+    #[test]
+    fn only_a_trailing_mcp_path_is_replaced() {
+        let fly = "https://{app}.fly.dev/mcp";
+        assert_eq!(endpoint_url(fly, "a", "/mcp"), "https://a.fly.dev/mcp");
+        assert_eq!(
+            endpoint_url(fly, "mcpfly-x", "/rpc"),
+            "https://mcpfly-x.fly.dev/rpc"
+        );
+        let local = "http://127.0.0.1:4280/apps/{app}/mcp";
+        assert_eq!(
+            endpoint_url(local, "mcp-app", "/v1/mcp"),
+            "http://127.0.0.1:4280/apps/mcp-app/v1/mcp"
+        );
+        assert_eq!(
+            endpoint_url("https://{app}.example/", "a", "/rpc"),
+            "https://a.example/"
+        );
+    }
 }

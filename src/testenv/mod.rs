@@ -320,10 +320,20 @@ impl ControlPlane {
         ))
         .arg("--v=0");
         let child = Supervised::spawn("kube-apiserver", cmd, &self.dir.join("kube-apiserver.log"))?;
+        // A plain HTTPS probe: the kube client logs every refused connection during start-up as an error.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let identity = format!("{}{}", self.pki.admin_cert_pem, self.pki.admin_key_pem);
+        let probe = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(
+                self.pki.serving_ca_pem.as_bytes(),
+            )?)
+            .identity(reqwest::Identity::from_pem(identity.as_bytes())?)
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let readyz = format!("{}/readyz", self.server_url());
         wait_until("kube-apiserver", &child, || async {
-            let client = self.client().await.ok()?;
-            let req = http::Request::get("/readyz").body(Vec::new()).ok()?;
-            let body = client.request_text(req).await.ok()?;
+            let response = probe.get(&readyz).send().await.ok()?;
+            let body = response.text().await.ok()?;
             (body.trim() == "ok").then_some(())
         })
         .await?;
