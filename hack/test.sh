@@ -14,8 +14,8 @@ bins="$(hack/control-plane-bins.sh)"
 export MCPFLY_CONTROL_PLANE_BINS="$bins"
 echo "control-plane binaries ($((SECONDS - start)) s): $bins"
 "$bins/kube-apiserver" --version
-"$bins/etcd" --version | head -1
-"$bins/kubectl" version --client | head -1
+"$bins/etcd" --version | sed -n 1p
+"$bins/kubectl" version --client | sed -n 1p
 "$bins/helm" version --short
 
 # The official Python MCP SDK, for the bridge's client-compatibility tests (a venv under target/).
