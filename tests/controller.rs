@@ -927,3 +927,38 @@ async fn rotate_token_annotation_replaces_the_endpoint_token_everywhere() -> any
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_label_selector_shards_which_resources_a_controller_reconciles() -> anyhow::Result<()> {
+    let options = StackOptions {
+        label_selector: Some("shard=a".into()),
+        ..Default::default()
+    };
+    let stack = Stack::start("ctl-shard", options).await?;
+    let labelled = |name: &str, shard: &str| {
+        manifest(name, "").replace(
+            &format!("metadata: {{name: {name}}}"),
+            &format!("metadata: {{name: {name}, labels: {{shard: {shard}}}}}"),
+        )
+    };
+    stack.apply(&labelled("mine", "a")).await?;
+    stack.apply(&labelled("theirs", "b")).await?;
+    let mine = stack.wait_ready("mine", READY).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let theirs = stack.deployments().await?.get("theirs").await?;
+    assert!(
+        theirs.status.is_none(),
+        "another shard's resource was touched: {:?}",
+        theirs.status
+    );
+    assert!(theirs.metadata.finalizers.unwrap_or_default().is_empty());
+    let apps: Vec<String> = stack
+        .emulator
+        .inventory()
+        .apps
+        .iter()
+        .map(|a| a.name.clone())
+        .collect();
+    assert_eq!(apps, [app_of(&mine)], "only this shard's app exists on Fly");
+    Ok(())
+}

@@ -25,6 +25,8 @@ pub struct StackOptions {
     pub converge_interval: Duration,
     /// Handshake through each deployment's URL once Ready (needs machines that really run).
     pub verify: bool,
+    /// Reconcile only MCPDeployments matching this label selector (sharding).
+    pub label_selector: Option<String>,
     pub resolver: Arc<dyn SourceResolver>,
 }
 
@@ -36,6 +38,7 @@ impl Default for StackOptions {
             resync: Duration::from_secs(3600),
             fleet_poll: None,
             verify: false,
+            label_selector: None,
             converge_interval: Duration::from_millis(200),
             resolver: Arc::new(PinnedOnlyResolver),
         }
@@ -80,7 +83,7 @@ impl Stack {
             runtime_image: "registry.example/mcpfly-runtime:test".into(),
             url_template: "https://{app}.fly.dev/mcp".into(),
             namespaces: vec![namespace.to_string()],
-            label_selector: None,
+            label_selector: options.label_selector.clone(),
             keyring_secret: options
                 .keyring
                 .as_ref()
