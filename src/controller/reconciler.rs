@@ -26,7 +26,8 @@ use crate::packages::Resolved;
 use crate::reconcile::act::{ActError, Actor};
 use crate::reconcile::desired::{AUTH_TOKEN_SECRET, Inputs, app_name_for, desired};
 use crate::reconcile::observe::observe;
-use crate::reconcile::plan::{Progress, plan};
+use crate::reconcile::plan::{ObservedApp, Progress, plan};
+use crate::reconcile::timing::next_look;
 use crate::sealing::unsealer::{CredentialRef, CredentialSource, Unsealer};
 
 const FIELD_MANAGER: &str = "mcpfly";
@@ -309,7 +310,11 @@ async fn apply(
 
     let ready_for_generation =
         stored.phase == Some(Phase::Ready) && stored.observed_generation == generation;
-    let observed = observe(&ctx.fly, &app, !ready_for_generation).await?;
+    let with_ips = !ready_for_generation && !ctx.in_flight.ips_known(&app, generation);
+    let observed = observe(&ctx.fly, &app, with_ips, ctx.in_flight.app_known(&app)).await?;
+    if observed.app == ObservedApp::Missing {
+        ctx.in_flight.forget_known_app(&app);
+    }
     let progress = Progress {
         applied_secrets: stored
             .credentials
@@ -348,6 +353,12 @@ async fn apply(
         lease_owner: &ctx.identity,
     };
     let outcome = actor.run(&the_plan).await;
+    if outcome.error.is_none() {
+        // The app exists in our org now, and its IPs are complete if they were looked at (or just assigned).
+        let ips_done = observed.ips.is_some() || observed.app == ObservedApp::Missing;
+        ctx.in_flight
+            .note_app(&app, ips_done.then_some(generation).flatten());
+    }
     for (reason, note) in &outcome.done {
         info!(reason, note, "changed on Fly");
         ctx.publish(obj, EventType::Normal, reason, note).await;
@@ -375,7 +386,11 @@ async fn apply(
 
     let requeue = match &outcome.error {
         None if the_plan.converged() => Requeue::requeue(ctx.ready_requeue()),
-        None => Requeue::requeue(ctx.converge_interval),
+        None => Requeue::requeue(next_look(
+            &observed.machines,
+            chrono::Utc::now().timestamp_millis(),
+            ctx.converge_interval,
+        )),
         Some(ActError::Ambiguous { .. }) => Requeue::requeue(AFTER_AMBIGUOUS),
         Some(ActError::AppNameTaken) => {
             let stall = Stall {

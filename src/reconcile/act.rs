@@ -31,6 +31,10 @@ const CREATE_CONFIRM_WINDOW: Duration = Duration::from_secs(5);
 pub struct InFlight {
     leases: Mutex<HashMap<(String, String), (LeaseGuard, Instant)>>,
     unconfirmed_creates: Mutex<HashMap<(String, String), Instant>>,
+    /// Apps this process has seen in our org (app → the generation whose IPs it confirmed, if any): while an app
+    /// is known, observation skips the app GET (a machine listing answers 404 if it is gone) and, for that
+    /// generation, the IP listing, so a converging deployment is looked at with one call, not three.
+    known_apps: Mutex<HashMap<String, Option<i64>>>,
 }
 
 impl InFlight {
@@ -54,8 +58,33 @@ impl InFlight {
             .collect()
     }
 
+    pub fn app_known(&self, app: &str) -> bool {
+        self.known_apps.lock().unwrap().contains_key(app)
+    }
+
+    /// Whether the IPs of `app` were confirmed for this generation.
+    pub fn ips_known(&self, app: &str, generation: Option<i64>) -> bool {
+        generation.is_some()
+            && self.known_apps.lock().unwrap().get(app).copied().flatten() == generation
+    }
+
+    /// `app` exists in our org; `ips_for`: its IPs are complete for that generation.
+    pub fn note_app(&self, app: &str, ips_for: Option<i64>) {
+        let mut known = self.known_apps.lock().unwrap();
+        let entry = known.entry(app.to_string()).or_default();
+        if ips_for.is_some() {
+            *entry = ips_for;
+        }
+    }
+
+    /// Forgets that `app` exists (it was found missing, or is being deleted).
+    pub fn forget_known_app(&self, app: &str) {
+        self.known_apps.lock().unwrap().remove(app);
+    }
+
     /// Drops every lease held for `app` (deletion, suspension); dropping a guard releases its lease.
     pub fn forget_app(&self, app: &str) {
+        self.forget_known_app(app);
         self.leases.lock().unwrap().retain(|(a, _), _| a != app);
         self.unconfirmed_creates
             .lock()

@@ -3,9 +3,11 @@
 //! - [`naming`] and [`desired`]: what Fly should look like (pure).
 //! - [`plan`]: the ordered actions that get it there from what was observed (pure, unit-tested).
 //! - [`observe`] and [`act`]: the calls to Fly, through fly-adapter.
+//! - [`timing`]: when to look again while converging.
 
 pub mod act;
 pub mod desired;
 pub mod naming;
 pub mod observe;
 pub mod plan;
+pub mod timing;

@@ -6,16 +6,32 @@ use fly_adapter::client::types::ListMachinesQuery;
 
 use super::plan::{Observed, ObservedApp};
 
-/// `with_ips`: IPs are listed only until the deployment has been Ready once for its generation; afterwards
-/// nothing removes them but a person, and listing them on every resync would spend the rate budget on looking.
-pub async fn observe(fly: &FlyClient, app: &str, with_ips: bool) -> Result<Observed, FlyError> {
-    let app_state = match fly.get_app(app).await {
-        Ok(found) => ObservedApp::Present {
-            org: found.organization.map(|o| o.slug).unwrap_or_default(),
-        },
-        Err(FlyError::NotFound { .. }) => ObservedApp::Missing,
-        Err(FlyError::OwnedByOtherOrg { .. }) => ObservedApp::OwnedByOtherOrg,
-        Err(e) => return Err(e),
+/// `with_ips`: IPs are listed only until they are confirmed for the generation; afterwards nothing removes
+/// them but a person, and listing them on every look would spend the rate budget on looking.
+/// `app_known`: this process already saw the app in our org, so its owner needs no second look: the machine
+/// listing alone answers (404 when the app is gone).
+pub async fn observe(
+    fly: &FlyClient,
+    app: &str,
+    with_ips: bool,
+    app_known: bool,
+) -> Result<Observed, FlyError> {
+    let missing = || Observed {
+        app: ObservedApp::Missing,
+        machines: Vec::new(),
+        ips: None,
+    };
+    let app_state = if app_known {
+        ObservedApp::Present { org: String::new() }
+    } else {
+        match fly.get_app(app).await {
+            Ok(found) => ObservedApp::Present {
+                org: found.organization.map(|o| o.slug).unwrap_or_default(),
+            },
+            Err(FlyError::NotFound { .. }) => ObservedApp::Missing,
+            Err(FlyError::OwnedByOtherOrg { .. }) => ObservedApp::OwnedByOtherOrg,
+            Err(e) => return Err(e),
+        }
     };
     if !matches!(app_state, ObservedApp::Present { .. }) {
         return Ok(Observed {
@@ -24,9 +40,11 @@ pub async fn observe(fly: &FlyClient, app: &str, with_ips: bool) -> Result<Obser
             ips: None,
         });
     }
-    let machines = fly
-        .list_machines(app, &ListMachinesQuery::default())
-        .await?;
+    let machines = match fly.list_machines(app, &ListMachinesQuery::default()).await {
+        Ok(machines) => machines,
+        Err(FlyError::NotFound { .. }) if app_known => return Ok(missing()),
+        Err(e) => return Err(e),
+    };
     let ips = if with_ips {
         Some(fly.list_ips(app).await?)
     } else {
