@@ -143,6 +143,33 @@ fn bridge_children(parent: u32) -> Vec<u32> {
     out
 }
 
+/// PATH with the bin/ of the venv from hack/python-mcp-env.sh first: it holds `uvx` (from the `uv` wheel), which
+/// the PyPI example's local machine runs (the local driver passes PATH to machine processes). Unchanged when the
+/// venv cannot be prepared (no Python or no PyPI): the PyPI outcome is then reported as not startable.
+fn path_with_uvx() -> std::ffi::OsString {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let out = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/hack/python-mcp-env.sh"
+        ))
+        .stderr(Stdio::inherit())
+        .output();
+    let python = match out {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        other => {
+            eprintln!("hack/python-mcp-env.sh failed, uvx may be missing: {other:?}");
+            return path;
+        }
+    };
+    let Some(bin) = std::path::Path::new(&python).parent() else {
+        return path;
+    };
+    let mut dirs = vec![bin.to_path_buf()];
+    dirs.extend(std::env::split_paths(&path));
+    std::env::join_paths(dirs).unwrap_or(path)
+}
+
 #[tokio::test]
 async fn demo_deploys_the_examples_and_serves_them_to_an_mcp_client() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -151,6 +178,7 @@ async fn demo_deploys_the_examples_and_serves_them_to_an_mcp_client() {
     let child = Command::new(env!("CARGO_BIN_EXE_mcpfly"))
         .args(["demo", "--idle-timeout-secs", "3", "--timeout-secs", "150"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("PATH", path_with_uvx())
         .env_remove("FLY_API_TOKEN")
         .env_remove("FLY_ORG")
         .stdout(Stdio::piped())
