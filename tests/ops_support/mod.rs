@@ -56,6 +56,8 @@ impl ControllerProcess {
             .env("MCPFLY_LOG", "info")
             .env("MCPFLY_CLUSTER_NAME", "ops-tests")
             .env("MCPFLY_CONVERGE_INTERVAL_MS", "200")
+            // Emulated machines run nothing here, so there is no MCP endpoint to verify.
+            .env("MCPFLY_VERIFY", "false")
             .env("POD_NAME", name)
             .env("POD_NAMESPACE", SYSTEM_NS)
             .env_remove("MCPFLY_KEYRING_SECRET")
