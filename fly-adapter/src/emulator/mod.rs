@@ -13,7 +13,9 @@ pub mod state;
 
 pub use clock::Clock;
 pub use faults::{Fault, FaultConfig, ScriptedFault};
-pub use state::{Inventory, InventoryApp, InventoryMachine};
+pub use state::{
+    CRASH_LOOP_PERIOD, Inventory, InventoryApp, InventoryMachine, LaunchFault, LaunchFaultRule,
+};
 
 use crate::token_bucket::{RateLimits, TokenBucket};
 use serde::Serialize;
@@ -434,6 +436,65 @@ impl EmulatorHandle {
             .lock()
             .expect("poisoned")
             .set_check_status(app, machine, check, status)
+    }
+
+    /// Arms `fault` for the next `count` launches (create without `skip_launch`, start, an update that boots) of
+    /// `machine` (id or name) in `app`, or of any machine of `app` when `None`. The app need not exist yet.
+    pub fn fault_next_launches(
+        &self,
+        app: &str,
+        machine: Option<&str>,
+        count: u32,
+        fault: LaunchFault,
+    ) {
+        self.shared
+            .state
+            .lock()
+            .expect("poisoned")
+            .add_launch_faults(LaunchFaultRule {
+                app: app.into(),
+                machine: machine.map(str::to_string),
+                count,
+                fault,
+            });
+    }
+
+    /// The next launch of `machine` (id or name) goes `starting` → `launch_failed` → `failed`.
+    pub fn fail_next_start(&self, app: &str, machine: &str) {
+        self.fault_next_launches(app, Some(machine), 1, LaunchFault::Fail);
+    }
+
+    /// `Some(code)`: the machine's process exits with `code` every [`CRASH_LOOP_PERIOD`] while it is `started`
+    /// and is restarted per its restart policy (`exit` events with `restarting`, a growing `restart_count`;
+    /// checks critical). `None` ends the loop. An update also ends it. False when there is no such machine.
+    pub fn set_crash_loop(&self, app: &str, machine: &str, exit_code: Option<i32>) -> bool {
+        let now = self.shared.clock.now();
+        let mut st = self.shared.state.lock().expect("poisoned");
+        st.advance(now);
+        st.set_crash_loop(now, app, machine, exit_code)
+    }
+
+    /// `ok`, `unknown` or `unreachable` for `machine` (id or name): when not ok, the machine reads without
+    /// `config` (with `incomplete_config`) and calls other than delete and cordon answer 503. False when there is
+    /// no such machine or status.
+    pub fn set_host_status(&self, app: &str, machine: &str, status: &str) -> bool {
+        let Some(status) = state::host_status_str(status) else {
+            return false;
+        };
+        let now = self.shared.clock.now();
+        let mut st = self.shared.state.lock().expect("poisoned");
+        st.advance(now);
+        st.set_host_status(now, app, machine, status)
+    }
+
+    /// Machine GET, wait and list answer 404 / leave out a machine for `lag` after its create, as Fly's eventual
+    /// consistency may (reference §10.3). Zero (the default) turns it off.
+    pub fn set_create_visibility_lag(&self, lag: Duration) {
+        self.shared
+            .state
+            .lock()
+            .expect("poisoned")
+            .set_create_visibility_lag(lag);
     }
 
     pub fn set_faults(&self, faults: FaultConfig) {

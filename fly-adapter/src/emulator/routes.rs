@@ -570,6 +570,56 @@ fn admin(sh: &Shared, method: &str, rest: &str, body: &[u8]) -> Response {
                 Err(e) => bad(&e.to_string()),
             }
         }
+        ("POST", "launch_faults") => match serde_json::from_value::<super::LaunchFaultRule>(body) {
+            Ok(rule) => {
+                sh.state.lock().expect("poisoned").add_launch_faults(rule);
+                ok(json!({"ok": true}))
+            }
+            Err(e) => bad(&e.to_string()),
+        },
+        // {"app", "machine" (id or name), "exit_code": N | null}
+        ("POST", "crash_loop") => {
+            let now = sh.clock.now();
+            let exit_code = body
+                .get("exit_code")
+                .and_then(Value::as_i64)
+                .map(|c| c as i32);
+            let mut st = sh.state.lock().expect("poisoned");
+            st.advance(now);
+            let found = st.set_crash_loop(
+                now,
+                &g_str(&body, "app"),
+                &g_str(&body, "machine"),
+                exit_code,
+            );
+            if found {
+                ok(json!({"ok": true}))
+            } else {
+                json_response(404, &json!({"error": "machine not found"}), "admin")
+            }
+        }
+        // {"app", "machine" (id or name), "status": "ok|unknown|unreachable"}
+        ("POST", "host_status") => {
+            let Some(status) = super::state::host_status_str(&g_str(&body, "status")) else {
+                return bad("status must be ok, unknown or unreachable");
+            };
+            let now = sh.clock.now();
+            let mut st = sh.state.lock().expect("poisoned");
+            st.advance(now);
+            if st.set_host_status(now, &g_str(&body, "app"), &g_str(&body, "machine"), status) {
+                ok(json!({"ok": true}))
+            } else {
+                json_response(404, &json!({"error": "machine not found"}), "admin")
+            }
+        }
+        ("POST", "create_visibility_lag") => {
+            let ms = body.get("ms").and_then(Value::as_u64).unwrap_or(0);
+            sh.state
+                .lock()
+                .expect("poisoned")
+                .set_create_visibility_lag(Duration::from_millis(ms));
+            ok(json!({"ok": true}))
+        }
         ("POST", "clock/advance") => {
             let ms = body.get("ms").and_then(Value::as_u64).unwrap_or(0);
             sh.clock.advance(Duration::from_millis(ms));
@@ -577,4 +627,11 @@ fn admin(sh: &Shared, method: &str, rest: &str, body: &[u8]) -> Response {
         }
         _ => json_response(404, &json!({"error": "unknown admin endpoint"}), "admin"),
     }
+}
+
+fn g_str(body: &Value, k: &str) -> String {
+    body.get(k)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }

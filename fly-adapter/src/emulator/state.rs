@@ -18,6 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
+mod machine_faults;
+pub use machine_faults::{CRASH_LOOP_PERIOD, LaunchFault, LaunchFaultRule, host_status_str};
+
 /// An error answer: HTTP status, Fly's `error` text and machine-readable `status`.
 #[derive(Debug, Clone)]
 pub struct ApiErr {
@@ -102,6 +105,11 @@ pub(crate) struct MachineRec {
     started_at: Option<Duration>,
     booted_secrets_version: Option<u64>,
     check_overrides: HashMap<String, String>,
+    /// `ok`, `unknown` or `unreachable` (set by a test hook).
+    host_status: &'static str,
+    crash: Option<machine_faults::CrashLoop>,
+    /// Restarts by the restart policy since the last update.
+    restart_count: u64,
     /// Destroyed and past the visibility window: 404 on GET, listed only with include_deleted.
     gone: bool,
     pub(crate) notify: Arc<Notify>,
@@ -143,6 +151,7 @@ struct AppRec {
 enum Timer {
     Machine { app: String, id: String, seq: u64 },
     Gone { app: String, id: String },
+    Crash { app: String, id: String, seq: u64 },
     RemoveApp { app: String },
 }
 
@@ -165,6 +174,9 @@ pub struct State {
     wall_origin_ms: i64,
     /// Driver notifications collected under the lock, delivered after it is released.
     pub(crate) driver_queue: Vec<MachineChange>,
+    launch_faults: Vec<LaunchFaultRule>,
+    /// Reference §10.3's optional 404 window after a machine create (zero: off).
+    create_lag: Duration,
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -355,6 +367,8 @@ impl State {
             last_updated_ms: 0,
             wall_origin_ms,
             driver_queue: Vec::new(),
+            launch_faults: Vec::new(),
+            create_lag: Duration::ZERO,
         }
     }
 
@@ -387,6 +401,7 @@ impl State {
                     }
                 }
                 Timer::RemoveApp { app } => self.remove_app(&app),
+                Timer::Crash { app, id, seq } => self.fire_crash(&app, &id, seq, at),
             }
         }
     }
@@ -407,12 +422,24 @@ impl State {
                 m.started_at = Some(at);
                 "start"
             }
+            "launch_failed" | "failed" => "launch",
             "stopped" | "suspended" => "exit",
             "destroyed" => "destroy",
             _ => "update",
         };
         push_event(m, kind, to, "flyd", at_ms);
         m.notify.notify_waiters();
+        let crash_loops = to == "started" && m.crash.is_some();
+        if crash_loops {
+            self.schedule_crash(app, id, at);
+        }
+        if to == "launch_failed" {
+            // Transient: Fly gives up on the launch shortly after.
+            let delay = self.cfg.latencies.stop;
+            self.touch(app, id, at);
+            self.transition_from(app, id, at, None, "failed", delay);
+            return;
+        }
         if to == "destroyed" {
             let s = self.next_seq();
             self.timers.insert(
@@ -444,6 +471,7 @@ impl State {
     }
 
     /// Put a machine into a transient state that ends in `to` after `delay`.
+    /// A launch (`to` = `started`) may meet an armed launch fault.
     fn transition(
         &mut self,
         app: &str,
@@ -453,16 +481,41 @@ impl State {
         to: &'static str,
         delay: Duration,
     ) {
+        let mut to = to;
+        if to == "started" {
+            match self.take_launch_fault(app, id) {
+                Some(LaunchFault::Fail) => to = "launch_failed",
+                Some(LaunchFault::CrashLoop { exit_code }) => {
+                    self.set_crash_loop(now, app, id, Some(exit_code));
+                }
+                None => {}
+            }
+        }
+        self.transition_from(app, id, now, Some(transient), to, delay);
+    }
+
+    /// `transient`: the state until `to` (`None`: keep the current state, e.g. `launch_failed`).
+    fn transition_from(
+        &mut self,
+        app: &str,
+        id: &str,
+        now: Duration,
+        transient: Option<&'static str>,
+        to: &'static str,
+        delay: Duration,
+    ) {
         let seq = self.next_seq();
         let at_ms = self.wall(now);
         if let Some(m) = self.apps.get_mut(app).and_then(|a| a.machines.get_mut(id)) {
-            m.state = transient;
+            if let Some(transient) = transient {
+                m.state = transient;
+                push_event(m, transient, transient, "user", at_ms);
+            }
             m.pending = Some(Pending {
                 at: now + delay,
                 to,
                 seq,
             });
-            push_event(m, transient, transient, "user", at_ms);
             m.notify.notify_waiters();
         }
         self.timers.insert(
@@ -493,6 +546,15 @@ impl State {
     fn queue_driver(&mut self, app: &str, id: &str, action: DriverAction) {
         let Some(a) = self.apps.get(app) else { return };
         let Some(m) = a.machines.get(id) else { return };
+        // A launch that is going to fail runs nothing.
+        let action = match action {
+            DriverAction::Start | DriverAction::Update
+                if m.pending.as_ref().is_some_and(|p| p.to == "launch_failed") =>
+            {
+                DriverAction::Stop
+            }
+            other => other,
+        };
         let mut env: BTreeMap<String, String> = m
             .config
             .get("env")
@@ -540,7 +602,7 @@ impl State {
     fn machine_ref(&self, ctx: &Ctx, app: &str, id: &str) -> Result<&MachineRec, ApiErr> {
         let a = self.app_ref(ctx, app)?;
         match a.machines.get(id) {
-            Some(m) if !m.gone => Ok(m),
+            Some(m) if !m.gone && !self.not_yet_visible(m, ctx.now) => Ok(m),
             _ => Err(ApiErr::not_found("machine")),
         }
     }
@@ -613,6 +675,7 @@ impl State {
         if with_app_name {
             v["app_name"] = json!(app.name);
         }
+        machine_faults::hide_config(&mut v, m);
         v
     }
 
@@ -622,6 +685,7 @@ impl State {
             .map(|(name, grace)| {
                 let (status, output) = match m.started_at.filter(|_| m.state == "started") {
                     None => ("critical", "machine is not started".to_string()),
+                    Some(_) if m.crash.is_some() => ("critical", "emulated check critical: the process keeps exiting".to_string()),
                     Some(t) if now < t + grace => ("warning", "waiting for grace period".to_string()),
                     Some(_) => {
                         let s = m.check_overrides.get(&name).cloned().unwrap_or_else(|| self.cfg.default_check_status.clone());
@@ -807,6 +871,7 @@ impl State {
             .machines
             .values()
             .filter(|m| include_deleted || m.state != "destroyed")
+            .filter(|m| !self.not_yet_visible(m, ctx.now))
             .filter(|m| region.is_none_or(|r| r == m.region))
             .filter(|m| states.is_empty() || states.iter().any(|s| s == m.state))
             .collect();
@@ -901,6 +966,9 @@ impl State {
             started_at: None,
             booted_secrets_version: if skip_launch { None } else { booted },
             check_overrides: HashMap::new(),
+            host_status: "ok",
+            crash: None,
+            restart_count: 0,
             gone: false,
             notify: Arc::new(Notify::new()),
         };
@@ -926,6 +994,7 @@ impl State {
 
     pub fn machine_update(&mut self, ctx: &Ctx, app: &str, id: &str, body: &Value) -> Res {
         self.check_lease(ctx, app, id)?;
+        self.check_host(app, id)?;
         let config = echo_config(body.get("config"))?;
         let booted = self.check_min_secrets(app, body)?;
         let skip_launch = body
@@ -968,6 +1037,9 @@ impl State {
             )));
         }
         let was_running = matches!(m.state, "started" | "starting" | "restarting" | "updating");
+        // A new version: whatever made the old one crash is gone (an armed launch fault may bring it back).
+        m.crash = None;
+        m.restart_count = 0;
         let old = std::mem::replace(&mut m.instance_id, ulid(ms));
         m.old_versions.push(old);
         m.config = config;
@@ -1009,6 +1081,9 @@ impl State {
 
     pub fn machine_action(&mut self, ctx: &Ctx, app: &str, id: &str, action: &str) -> Res {
         self.check_lease(ctx, app, id)?;
+        if !matches!(action, "cordon" | "uncordon") {
+            self.check_host(app, id)?;
+        }
         let lat = self.cfg.latencies;
         let m = self.machine_mut(ctx, app, id)?;
         let state = m.state;
@@ -1094,6 +1169,9 @@ impl State {
     ) -> Result<WaitCheck, ApiErr> {
         let a = self.app_ref(ctx, app)?;
         let m = match a.machines.get(id) {
+            Some(m) if self.not_yet_visible(m, ctx.now) => {
+                return Err(ApiErr::not_found("machine"));
+            }
             Some(m) if !m.gone => m,
             Some(m) if states.iter().any(|s| s == "destroyed") => {
                 return Ok(WaitCheck::Done(
@@ -1554,6 +1632,8 @@ impl State {
                         cordoned: m.cordoned,
                         gone: m.gone,
                         checks: self.render_checks(m, now),
+                        host_status: m.host_status.to_string(),
+                        restart_count: m.restart_count,
                     })
                     .collect();
                 machines.sort_by(|x, y| x.name.cmp(&y.name).then(x.id.cmp(&y.id)));
@@ -1623,4 +1703,7 @@ pub struct InventoryMachine {
     pub cordoned: bool,
     pub gone: bool,
     pub checks: Vec<Value>,
+    pub host_status: String,
+    /// Restarts by the restart policy (crash loops) since the last update.
+    pub restart_count: u64,
 }
