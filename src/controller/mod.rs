@@ -477,8 +477,19 @@ pub async fn run_with_client(
                 ),
                 None => (Api::all(client.clone()), Api::all(client.clone())),
             };
-        let controller = Controller::new(deployments, watch_config.clone());
-        let store = controller.store();
+        // A lean cache: the reconciler never reads managedFields or kubectl's last-applied copy of the spec,
+        // which together are most of a cached object's size.
+        let (store, writer) = kube::runtime::reflector::store();
+        let deployment_changes = kube::runtime::reflector(
+            writer,
+            watcher(deployments, watch_config.clone()).modify(|d: &mut MCPDeployment| {
+                d.managed_fields_mut().clear();
+                d.annotations_mut()
+                    .remove("kubectl.kubernetes.io/last-applied-configuration");
+            }),
+        )
+        .applied_objects();
+        let controller = Controller::for_stream(deployment_changes, store.clone());
         metrics.watch_store(store.clone());
         let (fleet_trigger, fleet_changes) = mpsc::channel(1024);
         fleet_routes.push(fleet::Route {
