@@ -237,6 +237,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         &tracker,
         &controller,
         opts.idle_window,
+        // The first org-wide listing after convergence still reports the machines that started during the last
+        // poll interval (our own changes) and re-checks their deployments once: idle starts after it.
+        opts.settle
+            .max(Duration::from_secs(opts.fleet_poll_seconds) + opts.settle),
     )
     .await?;
     controller.terminate();
@@ -270,6 +274,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                 &tracker,
                 &baseline,
                 opts.baseline_idle_window,
+                opts.settle,
             )
             .await?,
         );
@@ -351,6 +356,7 @@ async fn fleet(
     tracker: &Tracker,
     controller: &ControllerProcess,
     idle_window: Duration,
+    settle: Duration,
 ) -> anyhow::Result<Fleet> {
     let n = opts.n;
     let lower_bound = opts.lower_bound(n);
@@ -394,7 +400,7 @@ async fn fleet(
         .as_secs_f64();
     out.ratio_to_lower_bound = out.all_ready_seconds / out.lower_bound_seconds;
     // Trailing reconciles (our own last status writes) finish, then the fleet is idle.
-    tokio::time::sleep(opts.settle).await;
+    tokio::time::sleep(settle).await;
     out.fly_calls = fly_calls(emu);
     out.fly_429 = emu.count_status(429);
     out.controller_after_converge = controller.stats();
