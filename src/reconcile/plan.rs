@@ -337,10 +337,11 @@ fn plan_machines(
         let broken =
             keep.config.is_none() || matches!(keep.state.as_str(), "failed" | "launch_failed");
         if host_unhealthy(keep) || broken {
-            let reason = if broken {
-                DestroyReason::Broken
-            } else {
+            // Fly hides the config of a machine whose host is unreachable: name the cause, not the symptom.
+            let reason = if host_unhealthy(keep) {
                 DestroyReason::HostUnhealthy
+            } else {
+                DestroyReason::Broken
             };
             plan.actions.push(Action::DestroyMachine {
                 id: keep.id.clone(),

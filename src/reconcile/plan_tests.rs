@@ -348,7 +348,7 @@ fn unhealthy_hosts_and_failed_machines_are_replaced() {
     assert_eq!(
         kinds(&plan),
         [
-            "destroy iad-0 Broken",
+            "destroy iad-0 HostUnhealthy",
             "create iad-0",
             "destroy ams-0 Broken",
             "create ams-0"
