@@ -26,7 +26,7 @@ use crate::packages::Resolved;
 use crate::reconcile::act::{ActError, Actor};
 use crate::reconcile::desired::{AUTH_TOKEN_SECRET, Inputs, app_name_for, desired};
 use crate::reconcile::observe::observe;
-use crate::reconcile::plan::{ObservedApp, Progress, plan};
+use crate::reconcile::plan::{Action, ObservedApp, Progress, plan};
 use crate::reconcile::timing::next_look;
 use crate::sealing::unsealer::{CredentialRef, CredentialSource, Unsealer};
 
@@ -434,9 +434,20 @@ async fn apply(
     let mut requeue = requeue;
     if ctx.verify {
         let converged = the_plan.converged() && act_error.is_none();
+        // Only a rollout (new config or secrets on the machines) makes the last verification stale. A machine
+        // that autostop parked and traffic woke is the same server: verifying it again would wake it again.
+        let rollout = the_plan.actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::SetSecrets { .. }
+                    | Action::CreateMachine { .. }
+                    | Action::UpdateMachine { .. }
+            )
+        });
         if let Some(retry) = verify(
             &mut status,
             converged,
+            rollout,
             rotate,
             &want.url,
             token.as_deref(),
@@ -454,18 +465,19 @@ async fn apply(
 /// After a retry failure, look again after this long.
 const VERIFY_RETRY: Duration = Duration::from_secs(30);
 
-/// The MCP handshake through the public URL, once per rollout: a converged deployment whose `Verified` is not
-/// yet true for this generation is verified; any change in flight resets `Verified` to Unknown. Returns a
-/// requeue delay when verification failed.
+/// The MCP handshake through the public URL, once per rollout: a rollout in flight resets `Verified` to Unknown,
+/// and a converged deployment whose `Verified` is not true for this generation is verified. Returns a requeue
+/// delay when verification failed.
 async fn verify(
     status: &mut MCPDeploymentStatus,
     converged: bool,
+    rollout: bool,
     token_rotated: bool,
     url: &str,
     token: Option<&str>,
     generation: Option<i64>,
 ) -> Option<Duration> {
-    if !converged {
+    if rollout {
         status.set_condition(crate::api::Condition::new(
             ConditionType::Verified,
             crate::api::ConditionStatus::Unknown,
@@ -473,6 +485,9 @@ async fn verify(
             "the endpoint is verified once every machine runs the current spec",
             generation,
         ));
+        return None;
+    }
+    if !converged {
         return None;
     }
     let current = status.condition(ConditionType::Verified);
