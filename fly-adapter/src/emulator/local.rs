@@ -679,7 +679,10 @@ async fn probe(inner: Weak<Inner>, app: String, id: String, generation: u64, por
             }
             return;
         }
-        if !suspended {
+        if suspended {
+            // While frozen the machine's checks may be reset; publish the probe's answer again after resume.
+            last = None;
+        } else {
             let ok = this
                 .http
                 .get(&url)
