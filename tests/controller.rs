@@ -3,52 +3,14 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use fly_adapter::client::{FlyClient, FlyClientConfig};
-use fly_adapter::emulator::{DEFAULT_TOKEN, EventRecord, Fault, ScriptedFault};
+use fly_adapter::emulator::{EventRecord, Fault, ScriptedFault};
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{Api, ListParams};
-use mcpfly::api::{ConditionType, MCPDeployment, Phase, reason};
+use mcpfly::api::{ConditionType, Phase, reason};
 use mcpfly::testenv::stack::{Stack, StackOptions};
 
-const READY: Duration = Duration::from_secs(30);
-
-fn manifest(name: &str, extra: &str) -> String {
-    format!(
-        r#"
-apiVersion: mcpfly.dev/v1alpha1
-kind: MCPDeployment
-metadata: {{name: {name}}}
-spec:
-  source: {{npm: {{package: "@acme/server", version: "1.2.3"}}}}
-  fly: {{regions: [iad, ams], machinesPerRegion: 1}}
-{extra}"#
-    )
-}
-
-fn fly_client(stack: &Stack) -> FlyClient {
-    FlyClient::new(FlyClientConfig::new(
-        stack.emulator.base_url(),
-        DEFAULT_TOKEN,
-    ))
-    .unwrap()
-}
-
-/// Mutating calls in the emulator's event log (everything but reads and lease bookkeeping).
-fn mutations(events: &[EventRecord]) -> Vec<&EventRecord> {
-    events
-        .iter()
-        .filter(|e| {
-            e.method != "GET" && !e.label.starts_with("leases.") && e.label != "machines.wait"
-        })
-        .collect()
-}
-
-fn app_of(d: &MCPDeployment) -> String {
-    d.status
-        .as_ref()
-        .and_then(|s| s.app.clone())
-        .expect("status.app")
-}
+mod controller_support;
+use controller_support::{READY, app_of, fly_client, manifest, mutations};
 
 #[tokio::test]
 async fn create_becomes_ready_with_url_machines_digests_and_connection_secret() -> anyhow::Result<()>

@@ -7,30 +7,11 @@ use std::time::{Duration, Instant};
 use fly_adapter::emulator::{InventoryMachine, LaunchFault};
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, ListParams};
-use mcpfly::api::{ConditionType, MCPDeployment, Phase};
+use mcpfly::api::{ConditionType, Phase};
 use mcpfly::testenv::stack::{Stack, StackOptions};
 
-const READY: Duration = Duration::from_secs(30);
-
-fn manifest(name: &str, extra: &str) -> String {
-    format!(
-        r#"
-apiVersion: mcpfly.dev/v1alpha1
-kind: MCPDeployment
-metadata: {{name: {name}}}
-spec:
-  source: {{npm: {{package: "@acme/server", version: "1.2.3"}}}}
-  fly: {{regions: [iad, ams], machinesPerRegion: 1}}
-{extra}"#
-    )
-}
-
-fn app_of(d: &MCPDeployment) -> String {
-    d.status
-        .as_ref()
-        .and_then(|s| s.app.clone())
-        .expect("status.app")
-}
+mod controller_support;
+use controller_support::{READY, app_of, manifest};
 
 /// Machines not yet destroyed, from the emulator's inventory (test polling must not eat the controller's
 /// rate budget).
