@@ -13,6 +13,7 @@ pub mod config;
 pub mod fleet;
 pub mod leader;
 pub mod reconciler;
+pub mod settled;
 pub mod status;
 
 use std::collections::HashMap;
@@ -89,12 +90,13 @@ pub struct Context {
     pub fallback_resync: Duration,
     pub fleet: Arc<fleet::FleetWatch>,
     pub converge_interval: Duration,
+    /// How long Fly takes to start a machine, learned from what reconciles observe.
+    pub start_times: crate::reconcile::timing::StartTimes,
     /// Verify each Ready deployment with an MCP handshake through its public URL.
     pub verify: bool,
     failures: Mutex<HashMap<String, u32>>,
-    /// The last status this process wrote per resource (uid → resourceVersion, status). The watch cache can
-    /// lag our own writes; a reconcile queued by our own change must not act on the status before it.
-    written: Mutex<HashMap<String, (u64, crate::api::MCPDeploymentStatus)>>,
+    /// How each resource was left by its last reconcile and this process's own writes (echoes are skipped).
+    pub settled: Arc<settled::Settled>,
 }
 
 impl Context {
@@ -129,9 +131,10 @@ impl Context {
             fallback_resync: config.fallback_resync(),
             fleet: Arc::new(fleet::FleetWatch::default()),
             converge_interval: config.converge_interval(),
+            start_times: Default::default(),
             verify: config.verify,
             failures: Mutex::new(HashMap::new()),
-            written: Mutex::new(HashMap::new()),
+            settled: Arc::default(),
         }
     }
 
@@ -151,40 +154,12 @@ impl Context {
         })
     }
 
-    /// `obj` with the status this process last wrote, when the cached copy predates that write.
-    fn freshest(&self, obj: Arc<MCPDeployment>) -> Arc<MCPDeployment> {
-        let seen: u64 = obj
-            .resource_version()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let written = self.written.lock().unwrap();
-        match written.get(&obj.uid().unwrap_or_default()) {
-            Some((version, status)) if *version > seen => {
-                let mut newer = (*obj).clone();
-                newer.status = Some(status.clone());
-                Arc::new(newer)
-            }
-            _ => obj,
-        }
-    }
-
-    fn remember_written(&self, written: &MCPDeployment) {
-        let (Some(uid), Some(version), Some(status)) = (
-            written.uid(),
-            written.resource_version(),
-            written.status.clone(),
-        ) else {
-            return;
-        };
-        if let Ok(version) = version.parse() {
-            self.written.lock().unwrap().insert(uid, (version, status));
-        }
-    }
-
     fn forget(&self, obj: &MCPDeployment) {
-        let uid = obj.uid().unwrap_or_default();
-        self.written.lock().unwrap().remove(&uid);
-        self.failures.lock().unwrap().remove(&uid);
+        self.settled.forget(obj);
+        self.failures
+            .lock()
+            .unwrap()
+            .remove(&obj.uid().unwrap_or_default());
     }
 
     fn record_outcome(&self, obj: &MCPDeployment, ok: bool) {
@@ -222,12 +197,22 @@ async fn reconcile(obj: Arc<MCPDeployment>, ctx: Arc<Context>) -> Result<Requeue
         resource = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()),
         generation = obj.metadata.generation.unwrap_or_default()
     );
+    let now = std::time::Instant::now();
+    if let Some(next) = ctx.settled.echo(&obj, now) {
+        ctx.metrics.reconcile_unchanged();
+        return Ok(next.into());
+    }
+    let ticket = ctx.settled.begin(&obj);
     let timer = ctx.metrics.reconcile_started();
-    let result = reconciler::reconcile(obj, ctx.clone())
+    let result = reconciler::reconcile(obj.clone(), ctx.clone())
         .instrument(span)
         .await;
     timer.finish(result.as_ref().err().map(Error::kind));
-    result
+    match &result {
+        Ok(next) => ctx.settled.settle(ticket, &obj, *next, now),
+        Err(_) => ctx.settled.unsettle(&obj),
+    }
+    result.map(Into::into)
 }
 
 /// Loads the key ring from the configured file, or from the Secret (whose changes [`watch_keyring`] follows).
@@ -282,6 +267,7 @@ async fn watch_keyring(
                 Ok(ring) => {
                     info!(keys = ?ring.key_ids(), "key ring loaded");
                     *ctx.keyring.write().unwrap() = Some(Arc::new(ring));
+                    ctx.settled.touch_all();
                     for controller in &reconcile_all {
                         let _ = controller.try_send(());
                     }
@@ -482,11 +468,7 @@ pub async fn run_with_client(
         let (store, writer) = kube::runtime::reflector::store();
         let deployment_changes = kube::runtime::reflector(
             writer,
-            watcher(deployments, watch_config.clone()).modify(|d: &mut MCPDeployment| {
-                d.managed_fields_mut().clear();
-                d.annotations_mut()
-                    .remove("kubectl.kubernetes.io/last-applied-configuration");
-            }),
+            watcher(deployments, watch_config.clone()).modify(settled::lean),
         )
         .applied_objects();
         let controller = Controller::for_stream(deployment_changes, store.clone());
@@ -498,10 +480,16 @@ pub async fn run_with_client(
         });
         let secret_changes =
             watcher(secrets, watcher::Config::default().any_semantic()).touched_objects();
+        let settled = ctx.settled.clone();
         let controller = controller
             .watches_stream(secret_changes, move |secret| {
                 let (namespace, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
-                referencing(&store, &namespace, &name)
+                if settled.own_secret(&namespace, &name, secret.resource_version().as_deref()) {
+                    return Vec::new();
+                }
+                let owners = referencing(&store, &namespace, &name);
+                owners.iter().for_each(|owner| settled.touch(owner));
+                owners
             })
             .reconcile_all_on(receiver_stream(reconcile_all))
             .reconcile_on(receiver_stream(fleet_changes))
@@ -520,6 +508,7 @@ pub async fn run_with_client(
     if let Some(interval) = config.fleet_poll() {
         let watch = fleet::run(
             ctx.fleet.clone(),
+            ctx.settled.clone(),
             ctx.fly.clone(),
             config.fly_org.clone(),
             interval,

@@ -9,12 +9,12 @@ use base64::Engine as _;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::settled::Next;
 use super::status::{Stall, clear, condition, mark_progress, mark_stalled};
 use super::{Context, Error};
 use crate::api::{
@@ -36,8 +36,8 @@ const AFTER_AMBIGUOUS: Duration = Duration::from_secs(2);
 /// While an app is being deleted.
 const DELETE_POLL: Duration = Duration::from_secs(2);
 
-pub async fn reconcile(obj: Arc<MCPDeployment>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    let obj = ctx.freshest(obj);
+pub async fn reconcile(obj: Arc<MCPDeployment>, ctx: Arc<Context>) -> Result<Next, Error> {
+    let obj = ctx.settled.freshest(obj);
     let namespace = obj.namespace().ok_or(Error::NotNamespaced)?;
     let api: Api<MCPDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let result = if obj.meta().deletion_timestamp.is_some() {
@@ -97,13 +97,14 @@ async fn cleanup(
     obj: &MCPDeployment,
     api: &Api<MCPDeployment>,
     ctx: &Context,
-) -> Result<Requeue, Error> {
+) -> Result<Next, Error> {
     if !obj.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(Requeue::await_change());
+        return Ok(Next::on_change());
     }
     let status = obj.status.clone().unwrap_or_default();
     if let Some(app) = status.app.as_deref() {
         ctx.in_flight.forget_app(app);
+        ctx.fleet.forget(app);
         if obj.spec.deletion_policy == DeletionPolicy::Delete {
             match ctx.fly.get_app(app).await {
                 Err(e) if e.is_not_found() => {}
@@ -125,7 +126,7 @@ async fn cleanup(
                     let mut deleting = status.clone();
                     deleting.phase = Some(Phase::Deleting);
                     write_status(ctx, api, obj, &status, &deleting).await?;
-                    return Ok(Requeue::requeue(DELETE_POLL));
+                    return Ok(Next::after(DELETE_POLL));
                 }
             }
             ctx.publish(
@@ -147,7 +148,7 @@ async fn cleanup(
     }
     remove_finalizer(obj, api).await?;
     ctx.forget(obj);
-    Ok(Requeue::await_change())
+    Ok(Next::on_change())
 }
 
 async fn apply(
@@ -155,7 +156,7 @@ async fn apply(
     namespace: &str,
     api: &Api<MCPDeployment>,
     ctx: &Context,
-) -> Result<Requeue, Error> {
+) -> Result<Next, Error> {
     let name = obj.name_any();
     let generation = obj.metadata.generation;
     let stored = obj.status.clone().unwrap_or_default();
@@ -170,7 +171,7 @@ async fn apply(
         status.phase = Some(Phase::Suspended);
         clear(&mut status, ConditionType::Reconciling);
         write_status(ctx, api, obj, &stored, &status).await?;
-        return Ok(Requeue::await_change());
+        return Ok(Next::on_change());
     }
 
     // The app name goes into status before the app exists: whatever happens next, we know what we may own.
@@ -182,7 +183,7 @@ async fn apply(
         status.app = Some(app.clone());
         status.phase = Some(Phase::Pending);
         write_status(ctx, api, obj, &stored, &status).await?;
-        return Ok(Requeue::requeue(Duration::ZERO));
+        return Ok(Next::after(Duration::ZERO));
     }
 
     // Source: pinned once and recorded in status; a registry is asked again only when the spec's source
@@ -315,6 +316,8 @@ async fn apply(
     if observed.app == ObservedApp::Missing {
         ctx.in_flight.forget_known_app(&app);
     }
+    ctx.fleet.observed(&app, &observed.machines);
+    ctx.start_times.learn(&observed.machines);
     let progress = Progress {
         applied_secrets: stored
             .credentials
@@ -385,13 +388,18 @@ async fn apply(
     }
 
     let requeue = match &outcome.error {
-        None if the_plan.converged() => Requeue::requeue(ctx.ready_requeue()),
-        None => Requeue::requeue(next_look(
+        None if the_plan.converged() => Next::after(ctx.ready_requeue()),
+        None => Next::after(next_look(
             &observed.machines,
+            the_plan
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::CreateMachine { .. })),
             chrono::Utc::now().timestamp_millis(),
             ctx.converge_interval,
+            ctx.start_times.expected(),
         )),
-        Some(ActError::Ambiguous { .. }) => Requeue::requeue(AFTER_AMBIGUOUS),
+        Some(ActError::Ambiguous { .. }) => Next::after(AFTER_AMBIGUOUS),
         Some(ActError::AppNameTaken) => {
             let stall = Stall {
                 reason: reason::APP_NAME_TAKEN.into(),
@@ -421,7 +429,7 @@ async fn apply(
             };
             return stalled(api, obj, &stored, status, stall, ctx).await;
         }
-        Some(_) => Requeue::requeue(ctx.converge_interval.max(Duration::from_secs(1))),
+        Some(_) => Next::after(ctx.converge_interval.max(Duration::from_secs(1))),
     };
     let act_error = outcome.error.as_ref().map(|e| e.to_string());
     mark_progress(
@@ -455,7 +463,7 @@ async fn apply(
         )
         .await
         {
-            requeue = Requeue::requeue(retry);
+            requeue = Next::after(retry);
         }
     }
     write_status(ctx, api, obj, &stored, &status).await?;
@@ -549,7 +557,7 @@ async fn stalled(
     mut status: MCPDeploymentStatus,
     stall: Stall,
     ctx: &Context,
-) -> Result<Requeue, Error> {
+) -> Result<Next, Error> {
     let newly = stored
         .condition(ConditionType::Stalled)
         .map(|c| c.reason.as_str())
@@ -562,7 +570,7 @@ async fn stalled(
             .await;
     }
     // Only a change to the resource (or what it references, which requeues it) can unblock it.
-    Ok(Requeue::await_change())
+    Ok(Next::on_change())
 }
 
 /// Writes status with server-side apply, and only when it changed: idle deployments cause no writes.
@@ -585,7 +593,7 @@ async fn write_status(
             &Patch::Apply(&patch),
         )
         .await?;
-    ctx.remember_written(&written);
+    ctx.settled.wrote_status(obj, &written);
     Ok(())
 }
 
@@ -714,12 +722,15 @@ impl ConnectionSecret {
         value["apiVersion"] = json!("v1");
         value["kind"] = json!("Secret");
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &self.namespace);
-        api.patch(
-            &self.name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&value),
-        )
-        .await?;
+        let written = api
+            .patch(
+                &self.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&value),
+            )
+            .await?;
+        ctx.settled
+            .wrote_secret(&self.namespace, &self.name, written.resource_version());
         Ok(())
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! | series | what |
 //! |---|---|
-//! | `mcpfly_reconciles_total{outcome}` | reconciles finished, `ok` or `error` |
+//! | `mcpfly_reconciles_total{outcome}` | reconciles finished, `ok` or `error`; `unchanged`: skipped, nothing changed since the last one (e.g. the echo of its own status write) |
 //! | `mcpfly_reconcile_errors_total{kind}` | failed reconciles by error kind (`kube`, `fly`, …) |
 //! | `mcpfly_reconcile_duration_seconds` | time per reconcile (histogram) |
 //! | `mcpfly_fly_api_calls_total{endpoint,status}` | Fly HTTP exchanges; status `error` when no response came |
@@ -209,6 +209,15 @@ impl Metrics {
             metrics: self.clone(),
             started: Instant::now(),
         }
+    }
+
+    /// A reconcile skipped because nothing changed since the last one ([`crate::controller::settled`]).
+    pub fn reconcile_unchanged(&self) {
+        self.reconciles
+            .get_or_create(&OutcomeLabel {
+                outcome: "unchanged",
+            })
+            .inc();
     }
 
     pub fn set_leader(&self, leader: bool) {
