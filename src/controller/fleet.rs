@@ -2,20 +2,25 @@
 //! poll interval replaces per-resource polling. A machine that changed (stopped, destroyed, updated by someone)
 //! requeues the resource that owns its app; idle deployments cost nothing per resource.
 //!
+//! Most changes a listing reports are the controller's own (a machine it created starting, one it updated
+//! restarting), already seen by the reconcile that looked at the app: [`FleetWatch::observed`] records what each
+//! look saw, and only machines that changed after it requeue their resource.
+//!
 //! The endpoint is not in Fly's public documentation (it is in Fly's own Go client), so the controller falls
 //! back to per-resource resyncs when it fails: [`FleetWatch::healthy`] tells the reconciler which requeue to use.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fly_adapter::client::types::OrgMachinesQuery;
+use fly_adapter::client::types::{Machine, OrgMachinesQuery};
 use fly_adapter::client::{FlyClient, FlyError};
 use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::settled::Settled;
 use crate::api::MCPDeployment;
 
 /// Page size of the org-wide listing.
@@ -27,6 +32,8 @@ const OVERLAP_MS: i64 = 2_000;
 #[derive(Default)]
 pub struct FleetWatch {
     healthy: AtomicBool,
+    /// Per app, each machine's `updated_at` (ms) as the last reconcile observed it.
+    observed: Mutex<HashMap<String, HashMap<String, i64>>>,
 }
 
 impl FleetWatch {
@@ -34,6 +41,36 @@ impl FleetWatch {
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
+
+    /// A reconcile looked at `app` and saw `machines`.
+    pub fn observed(&self, app: &str, machines: &[Machine]) {
+        let versions = machines
+            .iter()
+            .map(|m| (m.id.clone(), millis(&m.updated_at)))
+            .collect();
+        self.observed
+            .lock()
+            .unwrap()
+            .insert(app.to_string(), versions);
+    }
+
+    /// The app is deleted or no longer ours to watch.
+    pub fn forget(&self, app: &str) {
+        self.observed.lock().unwrap().remove(app);
+    }
+
+    /// Whether the listing reports something about `change`'s machine that no reconcile has seen yet.
+    fn is_news(&self, change: &Change) -> bool {
+        let observed = self.observed.lock().unwrap();
+        let seen = observed.get(&change.app).and_then(|m| m.get(&change.id));
+        seen.is_none_or(|&seen| change.updated_ms > seen)
+    }
+}
+
+fn millis(rfc3339: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .map(|t| t.timestamp_millis())
+        .unwrap_or_default()
 }
 
 /// Where a changed app's resource is reconciled: each controller's store and its trigger channel.
@@ -44,6 +81,7 @@ pub struct Route {
 
 pub async fn run(
     watch: Arc<FleetWatch>,
+    settled: Arc<Settled>,
     fly: FlyClient,
     org: String,
     interval: Duration,
@@ -64,9 +102,9 @@ pub async fn run(
                 if cursor.is_some() {
                     let fresh: Vec<&Change> = changes
                         .iter()
-                        .filter(|c| !seen.contains(&c.key()))
+                        .filter(|c| !seen.contains(&c.key()) && watch.is_news(c))
                         .collect();
-                    trigger(&routes, fresh.iter().map(|c| c.app.as_str())).await;
+                    trigger(&routes, &settled, fresh.iter().map(|c| c.app.as_str())).await;
                 }
                 if let Some(latest) = changes.iter().map(|c| c.updated_ms).max() {
                     cursor = Some(cursor.map_or(latest, |c| c.max(latest)));
@@ -118,14 +156,11 @@ async fn poll(fly: &FlyClient, org: &str, cursor: Option<i64>) -> Result<Vec<Cha
             let Some(app) = machine.app_name.clone().filter(|a| !a.is_empty()) else {
                 continue;
             };
-            let updated_ms = chrono::DateTime::parse_from_rfc3339(&machine.updated_at)
-                .map(|t| t.timestamp_millis())
-                .unwrap_or_default();
             changes.push(Change {
                 app,
+                updated_ms: millis(&machine.updated_at),
                 id: machine.id,
                 updated_at: machine.updated_at,
-                updated_ms,
             });
         }
         match page.next_cursor.filter(|c| !c.is_empty()) {
@@ -136,7 +171,7 @@ async fn poll(fly: &FlyClient, org: &str, cursor: Option<i64>) -> Result<Vec<Cha
     Ok(changes)
 }
 
-async fn trigger(routes: &[Route], apps: impl Iterator<Item = &str>) {
+async fn trigger(routes: &[Route], settled: &Settled, apps: impl Iterator<Item = &str>) {
     let apps: HashSet<&str> = apps.collect();
     if apps.is_empty() {
         return;
@@ -156,8 +191,50 @@ async fn trigger(routes: &[Route], apps: impl Iterator<Item = &str>) {
         for app in &apps {
             if let Some(owner) = owners.get(*app) {
                 debug!(app, resource = %owner, "machine changed on Fly");
+                settled.touch(owner);
                 let _ = route.trigger.send(owner.clone()).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(id: &str, updated_at: &str) -> Machine {
+        Machine {
+            id: id.into(),
+            updated_at: updated_at.into(),
+            ..Default::default()
+        }
+    }
+
+    fn change(app: &str, id: &str, updated_at: &str) -> Change {
+        Change {
+            app: app.into(),
+            id: id.into(),
+            updated_at: updated_at.into(),
+            updated_ms: millis(updated_at),
+        }
+    }
+
+    #[test]
+    fn only_changes_after_the_last_look_are_news() {
+        let watch = FleetWatch::default();
+        let at = "2026-11-24T10:00:00.500Z";
+        let later = "2026-11-24T10:00:01.000Z";
+        // Nothing looked at the app yet: everything is news.
+        assert!(watch.is_news(&change("a", "m1", at)));
+        watch.observed("a", &[machine("m1", at)]);
+        assert!(!watch.is_news(&change("a", "m1", at)));
+        assert!(watch.is_news(&change("a", "m1", later)));
+        assert!(
+            watch.is_news(&change("a", "m2", at)),
+            "a machine the look did not see"
+        );
+        assert!(watch.is_news(&change("b", "m1", at)), "another app");
+        watch.forget("a");
+        assert!(watch.is_news(&change("a", "m1", at)));
     }
 }
