@@ -2,7 +2,11 @@
 //! period after the machine started, and says when it started (the `start` event), so a machine waiting out its
 //! grace period is looked at right when it ends, not at the next tick of a fixed interval: a deployment is
 //! Ready within milliseconds of Fly calling it healthy, with one look instead of several.
+//!
+//! Likewise a machine that is starting is looked at when it has probably started: [`StartTimes`] learns how long
+//! Fly takes from launch to started (the `launch` and `start` events), rather than looking every interval.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use fly_adapter::client::types::Machine;
@@ -14,11 +18,85 @@ const AFTER_GRACE: Duration = Duration::from_millis(25);
 const RETRY_SOON: Duration = Duration::from_millis(250);
 const RETRY_SOON_FOR: Duration = Duration::from_secs(2);
 
-/// The delay before the next look: the earliest grace-period end among started machines whose checks are not
-/// yet passing, or `interval` when some machine is in any other transient state (or none of this applies).
-pub fn next_look(machines: &[Machine], now_ms: i64, interval: Duration) -> Duration {
+/// Starts longer than this are not learned from (a machine that waited for capacity, a clock jump).
+const LONGEST_START: Duration = Duration::from_secs(120);
+
+/// A moving average of launch → started durations of the machines observed.
+#[derive(Default)]
+pub struct StartTimes {
+    average_ms: Mutex<Option<f64>>,
+}
+
+impl StartTimes {
+    pub fn learn(&self, machines: &[Machine]) {
+        for took in machines.iter().filter_map(first_start) {
+            let mut average = self.average_ms.lock().unwrap();
+            let sample = took.as_millis() as f64;
+            // Recent starts weigh more: Fly's start time changes with image size, region and load.
+            *average = Some(average.map_or(sample, |a| 0.8 * a + 0.2 * sample));
+        }
+    }
+
+    pub fn expected(&self) -> Option<Duration> {
+        self.average_ms
+            .lock()
+            .unwrap()
+            .map(|ms| Duration::from_millis(ms as u64))
+    }
+}
+
+/// How long the machine took from launch to its first start.
+fn first_start(machine: &Machine) -> Option<Duration> {
+    let launched = launched_ms(machine)?;
+    let started = machine
+        .events
+        .iter()
+        .filter(|e| e.kind == "start" && e.status == "started" && e.timestamp >= launched)
+        .map(|e| e.timestamp)
+        .min()?;
+    let took = Duration::from_millis((started - launched) as u64);
+    (took <= LONGEST_START).then_some(took)
+}
+
+fn launched_ms(machine: &Machine) -> Option<i64> {
+    machine
+        .events
+        .iter()
+        .filter(|e| e.kind == "launch")
+        .map(|e| e.timestamp)
+        .max()
+}
+
+/// The delay before the next look: the earliest of the grace-period ends of started machines whose checks are
+/// not yet passing and the expected starts of starting machines (`launched_now`: this reconcile just created
+/// one), or `interval` when some machine is in any other transient state, the start time is not known yet, or
+/// none of this applies.
+pub fn next_look(
+    machines: &[Machine],
+    launched_now: bool,
+    now_ms: i64,
+    interval: Duration,
+    expected_start: Option<Duration>,
+) -> Duration {
     let mut next = None::<Duration>;
+    let mut earliest =
+        |delay: Duration| next = Some(next.map_or(delay, |n: Duration| n.min(delay)));
+    let starting = |launched: i64| -> Option<Duration> {
+        let due = launched + (expected_start? + AFTER_GRACE).as_millis() as i64;
+        (due > now_ms).then(|| Duration::from_millis((due - now_ms) as u64))
+    };
+    if launched_now {
+        earliest(starting(now_ms).unwrap_or(interval));
+    }
+    let mut others = false;
     for machine in machines {
+        if matches!(machine.state.as_str(), "created" | "starting") {
+            match launched_ms(machine).and_then(starting) {
+                Some(delay) => earliest(delay),
+                None => others = true,
+            }
+            continue;
+        }
         let pending = machine.state == "started"
             && !machine.checks.is_empty()
             && machine.checks.iter().any(|c| c.status != "passing");
@@ -38,13 +116,13 @@ pub fn next_look(machines: &[Machine], now_ms: i64, interval: Duration) -> Durat
             }
             _ => interval,
         };
-        next = Some(next.map_or(delay, |n| n.min(delay)));
+        earliest(delay);
     }
-    // Machines that are starting, stopping or being replaced: the usual interval.
-    let others = machines.iter().any(|m| {
+    // Machines that are stopping, being replaced, or starting later than expected: the usual interval.
+    others |= machines.iter().any(|m| {
         !matches!(
             m.state.as_str(),
-            "started" | "stopped" | "suspended" | "destroyed"
+            "started" | "stopped" | "suspended" | "destroyed" | "created" | "starting"
         )
     });
     match next {
@@ -124,7 +202,7 @@ mod tests {
     fn looks_when_the_grace_period_ends() {
         let m = machine("started", "warning", Some(10_000));
         assert_eq!(
-            next_look(&[m], 11_000, SECOND),
+            next_look(&[m], false, 11_000, SECOND, None),
             Duration::from_millis(4_025)
         );
     }
@@ -133,20 +211,79 @@ mod tests {
     fn retries_soon_just_after_the_grace_period_then_falls_back() {
         let m = machine("started", "warning", Some(10_000));
         assert_eq!(
-            next_look(std::slice::from_ref(&m), 15_100, SECOND),
+            next_look(std::slice::from_ref(&m), false, 15_100, SECOND, None),
             RETRY_SOON
         );
-        assert_eq!(next_look(&[m], 30_000, SECOND), SECOND);
+        assert_eq!(next_look(&[m], false, 30_000, SECOND, None), SECOND);
     }
 
     #[test]
     fn other_transient_states_keep_the_interval() {
         let waiting = machine("started", "warning", Some(10_000));
         let starting = machine("starting", "critical", None);
-        assert_eq!(next_look(&[waiting, starting], 11_000, SECOND), SECOND);
         assert_eq!(
-            next_look(&[machine("created", "critical", None)], 0, SECOND),
+            next_look(&[waiting, starting], false, 11_000, SECOND, None),
             SECOND
         );
+        assert_eq!(
+            next_look(
+                &[machine("created", "critical", None)],
+                false,
+                0,
+                SECOND,
+                None
+            ),
+            SECOND
+        );
+    }
+
+    fn launched(mut m: Machine, at: i64) -> Machine {
+        m.events.push(MachineEvent {
+            kind: "launch".into(),
+            status: "created".into(),
+            timestamp: at,
+            ..Default::default()
+        });
+        m
+    }
+
+    #[test]
+    fn learns_the_start_time_from_launch_and_start_events() {
+        let times = StartTimes::default();
+        assert_eq!(times.expected(), None);
+        // Launched at 8 s, started at 10 s; a machine that has not started teaches nothing.
+        let started = launched(machine("started", "passing", Some(10_000)), 8_000);
+        let starting = launched(machine("starting", "critical", None), 9_000);
+        times.learn(&[started, starting]);
+        assert_eq!(times.expected(), Some(Duration::from_secs(2)));
+        // A start after a later relaunch (an update) counts from that launch.
+        let relaunched = launched(
+            launched(machine("started", "passing", Some(23_000)), 1_000),
+            20_000,
+        );
+        times.learn(&[relaunched]);
+        assert_eq!(times.expected(), Some(Duration::from_millis(2_200)));
+    }
+
+    #[test]
+    fn looks_when_a_starting_machine_is_expected_to_have_started() {
+        let two = Some(Duration::from_secs(2));
+        let starting = launched(machine("starting", "critical", None), 10_000);
+        assert_eq!(
+            next_look(std::slice::from_ref(&starting), false, 10_500, SECOND, two),
+            Duration::from_millis(1_525)
+        );
+        // Just created by this reconcile: its launch is now.
+        assert_eq!(
+            next_look(&[], true, 10_000, SECOND, two),
+            Duration::from_millis(2_025)
+        );
+        // Later than expected, or the start time not known yet: every interval.
+        assert_eq!(
+            next_look(std::slice::from_ref(&starting), false, 13_000, SECOND, two),
+            SECOND
+        );
+        assert_eq!(next_look(&[starting], false, 10_500, SECOND, None), SECOND);
+        assert_eq!(next_look(&[], true, 10_000, SECOND, None), SECOND);
     }
 }
