@@ -1,6 +1,7 @@
 //! CI smoke test of the fleet benchmark (BENCHMARKS.md): the same code as `fleet-bench`, with a handful of
 //! deployments and short windows. It asserts what must hold at any N: no 429s, no Kubernetes writes while idle,
-//! idle Fly calls only from the org-wide listing, exactly the documented mutations per create, and a naive
+//! idle Fly calls only from the org-wide listing, exactly the documented mutations per create, no reads beyond
+//! what watching a machine start takes, and a naive
 //! per-resource-polling baseline that costs more while idle.
 
 #[path = "../bench/fleet/src/bench.rs"]
@@ -18,7 +19,7 @@ async fn fleet_bench_small_n() -> anyhow::Result<()> {
         PathBuf::from(env!("CARGO_BIN_EXE_mcpfly")),
         out.path().to_path_buf(),
     );
-    opts.singles = 2;
+    opts.singles = 3;
     opts.start_latency = Duration::from_millis(500);
     // Tight enough that the org-wide cap, not the machine start, dominates the fleet's lower bound.
     opts.org_mutations = (5.0, 5.0);
@@ -77,5 +78,17 @@ async fn fleet_bench_small_n() -> anyhow::Result<()> {
     ] {
         assert_eq!(per_create.get(label), Some(&want), "{label}: {summary}");
     }
+    // Reads: one ownership check, then machine listings only while the machine starts (every converge
+    // interval: 500 ms here, as long as the start) and when its check's grace period ends. Neither the echoes
+    // of the controller's own status writes nor the org-wide listing reporting its own changes cost a look.
+    assert_eq!(per_create.get("apps.get"), Some(&1.0), "{summary}");
+    // Here that is 3 (one look while starting, one once started, one after the grace period), sometimes 4 when a
+    // look lands just before the start completes; each echo reconciled would add one.
+    let listings = per_create.get("machines.list").copied().unwrap_or_default();
+    assert!(
+        listings <= 3.5,
+        "{listings} machine listings per create: {summary}"
+    );
+    assert_eq!(report.singles.calls_after_ready, 0.0, "{summary}");
     Ok(())
 }
