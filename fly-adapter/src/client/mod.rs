@@ -450,7 +450,12 @@ impl FlyClient {
                         tokio::time::sleep(self.backoff(attempt, retry_after)).await;
                         continue;
                     }
-                    tracing::warn!(label = r.label, status, request_id = err.request_id(), error = %err, "fly call failed");
+                    // A 404 is often the answer the caller asked for ("is this name free?"): not a warning.
+                    if status == 404 {
+                        tracing::debug!(label = r.label, status, request_id = err.request_id(), error = %err, "fly call: not found");
+                    } else {
+                        tracing::warn!(label = r.label, status, request_id = err.request_id(), error = %err, "fly call failed");
+                    }
                     if mutating {
                         audit(&r, Some(status), err.request_id(), err.kind());
                     }
