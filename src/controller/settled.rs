@@ -308,18 +308,24 @@ mod tests {
         s.settle(ticket, read, next, now);
     }
 
-    #[test]
-    fn the_echo_of_our_own_status_write_waits_for_the_scheduled_look() {
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    /// A reconcile that read version 10, wrote `phase` as version 11 and asked to look again after `next`.
+    fn after_a_status_write(
+        phase: Phase,
+        next: Next,
+    ) -> (Settled, Instant, MCPDeployment, MCPDeployment) {
         let (s, now) = (Settled::default(), Instant::now());
         let read = deployment(10);
-        let written = with_status(read.clone(), 11, Phase::Deploying);
-        reconciled(
-            &s,
-            &read,
-            Some(&written),
-            Next::after(Duration::from_secs(3)),
-            now,
-        );
+        let written = with_status(read.clone(), 11, phase);
+        reconciled(&s, &read, Some(&written), next, now);
+        (s, now, read, written)
+    }
+
+    #[test]
+    fn the_echo_of_our_own_status_write_waits_for_the_scheduled_look() {
+        let (s, now, _, written) =
+            after_a_status_write(Phase::Deploying, Next::after(Duration::from_secs(3)));
         assert_eq!(
             s.echo(&written, now + Duration::from_secs(1)),
             Some(Next::after(Duration::from_secs(2)))
@@ -330,10 +336,7 @@ mod tests {
 
     #[test]
     fn a_stalled_resource_waits_for_a_change() {
-        let (s, now) = (Settled::default(), Instant::now());
-        let read = deployment(10);
-        let written = with_status(read.clone(), 11, Phase::Failed);
-        reconciled(&s, &read, Some(&written), Next::on_change(), now);
+        let (s, now, _, written) = after_a_status_write(Phase::Failed, Next::on_change());
         assert_eq!(
             s.echo(&written, now + Duration::from_secs(3600)),
             Some(Next::on_change())
@@ -342,16 +345,8 @@ mod tests {
 
     #[test]
     fn any_other_resource_version_is_news() {
-        let (s, now) = (Settled::default(), Instant::now());
-        let read = deployment(10);
-        let written = with_status(read.clone(), 11, Phase::Deploying);
-        reconciled(
-            &s,
-            &read,
-            Some(&written),
-            Next::after(Duration::from_secs(3)),
-            now,
-        );
+        let (s, now, read, written) =
+            after_a_status_write(Phase::Deploying, Next::after(Duration::from_secs(3)));
         let mut edited = written.clone();
         edited.metadata.resource_version = Some("12".into());
         assert_eq!(s.echo(&edited, now), None);
@@ -363,33 +358,18 @@ mod tests {
     fn a_reconcile_without_a_write_settles_on_what_it_read() {
         let (s, now) = (Settled::default(), Instant::now());
         let read = with_status(deployment(10), 10, Phase::Ready);
-        reconciled(&s, &read, None, Next::after(Duration::from_secs(60)), now);
+        reconciled(&s, &read, None, Next::after(MINUTE), now);
         // A watch relist delivers the same object again.
         assert!(s.echo(&read, now + Duration::from_secs(1)).is_some());
     }
 
     #[test]
     fn touches_and_key_ring_changes_are_news() {
-        let (s, now) = (Settled::default(), Instant::now());
-        let read = deployment(10);
-        let written = with_status(read.clone(), 11, Phase::Ready);
-        reconciled(
-            &s,
-            &read,
-            Some(&written),
-            Next::after(Duration::from_secs(60)),
-            now,
-        );
+        let (s, now, _, written) = after_a_status_write(Phase::Ready, Next::after(MINUTE));
         s.touch(&ObjectRef::from_obj(&written));
         assert_eq!(s.echo(&written, now), None);
 
-        reconciled(
-            &s,
-            &written,
-            None,
-            Next::after(Duration::from_secs(60)),
-            now,
-        );
+        reconciled(&s, &written, None, Next::after(MINUTE), now);
         assert!(s.echo(&written, now).is_some());
         s.touch_all();
         assert_eq!(s.echo(&written, now), None);
@@ -403,7 +383,7 @@ mod tests {
         let ticket = s.begin(&read);
         s.touch(&ObjectRef::from_obj(&read));
         s.wrote_status(&read, &written);
-        s.settle(ticket, &read, Next::after(Duration::from_secs(60)), now);
+        s.settle(ticket, &read, Next::after(MINUTE), now);
         assert_eq!(s.echo(&written, now), None);
     }
 
@@ -415,26 +395,14 @@ mod tests {
         let mut written = with_status(read.clone(), 12, Phase::Ready);
         written.spec.fly.regions = vec!["ams".into()];
         written.metadata.generation = Some(2);
-        reconciled(
-            &s,
-            &read,
-            Some(&written),
-            Next::after(Duration::from_secs(60)),
-            now,
-        );
+        reconciled(&s, &read, Some(&written), Next::after(MINUTE), now);
         assert_eq!(s.echo(&written, now), None);
         // An annotation (force reconcile, token rotation) does not bump the generation but is news too.
         let mut annotated = with_status(read.clone(), 13, Phase::Ready);
         annotated
             .annotations_mut()
             .insert(crate::api::ROTATE_TOKEN_ANNOTATION.into(), "1".into());
-        reconciled(
-            &s,
-            &read,
-            Some(&annotated),
-            Next::after(Duration::from_secs(60)),
-            now,
-        );
+        reconciled(&s, &read, Some(&annotated), Next::after(MINUTE), now);
         assert_eq!(s.echo(&annotated, now), None);
     }
 
@@ -444,13 +412,7 @@ mod tests {
         let read = deployment(10);
         let mut written = with_status(read.clone(), 11, Phase::Ready);
         written.metadata.managed_fields = Some(vec![Default::default()]);
-        reconciled(
-            &s,
-            &read,
-            Some(&written),
-            Next::after(Duration::from_secs(60)),
-            now,
-        );
+        reconciled(&s, &read, Some(&written), Next::after(MINUTE), now);
         assert!(s.echo(&written, now).is_some());
     }
 
@@ -458,10 +420,10 @@ mod tests {
     fn a_failed_reconcile_and_a_deleted_resource_leave_nothing_to_skip() {
         let (s, now) = (Settled::default(), Instant::now());
         let read = with_status(deployment(10), 10, Phase::Ready);
-        reconciled(&s, &read, None, Next::after(Duration::from_secs(60)), now);
+        reconciled(&s, &read, None, Next::after(MINUTE), now);
         s.unsettle(&read);
         assert_eq!(s.echo(&read, now), None);
-        reconciled(&s, &read, None, Next::after(Duration::from_secs(60)), now);
+        reconciled(&s, &read, None, Next::after(MINUTE), now);
         s.forget(&read);
         assert_eq!(s.echo(&read, now), None);
     }
