@@ -237,10 +237,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         &tracker,
         &controller,
         opts.idle_window,
-        // The first org-wide listing after convergence still reports the machines that started during the last
-        // poll interval (our own changes) and re-checks their deployments once: idle starts after it.
-        opts.settle
-            .max(Duration::from_secs(opts.fleet_poll_seconds) + opts.settle),
+        // Idle starts right after convergence: the first org-wide listing that follows reports the machines that
+        // started meanwhile, and the window shows whether the controller looks at them again (it should not:
+        // those changes are its own and already seen).
+        opts.settle,
     )
     .await?;
     controller.terminate();
