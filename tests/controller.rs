@@ -924,3 +924,63 @@ async fn a_label_selector_shards_which_resources_a_controller_reconciles() -> an
     assert_eq!(apps, [app_of(&mine)], "only this shard's app exists on Fly");
     Ok(())
 }
+
+#[tokio::test]
+async fn our_own_writes_are_not_reconciled_again_but_a_deleted_connection_secret_is_news()
+-> anyhow::Result<()> {
+    let stack = Stack::start("ctl-echo", StackOptions::default()).await?;
+    stack.apply(&manifest("echoed", "")).await?;
+    stack.wait_ready("echoed", READY).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.emulator.reset_counters();
+
+    // A forced reconcile looks once and writes status once (lastHandledReconcileAt); that write comes back
+    // through the watch, and reconciling it would look a second time.
+    let forced = manifest("echoed", "").replace(
+        "metadata: {name: echoed}",
+        "metadata: {name: echoed, annotations: {mcpfly.dev/reconcile-requested-at: \"first\"}}",
+    );
+    stack.apply(&forced).await?;
+    stack
+        .wait_for("echoed", READY, "the request handled", |d| {
+            d.status
+                .as_ref()
+                .unwrap()
+                .last_handled_reconcile_at
+                .as_deref()
+                == Some("first")
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let looks = stack
+        .emulator
+        .event_log()
+        .iter()
+        .filter(|e| e.label == "machines.list")
+        .count();
+    assert_eq!(
+        looks, 1,
+        "one look for the forced reconcile, none for its echo"
+    );
+
+    // The controller ignores the echo of its own connection-Secret write, but not someone deleting it.
+    let secrets: Api<Secret> = Api::namespaced(stack.cp.client().await?, &stack.namespace);
+    secrets
+        .delete("echoed-mcp-connection", &Default::default())
+        .await?;
+    let deadline = tokio::time::Instant::now() + READY;
+    loop {
+        if let Some(secret) = secrets.get_opt("echoed-mcp-connection").await? {
+            let data = secret.data.unwrap_or_default();
+            assert!(data.contains_key("url") && data.contains_key("token"));
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the connection Secret was not recreated"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stack.wait_ready("echoed", READY).await?;
+    Ok(())
+}

@@ -185,6 +185,10 @@ impl Settled {
         let key = key_of(obj);
         let mut inner = self.inner.lock().unwrap();
         inner.resources.remove(&key);
+        // Its connection Secret goes with it (owner reference).
+        inner
+            .own_secrets
+            .remove(&(key.0, obj.connection_secret_name()));
     }
 
     /// Remembers a status write of `read` that returned `written`.
