@@ -153,6 +153,10 @@ impl Settled {
 
     /// Records a successful reconcile of `read` (the object it started from) that asked for `next`.
     pub fn settle(&self, ticket: Ticket, read: &MCPDeployment, next: Next, now: Instant) {
+        // A resource being deleted is looked at until it is gone, then forgotten: keep no record of it.
+        if read.metadata.deletion_timestamp.is_some() {
+            return;
+        }
         let mut inner = self.inner.lock().unwrap();
         let entry = inner.resources.entry(ticket.key).or_default();
         let read_version = version_of(read).unwrap_or(0);
@@ -430,6 +434,14 @@ mod tests {
         reconciled(&s, &read, None, Next::after(MINUTE), now);
         s.forget(&read);
         assert_eq!(s.echo(&read, now), None);
+        // The reconcile that removed the finalizer settles after the forget: nothing is recorded again.
+        let mut deleting = read.clone();
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        reconciled(&s, &deleting, None, Next::on_change(), now);
+        assert!(s.inner.lock().unwrap().resources.is_empty());
     }
 
     #[test]
