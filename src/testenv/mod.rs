@@ -36,6 +36,21 @@ use process::{Stop, Supervised};
 
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// The deployment large tests apply by the thousand: an image source (no registry needed), one machine in one
+/// region, bearer auth (so the controller also writes the connection Secret and sets one Fly secret).
+pub fn image_deployment(namespace: &str, name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "mcpfly.dev/v1alpha1",
+        "kind": "MCPDeployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "source": {"image": {"ref": "ghcr.io/mcpfly/runtime:0.1.0", "port": 8080, "path": "/mcp"}},
+            "fly": {"regions": ["iad"]},
+            "access": {"auth": "bearer"},
+        },
+    })
+}
+
 /// Options for [`ControlPlane::start`].
 #[derive(Clone, Debug)]
 pub struct ControlPlaneOptions {

@@ -235,20 +235,6 @@ impl Drop for Supervisor {
     }
 }
 
-/// An image deployment (no registry needed), one region, one machine, bearer auth.
-pub fn deployment(namespace: &str, name: &str) -> serde_json::Value {
-    serde_json::json!({
-        "apiVersion": "mcpfly.dev/v1alpha1",
-        "kind": "MCPDeployment",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "source": {"image": {"ref": "ghcr.io/mcpfly/runtime:0.1.0", "port": 8080, "path": "/mcp"}},
-            "fly": {"regions": ["iad"], "machinesPerRegion": 1},
-            "access": {"auth": "bearer"},
-        },
-    })
-}
-
 /// Creates `names` with server-side apply, retrying transient apiserver errors.
 pub async fn create_all(
     client: &kube::Client,
@@ -262,7 +248,7 @@ pub async fn create_all(
         let params = params.clone();
         async move {
             for name in chunk {
-                let value = deployment(namespace, name);
+                let value = mcpfly::testenv::image_deployment(namespace, name);
                 let mut tries = 0;
                 loop {
                     match api

@@ -438,27 +438,12 @@ async fn fleet(
     Ok(out)
 }
 
-/// A deployment that needs nothing from a registry: an image, one machine in one region, bearer auth (so the
-/// controller also writes the connection Secret and sets one Fly secret).
-pub fn manifest(namespace: &str, name: &str) -> serde_json::Value {
-    serde_json::json!({
-        "apiVersion": "mcpfly.dev/v1alpha1",
-        "kind": "MCPDeployment",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "source": {"image": {"ref": "ghcr.io/mcpfly/runtime:0.1.0", "port": 8080, "path": "/mcp"}},
-            "fly": {"regions": ["iad"]},
-            "access": {"auth": "bearer"},
-        },
-    })
-}
-
 async fn apply(client: &kube::Client, namespace: &str, name: &str) -> anyhow::Result<()> {
     let api: Api<MCPDeployment> = Api::namespaced(client.clone(), namespace);
     api.patch(
         name,
         &PatchParams::apply("bench").force(),
-        &Patch::Apply(&manifest(namespace, name)),
+        &Patch::Apply(&mcpfly::testenv::image_deployment(namespace, name)),
     )
     .await?;
     Ok(())
