@@ -1,5 +1,6 @@
-//! One reconcile of one `MCPDeployment`: finalizer, suspend, source, credentials, observe → plan → act, the
-//! connection Secret, status and events. Planning itself is pure and lives in [`crate::reconcile`].
+//! One reconcile of one `MCPDeployment`: the finalizer and deletion ([`cleanup`]), suspension, then the phases
+//! of [`Run::phases`]: gather inputs (source, credentials, endpoint token) → desired → observe → ownership →
+//! plan → act → report. Deciding is pure and lives in [`crate::reconcile`]; this file does the I/O.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,10 +24,13 @@ use crate::api::{
 };
 use crate::api::{ROTATE_TOKEN_ANNOTATION, reason};
 use crate::packages::Resolved;
-use crate::reconcile::act::{ActError, Actor};
-use crate::reconcile::desired::{AUTH_TOKEN_SECRET, Inputs, app_name_for, desired};
+use crate::reconcile::act::{ActError, Actor, Outcome};
+use crate::reconcile::desired::{
+    AUTH_TOKEN_SECRET, DesiredDeployment, Inputs, app_name_for, desired,
+};
 use crate::reconcile::observe::observe;
-use crate::reconcile::plan::{Action, ObservedApp, Progress, plan};
+use crate::reconcile::ownership;
+use crate::reconcile::plan::{Action, Blocked, Observed, ObservedApp, Plan, Progress, plan};
 use crate::reconcile::timing::next_look;
 use crate::sealing::unsealer::{CredentialRef, CredentialSource, Unsealer};
 
@@ -151,266 +155,517 @@ async fn cleanup(
     Ok(Next::on_change())
 }
 
+/// Why a reconcile ends before its last phase.
+enum Halt {
+    /// The user must change something: written as `Stalled`; no retry until the resource changes.
+    Stall(Stall),
+    /// Retried with backoff; status is not written.
+    Retry(Error),
+}
+
+impl From<Error> for Halt {
+    fn from(e: Error) -> Self {
+        Halt::Retry(e)
+    }
+}
+
+impl From<kube::Error> for Halt {
+    fn from(e: kube::Error) -> Self {
+        Halt::Retry(e.into())
+    }
+}
+
+impl From<fly_adapter::client::FlyError> for Halt {
+    fn from(e: fly_adapter::client::FlyError) -> Self {
+        Halt::Retry(e.into())
+    }
+}
+
+impl From<Stall> for Halt {
+    fn from(stall: Stall) -> Self {
+        Halt::Stall(stall)
+    }
+}
+
+/// One reconcile of a resource that is not being deleted. Its phases, in order (see [`Run::phases`]): gather
+/// inputs (source, credentials, endpoint token) → desired → observe → ownership → plan → act → report.
+struct Run<'a> {
+    obj: &'a MCPDeployment,
+    namespace: &'a str,
+    name: String,
+    uid: String,
+    generation: Option<i64>,
+    api: &'a Api<MCPDeployment>,
+    ctx: &'a Context,
+    /// Status as read; written again only when the new one differs.
+    stored: MCPDeploymentStatus,
+}
+
+/// The credentials to deliver, unsealed into memory only: digests go to status, values only into the Fly
+/// secrets call. The endpoint token joins them.
+#[derive(Default)]
+struct Credentials {
+    values: BTreeMap<String, fly_adapter::client::types::SecretValue>,
+    digests: BTreeMap<String, String>,
+    /// Credential name → the key that unsealed it.
+    keys: BTreeMap<String, String>,
+}
+
+/// The endpoint token and where it lives.
+struct EndpointToken {
+    connection: ConnectionSecret,
+    /// `None` with `auth: none`.
+    value: Option<String>,
+    /// A new value of the rotate-token annotation asked for a new token this time.
+    rotated: bool,
+}
+
 async fn apply(
     obj: &MCPDeployment,
     namespace: &str,
     api: &Api<MCPDeployment>,
     ctx: &Context,
 ) -> Result<Next, Error> {
-    let name = obj.name_any();
-    let generation = obj.metadata.generation;
-    let stored = obj.status.clone().unwrap_or_default();
-    let mut status = stored.clone();
+    let run = Run {
+        obj,
+        namespace,
+        name: obj.name_any(),
+        uid: obj.uid().unwrap_or_default(),
+        generation: obj.metadata.generation,
+        api,
+        ctx,
+        stored: obj.status.clone().unwrap_or_default(),
+    };
+    let mut status = run.stored.clone();
     status.last_handled_reconcile_at = obj
         .annotations()
         .get(RECONCILE_ANNOTATION)
         .cloned()
-        .or(stored.last_handled_reconcile_at.clone());
+        .or(run.stored.last_handled_reconcile_at.clone());
 
     if obj.spec.suspend {
         status.phase = Some(Phase::Suspended);
         clear(&mut status, ConditionType::Reconciling);
-        write_status(ctx, api, obj, &stored, &status).await?;
+        run.write_status(&status).await?;
         return Ok(Next::on_change());
     }
-
-    // The app name goes into status before the app exists: whatever happens next, we know what we may own.
-    let app = stored
-        .app
-        .clone()
-        .unwrap_or_else(|| app_name_for(&obj.spec, &ctx.settings, namespace, &name));
-    if stored.app.as_deref() != Some(app.as_str()) {
-        status.app = Some(app.clone());
-        status.phase = Some(Phase::Pending);
-        write_status(ctx, api, obj, &stored, &status).await?;
+    let Some(app) = run.record_app_name(&mut status).await? else {
         return Ok(Next::after(Duration::ZERO));
+    };
+    match run.phases(&app, &mut status).await {
+        Ok(next) => {
+            run.write_status(&status).await?;
+            Ok(next)
+        }
+        Err(Halt::Stall(stall)) => stalled(api, obj, &run.stored, status, stall, ctx).await,
+        Err(Halt::Retry(e)) => Err(e),
+    }
+}
+
+impl Run<'_> {
+    /// Every phase of one reconcile, each a function below, in the order they run.
+    async fn phases(&self, app: &str, status: &mut MCPDeploymentStatus) -> Result<Next, Halt> {
+        // Gather inputs.
+        let resolved = self.resolve_source(status).await?;
+        let mut credentials = self.unseal_credentials(status).await?;
+        let token = self.endpoint_token(status, &mut credentials).await?;
+
+        let want = self.desired(app, &resolved, &credentials, status);
+        let observed = self.observe(app).await?;
+        self.prove_ownership(&want, &observed)?;
+        let the_plan = self.plan(app, &want, &observed);
+        let outcome = self
+            .act(
+                app,
+                &want,
+                &observed,
+                &the_plan,
+                &credentials,
+                &token,
+                status,
+            )
+            .await?;
+        Ok(self
+            .report(status, &want, &observed, &the_plan, &outcome, &token)
+            .await)
     }
 
-    // Source: pinned once and recorded in status; a registry is asked again only when the spec's source
-    // changes or the force-reconcile annotation asks, so a reboot never changes what runs.
-    let force = crate::packages::force_requested(
-        obj.annotations()
-            .get(RECONCILE_ANNOTATION)
-            .map(String::as_str),
-        stored.last_handled_reconcile_at.as_deref(),
-    );
-    let pinned =
-        match crate::packages::resolve_pinned(&*ctx.resolver, &obj.spec.source, &stored, force)
-            .await
+    /// The app name goes into status before the app exists: whatever happens next, we know what we may own.
+    /// `None` when it was just recorded (the reconcile continues from the write's echo).
+    async fn record_app_name(
+        &self,
+        status: &mut MCPDeploymentStatus,
+    ) -> Result<Option<String>, Error> {
+        let app = self.stored.app.clone().unwrap_or_else(|| {
+            app_name_for(
+                &self.obj.spec,
+                &self.ctx.settings,
+                self.namespace,
+                &self.name,
+            )
+        });
+        if self.stored.app.as_deref() == Some(app.as_str()) {
+            return Ok(Some(app));
+        }
+        status.app = Some(app);
+        status.phase = Some(Phase::Pending);
+        self.write_status(status).await?;
+        Ok(None)
+    }
+
+    /// Source: pinned once and recorded in status; a registry is asked again only when the spec's source
+    /// changes or the force-reconcile annotation asks, so a reboot never changes what runs.
+    async fn resolve_source(&self, status: &mut MCPDeploymentStatus) -> Result<Resolved, Halt> {
+        let force = crate::packages::force_requested(
+            self.obj
+                .annotations()
+                .get(RECONCILE_ANNOTATION)
+                .map(String::as_str),
+            self.stored.last_handled_reconcile_at.as_deref(),
+        );
+        let pinned = match crate::packages::resolve_pinned(
+            &*self.ctx.resolver,
+            &self.obj.spec.source,
+            &self.stored,
+            force,
+        )
+        .await
         {
             Ok(pinned) => pinned,
-            Err(e) if e.transient => return Err(Error::Resolve(e)),
+            Err(e) if e.transient => return Err(Halt::Retry(Error::Resolve(e))),
             Err(e) => {
-                let stall = Stall {
+                return Err(Halt::Stall(Stall {
                     reason: e.reason.into(),
                     message: e.message.clone(),
                     condition: Some(ConditionType::SourceResolved),
-                };
-                return stalled(api, obj, &stored, status, stall, ctx).await;
+                }));
             }
         };
-    pinned.record(&mut status);
-    let resolved: Resolved = pinned.resolved.clone();
-    match pinned.warnings.as_deref() {
-        // Reused from status: nothing was re-checked, so an earlier warning stands.
-        None if status
-            .condition(ConditionType::SourceResolved)
-            .is_some_and(|c| c.is_true()) => {}
-        None | Some([]) => status.set_condition(condition(
-            ConditionType::SourceResolved,
-            true,
-            reason::RESOLVED,
-            format!("runs {}", resolved.display()),
-            generation,
-        )),
-        // Allowed by policy but worth a person's attention (e.g. a deprecated npm version).
-        Some(warnings) => {
-            let message = warnings
-                .iter()
-                .map(|w| w.message.as_str())
-                .collect::<Vec<_>>()
-                .join("; ");
-            status.set_condition(condition(
+        pinned.record(status);
+        let resolved: Resolved = pinned.resolved.clone();
+        match pinned.warnings.as_deref() {
+            // Reused from status: nothing was re-checked, so an earlier warning stands.
+            None if status
+                .condition(ConditionType::SourceResolved)
+                .is_some_and(|c| c.is_true()) => {}
+            None | Some([]) => status.set_condition(condition(
                 ConditionType::SourceResolved,
                 true,
-                warnings[0].reason,
-                format!("runs {}; {message}", resolved.display()),
-                generation,
-            ));
-            ctx.publish(obj, EventType::Warning, warnings[0].reason, &message)
-                .await;
-        }
-    }
-
-    // Credentials: unsealed only into memory; digests go to status, values only into the Fly secrets call.
-    let unsealed = match ctx.unseal(namespace, &name, &obj.spec.credentials).await {
-        Ok(unsealed) => unsealed,
-        Err(UnsealFailure::Transient(message)) => return Err(Error::Credentials(message)),
-        Err(UnsealFailure::Stall(stall)) => {
-            return stalled(api, obj, &stored, status, stall, ctx).await;
-        }
-    };
-    let mut secret_values = BTreeMap::new();
-    let mut secret_digests = BTreeMap::new();
-    let mut credential_keys = BTreeMap::new();
-    for credential in &unsealed.credentials {
-        secret_values.insert(
-            credential.name.clone(),
-            fly_adapter::client::types::SecretValue::new(credential.value.expose()),
-        );
-        secret_digests.insert(credential.name.clone(), credential.digest.clone());
-        if let crate::sealing::unsealer::UnsealedFrom::Sealed { key_id, .. } = &credential.source {
-            credential_keys.insert(credential.name.clone(), key_id.as_str().to_string());
-        }
-    }
-    status.set_condition(condition(
-        ConditionType::CredentialsReady,
-        true,
-        reason::UNSEALED,
-        format!("{} credential(s) ready", unsealed.credentials.len()),
-        generation,
-    ));
-
-    // The endpoint token lives in the connection Secret, the one place MCP clients read it from.
-    let connection = ConnectionSecret::read(ctx, namespace, &obj.connection_secret_name()).await?;
-    // A new value of the rotate-token annotation replaces the token; otherwise the stored one stands.
-    let rotation = obj.annotations().get(ROTATE_TOKEN_ANNOTATION).cloned();
-    let rotate = rotation.is_some() && rotation != stored.token_rotation;
-    let token = match obj.spec.access.auth {
-        Auth::Bearer => Some(match (&connection.token, rotate) {
-            (Some(existing), false) => existing.clone(),
-            _ => generate_token(),
-        }),
-        Auth::None => None,
-    };
-    status.token_rotation = rotation.or(stored.token_rotation.clone());
-    if let Some(token) = &token {
-        let value = crate::sealing::SecretValue::new(token.clone());
-        secret_digests.insert(
-            AUTH_TOKEN_SECRET.to_string(),
-            crate::sealing::credential_digest(AUTH_TOKEN_SECRET, &value),
-        );
-        secret_values.insert(
-            AUTH_TOKEN_SECRET.to_string(),
-            fly_adapter::client::types::SecretValue::new(token.clone()),
-        );
-    }
-
-    let uid = obj.uid().unwrap_or_default();
-    let inputs = Inputs {
-        namespace,
-        name: &name,
-        uid: &uid,
-        spec: &obj.spec,
-        resolved: &resolved,
-        secrets: secret_digests.clone(),
-    };
-    let mut want = desired(&inputs, &ctx.settings);
-    want.app = app.clone();
-    status.url = Some(want.url.clone());
-
-    let ready_for_generation =
-        stored.phase == Some(Phase::Ready) && stored.observed_generation == generation;
-    let with_ips = !ready_for_generation && !ctx.in_flight.ips_known(&app, generation);
-    let observed = observe(&ctx.fly, &app, with_ips, ctx.in_flight.app_known(&app)).await?;
-    if observed.app == ObservedApp::Missing {
-        ctx.in_flight.forget_known_app(&app);
-    }
-    ctx.fleet.observed(&app, &observed.machines);
-    ctx.start_times.learn(&observed.machines);
-    let progress = Progress {
-        applied_secrets: stored
-            .credentials
-            .iter()
-            .map(|c| (c.name.clone(), c.digest.clone()))
-            .collect(),
-        leased: ctx.in_flight.leased_machines(&app),
-        unconfirmed_creates: ctx.in_flight.unconfirmed_creates(&app),
-    };
-    let the_plan = match plan(&want, &observed, &progress, &uid) {
-        Ok(p) => p,
-        Err(blocked) => {
-            let stall = Stall {
-                reason: blocked.reason.into(),
-                message: blocked.message,
-                condition: None,
-            };
-            return stalled(api, obj, &stored, status, stall, ctx).await;
-        }
-    };
-
-    // The connection Secret is the token's one home: written before Fly receives it, so a retry after any
-    // failure converges on the same token. (During a rotation clients may see the new token a moment before
-    // the machines accept it.)
-    connection
-        .ensure(ctx, obj, &want.url, token.as_deref())
-        .await?;
-
-    let actor = Actor {
-        fly: &ctx.fly,
-        app: &app,
-        in_flight: &ctx.in_flight,
-        secret_values: &secret_values,
-        desired_secrets: &secret_digests,
-        secrets_version: stored.secrets_version.map(|v| v as u64),
-        lease_owner: &ctx.identity,
-    };
-    let outcome = actor.run(&the_plan).await;
-    if outcome.error.is_none() {
-        // The app exists in our org now, and its IPs are complete if they were looked at (or just assigned).
-        let ips_done = observed.ips.is_some() || observed.app == ObservedApp::Missing;
-        ctx.in_flight
-            .note_app(&app, ips_done.then_some(generation).flatten());
-    }
-    for (reason, note) in &outcome.done {
-        info!(reason, note, "changed on Fly");
-        ctx.publish(obj, EventType::Normal, reason, note).await;
-    }
-    if let Some(version) = outcome.secrets_version {
-        status.secrets_version = Some(version as i64);
-    }
-    if let Some(applied) = &outcome.applied_secrets {
-        status.credentials = applied
-            .iter()
-            .map(|(name, digest)| CredentialStatus {
-                name: name.clone(),
-                digest: digest.clone(),
-                key: credential_keys.get(name).cloned(),
-            })
-            .collect();
-    } else {
-        // Report which key unsealed each credential that is already delivered (rotation visibility).
-        for entry in &mut status.credentials {
-            if secret_digests.get(&entry.name) == Some(&entry.digest) {
-                entry.key = credential_keys.get(&entry.name).cloned();
+                reason::RESOLVED,
+                format!("runs {}", resolved.display()),
+                self.generation,
+            )),
+            // Allowed by policy but worth a person's attention (e.g. a deprecated npm version).
+            Some(warnings) => {
+                let message = warnings
+                    .iter()
+                    .map(|w| w.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                status.set_condition(condition(
+                    ConditionType::SourceResolved,
+                    true,
+                    warnings[0].reason,
+                    format!("runs {}; {message}", resolved.display()),
+                    self.generation,
+                ));
+                self.ctx
+                    .publish(self.obj, EventType::Warning, warnings[0].reason, &message)
+                    .await;
             }
         }
+        Ok(resolved)
     }
 
-    let requeue = match &outcome.error {
-        None if the_plan.converged() => Next::after(ctx.ready_requeue()),
-        None => Next::after(next_look(
-            &observed.machines,
-            the_plan
-                .actions
-                .iter()
-                .any(|a| matches!(a, Action::CreateMachine { .. })),
-            chrono::Utc::now().timestamp_millis(),
-            ctx.converge_interval,
-            ctx.start_times.expected(),
-        )),
-        Some(ActError::Ambiguous { .. }) => Next::after(AFTER_AMBIGUOUS),
-        Some(ActError::AppNameTaken) => {
-            let stall = Stall {
-                reason: reason::APP_NAME_TAKEN.into(),
-                message: format!(
-                    "Fly app name {app} belongs to another organization; set spec.fly.app to a name that is free on Fly"
-                ),
-                condition: None,
-            };
-            return stalled(api, obj, &stored, status, stall, ctx).await;
+    /// Credentials: unsealed only into memory.
+    async fn unseal_credentials(
+        &self,
+        status: &mut MCPDeploymentStatus,
+    ) -> Result<Credentials, Halt> {
+        let unsealed = match self
+            .ctx
+            .unseal(self.namespace, &self.name, &self.obj.spec.credentials)
+            .await
+        {
+            Ok(unsealed) => unsealed,
+            Err(UnsealFailure::Transient(message)) => {
+                return Err(Halt::Retry(Error::Credentials(message)));
+            }
+            Err(UnsealFailure::Stall(stall)) => return Err(Halt::Stall(stall)),
+        };
+        let mut credentials = Credentials::default();
+        for credential in &unsealed.credentials {
+            credentials.values.insert(
+                credential.name.clone(),
+                fly_adapter::client::types::SecretValue::new(credential.value.expose()),
+            );
+            credentials
+                .digests
+                .insert(credential.name.clone(), credential.digest.clone());
+            if let crate::sealing::unsealer::UnsealedFrom::Sealed { key_id, .. } =
+                &credential.source
+            {
+                credentials
+                    .keys
+                    .insert(credential.name.clone(), key_id.as_str().to_string());
+            }
         }
-        Some(ActError::Fly { source, .. })
+        status.set_condition(condition(
+            ConditionType::CredentialsReady,
+            true,
+            reason::UNSEALED,
+            format!("{} credential(s) ready", unsealed.credentials.len()),
+            self.generation,
+        ));
+        Ok(credentials)
+    }
+
+    /// The endpoint token lives in the connection Secret, the one place MCP clients read it from; it is
+    /// delivered to Fly with the credentials.
+    async fn endpoint_token(
+        &self,
+        status: &mut MCPDeploymentStatus,
+        credentials: &mut Credentials,
+    ) -> Result<EndpointToken, Halt> {
+        let connection =
+            ConnectionSecret::read(self.ctx, self.namespace, &self.obj.connection_secret_name())
+                .await?;
+        // A new value of the rotate-token annotation replaces the token; otherwise the stored one stands.
+        let rotation = self.obj.annotations().get(ROTATE_TOKEN_ANNOTATION).cloned();
+        let rotated = rotation.is_some() && rotation != self.stored.token_rotation;
+        let value = match self.obj.spec.access.auth {
+            Auth::Bearer => Some(match (&connection.token, rotated) {
+                (Some(existing), false) => existing.clone(),
+                _ => generate_token(),
+            }),
+            Auth::None => None,
+        };
+        status.token_rotation = rotation.or(self.stored.token_rotation.clone());
+        if let Some(token) = &value {
+            let secret = crate::sealing::SecretValue::new(token.clone());
+            credentials.digests.insert(
+                AUTH_TOKEN_SECRET.to_string(),
+                crate::sealing::credential_digest(AUTH_TOKEN_SECRET, &secret),
+            );
+            credentials.values.insert(
+                AUTH_TOKEN_SECRET.to_string(),
+                fly_adapter::client::types::SecretValue::new(token.clone()),
+            );
+        }
+        Ok(EndpointToken {
+            connection,
+            value,
+            rotated,
+        })
+    }
+
+    /// What Fly should look like (pure, see [`desired`]).
+    fn desired(
+        &self,
+        app: &str,
+        resolved: &Resolved,
+        credentials: &Credentials,
+        status: &mut MCPDeploymentStatus,
+    ) -> DesiredDeployment {
+        let inputs = Inputs {
+            namespace: self.namespace,
+            name: &self.name,
+            uid: &self.uid,
+            spec: &self.obj.spec,
+            resolved,
+            secrets: credentials.digests.clone(),
+        };
+        let mut want = desired(&inputs, &self.ctx.settings);
+        want.app = app.to_string();
+        status.url = Some(want.url.clone());
+        want
+    }
+
+    /// What Fly has, in as few calls as this process's memory allows.
+    async fn observe(&self, app: &str) -> Result<Observed, Halt> {
+        let ctx = self.ctx;
+        let ready_for_generation = self.stored.phase == Some(Phase::Ready)
+            && self.stored.observed_generation == self.generation;
+        let with_ips = !ready_for_generation && !ctx.in_flight.ips_known(app, self.generation);
+        let observed = observe(&ctx.fly, app, with_ips, ctx.in_flight.app_known(app)).await?;
+        if observed.app == ObservedApp::Missing {
+            ctx.in_flight.forget_known_app(app);
+        }
+        ctx.fleet.observed(app, &observed.machines);
+        ctx.start_times.learn(&observed.machines);
+        Ok(observed)
+    }
+
+    /// Nothing on Fly is changed unless it is proven ours (see [`ownership`]).
+    fn prove_ownership(&self, want: &DesiredDeployment, observed: &Observed) -> Result<(), Stall> {
+        ownership::check(want, observed, &self.uid).map_err(blocked_stall)
+    }
+
+    /// The actions that get there (pure, see [`plan`]).
+    fn plan(&self, app: &str, want: &DesiredDeployment, observed: &Observed) -> Plan {
+        let progress = Progress {
+            applied_secrets: self
+                .stored
+                .credentials
+                .iter()
+                .map(|c| (c.name.clone(), c.digest.clone()))
+                .collect(),
+            leased: self.ctx.in_flight.leased_machines(app),
+            unconfirmed_creates: self.ctx.in_flight.unconfirmed_creates(app),
+        };
+        plan(want, observed, &progress)
+    }
+
+    /// Carries out the plan: the connection Secret first, then Fly. What was done is announced as events and
+    /// recorded in status even when a later action failed; a failure the user must fix stalls.
+    #[allow(clippy::too_many_arguments)]
+    async fn act(
+        &self,
+        app: &str,
+        want: &DesiredDeployment,
+        observed: &Observed,
+        the_plan: &Plan,
+        credentials: &Credentials,
+        token: &EndpointToken,
+        status: &mut MCPDeploymentStatus,
+    ) -> Result<Outcome, Halt> {
+        let ctx = self.ctx;
+        // The connection Secret is the token's one home: written before Fly receives it, so a retry after any
+        // failure converges on the same token. (During a rotation clients may see the new token a moment
+        // before the machines accept it.)
+        token
+            .connection
+            .ensure(ctx, self.obj, &want.url, token.value.as_deref())
+            .await?;
+
+        let actor = Actor {
+            fly: &ctx.fly,
+            app,
+            in_flight: &ctx.in_flight,
+            secret_values: &credentials.values,
+            desired_secrets: &credentials.digests,
+            secrets_version: self.stored.secrets_version.map(|v| v as u64),
+            lease_owner: &ctx.identity,
+        };
+        let outcome = actor.run(the_plan).await;
+        if outcome.error.is_none() {
+            // The app exists in our org now, and its IPs are complete if they were looked at (or just assigned).
+            let ips_done = observed.ips.is_some() || observed.app == ObservedApp::Missing;
+            ctx.in_flight
+                .note_app(app, ips_done.then_some(self.generation).flatten());
+        }
+        for (reason, note) in &outcome.done {
+            info!(reason, note, "changed on Fly");
+            ctx.publish(self.obj, EventType::Normal, reason, note).await;
+        }
+        if let Some(version) = outcome.secrets_version {
+            status.secrets_version = Some(version as i64);
+        }
+        if let Some(applied) = &outcome.applied_secrets {
+            status.credentials = applied
+                .iter()
+                .map(|(name, digest)| CredentialStatus {
+                    name: name.clone(),
+                    digest: digest.clone(),
+                    key: credentials.keys.get(name).cloned(),
+                })
+                .collect();
+        } else {
+            // Report which key unsealed each credential that is already delivered (rotation visibility).
+            for entry in &mut status.credentials {
+                if credentials.digests.get(&entry.name) == Some(&entry.digest) {
+                    entry.key = credentials.keys.get(&entry.name).cloned();
+                }
+            }
+        }
+        match outcome.error.as_ref().and_then(|e| act_error_stall(app, e)) {
+            Some(stall) => Err(Halt::Stall(stall)),
+            None => Ok(outcome),
+        }
+    }
+
+    /// Status from what was planned and done, verification of a converged endpoint, and when to look again.
+    async fn report(
+        &self,
+        status: &mut MCPDeploymentStatus,
+        want: &DesiredDeployment,
+        observed: &Observed,
+        the_plan: &Plan,
+        outcome: &Outcome,
+        token: &EndpointToken,
+    ) -> Next {
+        let ctx = self.ctx;
+        let mut requeue = match &outcome.error {
+            None if the_plan.converged() => Next::after(ctx.ready_requeue()),
+            None => Next::after(next_look(
+                &observed.machines,
+                the_plan
+                    .actions
+                    .iter()
+                    .any(|a| matches!(a, Action::CreateMachine { .. })),
+                chrono::Utc::now().timestamp_millis(),
+                ctx.converge_interval,
+                ctx.start_times.expected(),
+            )),
+            Some(ActError::Ambiguous { .. }) => Next::after(AFTER_AMBIGUOUS),
+            Some(_) => Next::after(ctx.converge_interval.max(Duration::from_secs(1))),
+        };
+        let act_error = outcome.error.as_ref().map(|e| e.to_string());
+        mark_progress(
+            status,
+            the_plan,
+            &observed.machines,
+            act_error.as_deref(),
+            self.generation,
+        );
+        if ctx.verify {
+            let converged = the_plan.converged() && act_error.is_none();
+            // Only a rollout (new config or secrets on the machines) makes the last verification stale. A
+            // machine that autostop parked and traffic woke is the same server: verifying it again would wake
+            // it again.
+            let rollout = the_plan.actions.iter().any(|a| {
+                matches!(
+                    a,
+                    Action::SetSecrets { .. }
+                        | Action::CreateMachine { .. }
+                        | Action::UpdateMachine { .. }
+                )
+            });
+            if let Some(retry) = verify(
+                status,
+                converged,
+                rollout,
+                token.rotated,
+                &want.url,
+                token.value.as_deref(),
+                self.generation,
+            )
+            .await
+            {
+                requeue = Next::after(retry);
+            }
+        }
+        requeue
+    }
+
+    async fn write_status(&self, status: &MCPDeploymentStatus) -> Result<(), Error> {
+        write_status(self.ctx, self.api, self.obj, &self.stored, status).await
+    }
+}
+
+fn blocked_stall(blocked: Blocked) -> Stall {
+    Stall {
+        reason: blocked.reason.into(),
+        message: blocked.message,
+        condition: None,
+    }
+}
+
+/// Act-level failures the user must fix: retrying the same request cannot help.
+fn act_error_stall(app: &str, error: &ActError) -> Option<Stall> {
+    match error {
+        ActError::AppNameTaken => Some(blocked_stall(ownership::app_taken(app))),
+        ActError::Fly { source, .. }
             if !source.is_retryable()
                 && !matches!(
                     source,
@@ -418,56 +673,15 @@ async fn apply(
                         | fly_adapter::client::FlyError::Precondition { .. }
                 ) =>
         {
-            // Fly refused what we asked for (e.g. an invalid config): retrying the same request cannot help.
-            let stall = Stall {
+            // Fly refused what we asked for (e.g. an invalid config).
+            Some(Stall {
                 reason: reason::FLY_REJECTED.into(),
-                message: format!(
-                    "{}; fix the spec and apply again",
-                    outcome.error.as_ref().unwrap()
-                ),
+                message: format!("{error}; fix the spec and apply again"),
                 condition: None,
-            };
-            return stalled(api, obj, &stored, status, stall, ctx).await;
+            })
         }
-        Some(_) => Next::after(ctx.converge_interval.max(Duration::from_secs(1))),
-    };
-    let act_error = outcome.error.as_ref().map(|e| e.to_string());
-    mark_progress(
-        &mut status,
-        &the_plan,
-        &observed.machines,
-        act_error.as_deref(),
-        generation,
-    );
-    let mut requeue = requeue;
-    if ctx.verify {
-        let converged = the_plan.converged() && act_error.is_none();
-        // Only a rollout (new config or secrets on the machines) makes the last verification stale. A machine
-        // that autostop parked and traffic woke is the same server: verifying it again would wake it again.
-        let rollout = the_plan.actions.iter().any(|a| {
-            matches!(
-                a,
-                Action::SetSecrets { .. }
-                    | Action::CreateMachine { .. }
-                    | Action::UpdateMachine { .. }
-            )
-        });
-        if let Some(retry) = verify(
-            &mut status,
-            converged,
-            rollout,
-            rotate,
-            &want.url,
-            token.as_deref(),
-            generation,
-        )
-        .await
-        {
-            requeue = Next::after(retry);
-        }
+        _ => None,
     }
-    write_status(ctx, api, obj, &stored, &status).await?;
-    Ok(requeue)
 }
 
 /// After a retry failure, look again after this long.

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use fly_adapter::client::types::{IpAssignment, Machine};
 
 use super::desired::{DesiredDeployment, DesiredMachine, comparable_hash, metadata};
-use crate::api::{RolloutStrategy, reason};
+use crate::api::RolloutStrategy;
 
 /// The Fly app as observed.
 #[derive(Clone, Debug, PartialEq)]
@@ -139,82 +139,23 @@ impl Plan {
     }
 }
 
-pub fn plan(
-    desired: &DesiredDeployment,
-    observed: &Observed,
-    progress: &Progress,
-    owner_uid: &str,
-) -> Result<Plan, Blocked> {
+/// The actions that bring an app this controller may change (see [`super::ownership`]) to `desired`.
+pub fn plan(desired: &DesiredDeployment, observed: &Observed, progress: &Progress) -> Plan {
     let mut plan = Plan {
         desired_machines: desired.machines.len(),
         ..Default::default()
     };
-
-    match &observed.app {
-        ObservedApp::OwnedByOtherOrg => return Err(app_taken(&desired.app)),
-        ObservedApp::Present { org } if !org.is_empty() && org != &desired.org => {
-            return Err(Blocked {
-                reason: reason::APP_NAME_TAKEN,
-                message: format!(
-                    "Fly app {} belongs to org {org}, not {}; set spec.fly.app to a free name or spec.fly.org to \
-                     the app's org",
-                    desired.app, desired.org
-                ),
-            });
-        }
-        ObservedApp::Present { .. } => {
-            if let Some(foreign) = observed
-                .machines
-                .iter()
-                .find(|m| owner_of(m).is_some_and(|uid| uid != owner_uid))
-            {
-                return Err(Blocked {
-                    reason: reason::APP_NOT_OWNED,
-                    message: format!(
-                        "Fly app {} already runs machine {} created for another resource ({}); set spec.fly.app to \
-                         a free name",
-                        desired.app,
-                        foreign.id,
-                        foreign
-                            .config
-                            .as_ref()
-                            .and_then(|c| c.metadata.get(metadata::RESOURCE))
-                            .map_or("?", |s| s)
-                    ),
-                });
-            }
-        }
-        ObservedApp::Missing => {
-            plan.actions.push(Action::CreateApp {
-                name: desired.app.clone(),
-                org: desired.org.clone(),
-                network: desired.network.clone(),
-            });
-        }
+    if observed.app == ObservedApp::Missing {
+        plan.actions.push(Action::CreateApp {
+            name: desired.app.clone(),
+            org: desired.org.clone(),
+            network: desired.network.clone(),
+        });
     }
-
     plan_ips(observed, &mut plan);
     plan_secrets(desired, progress, &mut plan);
     plan_machines(desired, observed, progress, &mut plan);
-    Ok(plan)
-}
-
-fn app_taken(app: &str) -> Blocked {
-    Blocked {
-        reason: reason::APP_NAME_TAKEN,
-        message: format!(
-            "Fly app name {app} belongs to another organization; set spec.fly.app to a name that is free on Fly"
-        ),
-    }
-}
-
-fn owner_of(machine: &Machine) -> Option<&str> {
-    machine
-        .config
-        .as_ref()?
-        .metadata
-        .get(metadata::OWNER_UID)
-        .map(String::as_str)
+    plan
 }
 
 fn plan_ips(observed: &Observed, plan: &mut Plan) {
@@ -444,4 +385,4 @@ fn checks_summary(machine: &Machine) -> String {
 
 #[cfg(test)]
 #[path = "plan_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -7,9 +7,9 @@ use crate::api::MCPDeploymentSpec;
 use crate::packages::{Resolved, ResolvedKind};
 use crate::reconcile::desired::{Inputs, Settings, desired};
 
-const UID: &str = "uid-1";
+pub(crate) const UID: &str = "uid-1";
 
-fn settings() -> Settings {
+pub(crate) fn settings() -> Settings {
     Settings {
         app_prefix: "mcpfly".into(),
         cluster_name: "test".into(),
@@ -19,16 +19,16 @@ fn settings() -> Settings {
     }
 }
 
-fn spec(yaml: &str) -> MCPDeploymentSpec {
+pub(crate) fn spec(yaml: &str) -> MCPDeploymentSpec {
     serde_yaml::from_str(yaml).expect("spec parses")
 }
 
-const BASE: &str = r#"
+pub(crate) const BASE: &str = r#"
 source: {npm: {package: "@acme/server", version: "1.2.3"}}
 fly: {regions: [iad, ams], machinesPerRegion: 1}
 "#;
 
-fn want(yaml: &str, secrets: &[(&str, &str)]) -> DesiredDeployment {
+pub(crate) fn want(yaml: &str, secrets: &[(&str, &str)]) -> DesiredDeployment {
     let spec = spec(yaml);
     let resolved = Resolved {
         kind: ResolvedKind::Npm {
@@ -56,7 +56,7 @@ fn want(yaml: &str, secrets: &[(&str, &str)]) -> DesiredDeployment {
 }
 
 /// A machine as Fly would report it after running `machine`'s config.
-fn running(id: &str, machine: &DesiredMachine, state: &str) -> Machine {
+pub(crate) fn running(id: &str, machine: &DesiredMachine, state: &str) -> Machine {
     Machine {
         id: id.into(),
         name: machine.name.clone(),
@@ -75,7 +75,7 @@ fn running(id: &str, machine: &DesiredMachine, state: &str) -> Machine {
     }
 }
 
-fn public_ips() -> Vec<IpAssignment> {
+pub(crate) fn public_ips() -> Vec<IpAssignment> {
     vec![
         IpAssignment {
             ip: "2a09:8280::1".into(),
@@ -90,7 +90,7 @@ fn public_ips() -> Vec<IpAssignment> {
     ]
 }
 
-fn converged_observation(d: &DesiredDeployment) -> Observed {
+pub(crate) fn converged_observation(d: &DesiredDeployment) -> Observed {
     Observed {
         app: ObservedApp::Present { org: "acme".into() },
         machines: d
@@ -103,14 +103,14 @@ fn converged_observation(d: &DesiredDeployment) -> Observed {
     }
 }
 
-fn applied(d: &DesiredDeployment) -> Progress {
+pub(crate) fn applied(d: &DesiredDeployment) -> Progress {
     Progress {
         applied_secrets: d.secrets.clone(),
         ..Default::default()
     }
 }
 
-fn kinds(plan: &Plan) -> Vec<String> {
+pub(crate) fn kinds(plan: &Plan) -> Vec<String> {
     plan.actions
         .iter()
         .map(|a| match a {
@@ -144,7 +144,7 @@ fn fresh_deployment_creates_app_ips_secrets_and_every_machine_in_order() {
         machines: vec![],
         ips: None,
     };
-    let plan = plan(&d, &observed, &Progress::default(), UID).unwrap();
+    let plan = plan(&d, &observed, &Progress::default());
     assert_eq!(
         kinds(&plan),
         [
@@ -170,7 +170,7 @@ fn fresh_deployment_creates_app_ips_secrets_and_every_machine_in_order() {
 #[test]
 fn matching_state_needs_nothing() {
     let d = want(BASE, &[("GITHUB_TOKEN", "sha256:aa")]);
-    let plan = plan(&d, &converged_observation(&d), &applied(&d), UID).unwrap();
+    let plan = plan(&d, &converged_observation(&d), &applied(&d));
     assert!(plan.actions.is_empty(), "{:?}", kinds(&plan));
     assert!(plan.converged());
     assert_eq!((plan.ready_machines, plan.desired_machines), (2, 2));
@@ -181,10 +181,10 @@ fn unobserved_ips_are_not_reassigned() {
     let d = want(BASE, &[]);
     let mut observed = converged_observation(&d);
     observed.ips = None;
-    assert!(plan(&d, &observed, &applied(&d), UID).unwrap().converged());
+    assert!(plan(&d, &observed, &applied(&d)).converged());
     observed.ips = Some(vec![]);
     assert_eq!(
-        kinds(&plan(&d, &observed, &applied(&d), UID).unwrap()),
+        kinds(&plan(&d, &observed, &applied(&d))),
         ["ip-v6", "ip-shared_v4"]
     );
 }
@@ -195,7 +195,7 @@ fn env_change_rolls_one_machine_at_a_time_with_a_lease() {
     let new = want(&format!("{BASE}env: {{LOG_LEVEL: debug}}\n"), &[]);
     assert_ne!(old.machines[0].config_hash, new.machines[0].config_hash);
     let observed = converged_observation(&old);
-    let plan = plan(&new, &observed, &applied(&new), UID).unwrap();
+    let plan = plan(&new, &observed, &applied(&new));
     assert_eq!(kinds(&plan), ["update iad-0 skip_launch=false lease=true"]);
     assert_eq!(plan.waiting.len(), 1, "ams-0 waits for its turn");
 
@@ -204,12 +204,12 @@ fn env_change_rolls_one_machine_at_a_time_with_a_lease() {
     observed.machines[0] = running("m0", &new.machines[0], "starting");
     let mut progress = applied(&new);
     progress.leased.insert("m0".into());
-    let plan2 = super::plan(&new, &observed, &progress, UID).unwrap();
+    let plan2 = super::plan(&new, &observed, &progress);
     assert!(plan2.actions.is_empty(), "{:?}", kinds(&plan2));
 
     // iad-0 healthy: its lease is released and ams-0 goes next.
     observed.machines[0] = running("m0", &new.machines[0], "started");
-    let plan3 = super::plan(&new, &observed, &progress, UID).unwrap();
+    let plan3 = super::plan(&new, &observed, &progress);
     assert_eq!(
         kinds(&plan3),
         ["release m0", "update ams-0 skip_launch=false lease=true"]
@@ -222,10 +222,10 @@ fn max_unavailable_two_updates_two_after_the_first() {
     let old = want(yaml, &[]);
     let new = want(&format!("{yaml}env: {{A: b}}\n"), &[]);
     let mut observed = converged_observation(&old);
-    let first = plan(&new, &observed, &applied(&new), UID).unwrap();
+    let first = plan(&new, &observed, &applied(&new));
     assert_eq!(kinds(&first).len(), 1, "the first machine goes alone");
     observed.machines[0] = running("m0", &new.machines[0], "started");
-    let second = plan(&new, &observed, &applied(&new), UID).unwrap();
+    let second = plan(&new, &observed, &applied(&new));
     assert_eq!(
         kinds(&second),
         [
@@ -240,7 +240,7 @@ fn immediate_strategy_updates_everything_without_holding_leases() {
     let yaml = format!("{BASE}rollout: {{strategy: immediate}}\n");
     let old = want(&yaml, &[]);
     let new = want(&format!("{yaml}env: {{A: b}}\n"), &[]);
-    let plan = plan(&new, &converged_observation(&old), &applied(&new), UID).unwrap();
+    let plan = plan(&new, &converged_observation(&old), &applied(&new));
     assert_eq!(
         kinds(&plan),
         [
@@ -258,7 +258,7 @@ fn a_new_credential_value_sets_secrets_once_then_rolls_machines() {
         old.machines[0].config_hash, new.machines[0].config_hash,
         "secret change must roll machines"
     );
-    let plan = plan(&new, &converged_observation(&old), &applied(&old), UID).unwrap();
+    let plan = plan(&new, &converged_observation(&old), &applied(&old));
     assert_eq!(
         kinds(&plan),
         [
@@ -272,7 +272,7 @@ fn a_new_credential_value_sets_secrets_once_then_rolls_machines() {
 fn removed_credential_is_unset() {
     let old = want(BASE, &[("A", "sha256:1"), ("B", "sha256:2")]);
     let new = want(BASE, &[("A", "sha256:1")]);
-    let plan = plan(&new, &converged_observation(&new), &applied(&old), UID).unwrap();
+    let plan = plan(&new, &converged_observation(&new), &applied(&old));
     assert_eq!(kinds(&plan), [r#"secrets set=[] unset=["B"]"#]);
 }
 
@@ -286,7 +286,7 @@ fly: {regions: [iad, ams, syd], machinesPerRegion: 1}
 "#,
         &[],
     );
-    let plan_add = plan(&with_syd, &converged_observation(&two), &applied(&two), UID).unwrap();
+    let plan_add = plan(&with_syd, &converged_observation(&two), &applied(&two));
     assert_eq!(kinds(&plan_add), ["create syd-0"]);
 
     let only_iad = want(
@@ -296,7 +296,7 @@ fly: {regions: [iad], machinesPerRegion: 1}
 "#,
         &[],
     );
-    let plan_remove = plan(&only_iad, &converged_observation(&two), &applied(&two), UID).unwrap();
+    let plan_remove = plan(&only_iad, &converged_observation(&two), &applied(&two));
     assert_eq!(kinds(&plan_remove), ["destroy ams-0 NotDesired"]);
 }
 
@@ -306,7 +306,7 @@ fn autostop_parked_machines_are_not_drift_but_stopped_ones_without_autostop_are_
     let mut observed = converged_observation(&d);
     observed.machines[0].state = "suspended".into();
     observed.machines[1].state = "stopped".into();
-    assert!(plan(&d, &observed, &applied(&d), UID).unwrap().converged());
+    assert!(plan(&d, &observed, &applied(&d)).converged());
 
     let off = want(
         &BASE.replace(
@@ -318,7 +318,7 @@ fn autostop_parked_machines_are_not_drift_but_stopped_ones_without_autostop_are_
     let mut observed = converged_observation(&off);
     observed.machines[1].state = "stopped".into();
     assert_eq!(
-        kinds(&plan(&off, &observed, &applied(&off), UID).unwrap()),
+        kinds(&plan(&off, &observed, &applied(&off))),
         ["start ams-0"]
     );
 }
@@ -333,7 +333,7 @@ fn altered_config_is_restored() {
         .unwrap()
         .env
         .insert("INJECTED".into(), "1".into());
-    let plan = plan(&d, &observed, &applied(&d), UID).unwrap();
+    let plan = plan(&d, &observed, &applied(&d));
     assert_eq!(kinds(&plan), ["update ams-0 skip_launch=false lease=true"]);
 }
 
@@ -344,7 +344,7 @@ fn unhealthy_hosts_and_failed_machines_are_replaced() {
     observed.machines[0].host_status = Some("unreachable".into());
     observed.machines[0].config = None;
     observed.machines[1].state = "failed".into();
-    let plan = plan(&d, &observed, &applied(&d), UID).unwrap();
+    let plan = plan(&d, &observed, &applied(&d));
     assert_eq!(
         kinds(&plan),
         [
@@ -356,7 +356,7 @@ fn unhealthy_hosts_and_failed_machines_are_replaced() {
     );
     let mut observed = converged_observation(&d);
     observed.machines[0].host_status = Some("unknown".into());
-    let plan = super::plan(&d, &observed, &applied(&d), UID).unwrap();
+    let plan = super::plan(&d, &observed, &applied(&d));
     assert_eq!(
         kinds(&plan),
         ["destroy iad-0 HostUnhealthy", "create iad-0"]
@@ -370,7 +370,7 @@ fn duplicates_after_an_ambiguous_create_are_destroyed_keeping_the_oldest() {
     let mut twin = running("m9", &d.machines[0], "started");
     twin.created_at = "2026-01-01T00:00:05Z".into();
     observed.machines.push(twin);
-    let plan = plan(&d, &observed, &applied(&d), UID).unwrap();
+    let plan = plan(&d, &observed, &applied(&d));
     assert_eq!(kinds(&plan), ["destroy iad-0 Duplicate"]);
     let Action::DestroyMachine { id, .. } = &plan.actions[0] else {
         unreachable!()
@@ -385,53 +385,9 @@ fn an_unconfirmed_create_is_looked_for_before_creating_again() {
     observed.machines.remove(1);
     let mut progress = applied(&d);
     progress.unconfirmed_creates.insert("ams-0".into());
-    let plan = plan(&d, &observed, &progress, UID).unwrap();
+    let plan = plan(&d, &observed, &progress);
     assert!(plan.actions.is_empty(), "{:?}", kinds(&plan));
     assert_eq!(plan.waiting.len(), 1);
-}
-
-#[test]
-fn someone_elses_app_blocks_with_no_actions() {
-    let d = want(BASE, &[]);
-    let observed = Observed {
-        app: ObservedApp::OwnedByOtherOrg,
-        machines: vec![],
-        ips: None,
-    };
-    assert_eq!(
-        plan(&d, &observed, &Progress::default(), UID)
-            .unwrap_err()
-            .reason,
-        "AppNameTaken"
-    );
-
-    let other_org = Observed {
-        app: ObservedApp::Present {
-            org: "other".into(),
-        },
-        machines: vec![],
-        ips: None,
-    };
-    assert_eq!(
-        plan(&d, &other_org, &Progress::default(), UID)
-            .unwrap_err()
-            .reason,
-        "AppNameTaken"
-    );
-
-    let mut foreign = converged_observation(&d);
-    foreign.machines[0]
-        .config
-        .as_mut()
-        .unwrap()
-        .metadata
-        .insert(metadata::OWNER_UID.into(), "someone".into());
-    assert_eq!(
-        plan(&d, &foreign, &Progress::default(), UID)
-            .unwrap_err()
-            .reason,
-        "AppNotOwned"
-    );
 }
 
 #[test]
@@ -442,7 +398,7 @@ fn an_existing_empty_app_in_our_org_is_adopted() {
         machines: vec![],
         ips: Some(vec![]),
     };
-    let plan = plan(&d, &observed, &Progress::default(), UID).unwrap();
+    let plan = plan(&d, &observed, &Progress::default());
     assert_eq!(
         kinds(&plan),
         ["ip-v6", "ip-shared_v4", "create iad-0", "create ams-0"]
