@@ -76,9 +76,9 @@ pub struct EmulatorArgs {
     #[arg(long, default_value_t = 20.0)]
     pub org_mutations_burst: f64,
     /// The API token the emulator accepts, and the org it belongs to.
-    #[arg(long, env = "MCPFLY_EMULATOR_TOKEN", default_value = fly_adapter::emulator::DEFAULT_TOKEN, hide_env_values = true)]
+    #[arg(long, env = "MCPFLY_EMULATOR_TOKEN", default_value = fly_emulator::DEFAULT_TOKEN, hide_env_values = true)]
     pub token: String,
-    #[arg(long, default_value = fly_adapter::emulator::DEFAULT_ORG)]
+    #[arg(long, default_value = fly_emulator::DEFAULT_ORG)]
     pub org: String,
 }
 
@@ -111,7 +111,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unseal(args) => crate::cli_sealing::run_unseal(args).await,
         Command::Bridge(args) => mcpfly::bridge::run(args).await,
         Command::Emulator(args) => {
-            let mut config = fly_adapter::emulator::EmulatorConfig::from_knobs(
+            let mut config = fly_emulator::EmulatorConfig::from_knobs(
                 std::time::Duration::from_millis(args.start_latency_ms),
                 !args.no_rate_limits,
                 Some(&args.token),
@@ -120,7 +120,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(rate) = args.org_mutations_per_second {
                 config = config.with_org_mutation_limit(rate, args.org_mutations_burst);
             }
-            fly_adapter::emulator::serve(
+            fly_emulator::serve(
                 config,
                 std::net::SocketAddr::from(([127, 0, 0, 1], args.port)),
             )

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use fly_adapter::emulator::{EventRecord, Fault, ScriptedFault};
+use fly_emulator::{EventRecord, Fault, ScriptedFault};
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{Api, ListParams};
 use mcpfly::api::{ConditionType, Phase, reason};
@@ -711,7 +711,7 @@ async fn an_existing_app_is_adopted_only_when_it_is_provably_ours() -> anyhow::R
     let fly = fly_client(&stack);
     let create = |name: &str| CreateAppRequest {
         name: name.to_string(),
-        org_slug: fly_adapter::emulator::DEFAULT_ORG.into(),
+        org_slug: fly_emulator::DEFAULT_ORG.into(),
         network: None,
         enable_subdomains: None,
     };

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use fly_adapter::emulator::{InventoryMachine, LaunchFault};
+use fly_emulator::{InventoryMachine, LaunchFault};
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, ListParams};
 use mcpfly::api::{ConditionType, Phase};

@@ -6,7 +6,7 @@ mod ops_support;
 
 use std::time::{Duration, Instant};
 
-use fly_adapter::emulator::{Emulator, EmulatorConfig};
+use fly_emulator::{Emulator, EmulatorConfig};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams};
 use mcpfly::api::MCPDeployment;

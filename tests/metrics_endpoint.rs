@@ -5,7 +5,7 @@ mod ops_support;
 
 use std::time::Duration;
 
-use fly_adapter::emulator::{Emulator, EmulatorConfig};
+use fly_emulator::{Emulator, EmulatorConfig};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use mcpfly::api::MCPDeployment;

@@ -10,7 +10,7 @@ mod ops_support;
 
 use std::time::{Duration, Instant};
 
-use fly_adapter::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+use fly_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use mcpfly::api::MCPDeployment;

@@ -12,9 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use fly_adapter::emulator::{
-    Emulator, EmulatorConfig, Fault, MachineChange, MachineDriver, ScriptedFault,
-};
+use fly_emulator::{Emulator, EmulatorConfig, Fault, MachineChange, MachineDriver, ScriptedFault};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use mcpfly::api::MCPDeployment;

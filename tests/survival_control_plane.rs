@@ -9,7 +9,7 @@ mod survival_support;
 
 use std::time::{Duration, Instant};
 
-use fly_adapter::emulator::{Emulator, EmulatorConfig};
+use fly_emulator::{Emulator, EmulatorConfig};
 use kube::api::{Api, DeleteParams, ListParams};
 use mcpfly::api::MCPDeployment;
 use mcpfly::testenv::{ControlPlane, ControlPlaneOptions};

@@ -11,7 +11,7 @@ mod survival_support;
 
 use std::time::{Duration, Instant};
 
-use fly_adapter::emulator::{Emulator, EmulatorConfig, FaultConfig};
+use fly_emulator::{Emulator, EmulatorConfig, FaultConfig};
 use kube::api::{Api, ListParams};
 use mcpfly::api::MCPDeployment;
 use mcpfly::testenv::ControlPlane;

@@ -12,7 +12,7 @@ mod survival_support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use fly_adapter::emulator::{Emulator, EmulatorConfig, FaultConfig};
+use fly_emulator::{Emulator, EmulatorConfig, FaultConfig};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams};
 use mcpfly::api::MCPDeployment;

@@ -13,7 +13,7 @@ mod survival_support;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use fly_adapter::emulator::{Emulator, EmulatorConfig};
+use fly_emulator::{Emulator, EmulatorConfig};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, ListParams};
 use mcpfly::api::MCPDeployment;

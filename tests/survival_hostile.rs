@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use fly_adapter::client::types::{CreateAppRequest, CreateMachineRequest, MachineConfig};
 use fly_adapter::client::{FlyClient, FlyClientConfig};
-use fly_adapter::emulator::{DEFAULT_ORG, DEFAULT_TOKEN};
+use fly_emulator::{DEFAULT_ORG, DEFAULT_TOKEN};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use mcpfly::api::{MCPDeployment, reason};

@@ -4,8 +4,8 @@
 mod common;
 use common::*;
 use fly_adapter::client::*;
-use fly_adapter::emulator::{Clock, DEFAULT_ORG, EmulatorConfig, Fault, ScriptedFault};
 use fly_adapter::token_bucket::RateLimits;
+use fly_emulator::{Clock, DEFAULT_ORG, EmulatorConfig, Fault, ScriptedFault};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

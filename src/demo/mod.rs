@@ -1,7 +1,7 @@
 //! `mcpfly demo`: the whole system on one machine, for a newcomer with no cluster and no Fly account.
 //!
 //! A real control plane (the test harness's etcd + kube-apiserver), the Fly emulator with the
-//! [local driver](fly_adapter::emulator::local) (machines run as local processes; apps' public URLs are served
+//! [local driver](fly_emulator::local) (machines run as local processes; apps' public URLs are served
 //! by the emulator), and the controller in-process. It installs the CRD, loads the demo-only key ring, applies
 //! `examples/`, prints progress while the deployments converge, and ends with a table of each deployment, its
 //! phase, URL and tools. With `FLY_API_TOKEN` and `FLY_ORG` set it targets real Fly instead of the emulator.
@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Args, Parser};
-use fly_adapter::emulator::local::{LocalDriver, LocalDriverConfig};
-use fly_adapter::emulator::{DEFAULT_ORG, DEFAULT_TOKEN, Emulator, EmulatorConfig, EmulatorHandle};
+use fly_emulator::local::{LocalDriver, LocalDriverConfig};
+use fly_emulator::{DEFAULT_ORG, DEFAULT_TOKEN, Emulator, EmulatorConfig, EmulatorHandle};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};

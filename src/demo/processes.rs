@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use fly_adapter::emulator::local::{LocalProcess, ProcessSpawner};
+use fly_emulator::local::{LocalProcess, ProcessSpawner};
 
 use crate::testenv::process::{Stop, Supervised};
 

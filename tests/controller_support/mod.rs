@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use fly_adapter::client::{FlyClient, FlyClientConfig};
-use fly_adapter::emulator::{DEFAULT_TOKEN, EventRecord};
+use fly_emulator::{DEFAULT_TOKEN, EventRecord};
 use mcpfly::api::MCPDeployment;
 use mcpfly::testenv::stack::Stack;
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fly_adapter::emulator::{DEFAULT_ORG, DEFAULT_TOKEN};
+use fly_emulator::{DEFAULT_ORG, DEFAULT_TOKEN};
 use kube::api::{Api, Patch, PatchParams};
 use mcpfly::api::{ConditionType, MCPDeployment};
 use mcpfly::testenv::ControlPlane;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fly_adapter::emulator::{EmulatorHandle, Fault, FaultConfig, Inventory};
+use fly_emulator::{EmulatorHandle, Fault, FaultConfig, Inventory};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use mcpfly::api::MCPDeployment;
@@ -446,6 +446,6 @@ pub fn audit_lines(process: &str, log: &str) -> Vec<AuditLine> {
 }
 
 /// Mutating requests in the emulator's log (reads, waits and lease bookkeeping excluded).
-pub fn is_mutation(e: &fly_adapter::emulator::EventRecord) -> bool {
+pub fn is_mutation(e: &fly_emulator::EventRecord) -> bool {
     e.method != "GET" && !e.label.starts_with("leases.")
 }

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fly_adapter::emulator::{
+use fly_emulator::{
     DEFAULT_ORG, DEFAULT_TOKEN, Emulator, EmulatorConfig, EmulatorHandle, Latencies,
 };
 use futures::{StreamExt, TryStreamExt};

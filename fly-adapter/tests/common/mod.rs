@@ -1,7 +1,7 @@
 #![allow(dead_code)]
 use fly_adapter::client::*;
-use fly_adapter::emulator::{DEFAULT_ORG, DEFAULT_TOKEN};
-use fly_adapter::{Emulator, EmulatorConfig, EmulatorHandle};
+use fly_emulator::{DEFAULT_ORG, DEFAULT_TOKEN};
+use fly_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use std::time::Duration;
 
 pub async fn emulator(cfg: EmulatorConfig) -> EmulatorHandle {

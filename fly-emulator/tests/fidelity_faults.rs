@@ -6,10 +6,10 @@
 mod common;
 use common::emulator;
 use fly_adapter::client::types::Machine;
-use fly_adapter::emulator::{
+use fly_adapter::token_bucket::RateLimits;
+use fly_emulator::{
     CRASH_LOOP_PERIOD, Clock, DEFAULT_TOKEN, EmulatorConfig, EmulatorHandle, LaunchFault,
 };
-use fly_adapter::token_bucket::RateLimits;
 use serde_json::{Value, json};
 use std::time::Duration;
 

@@ -17,7 +17,7 @@ pub use state::{
     CRASH_LOOP_PERIOD, Inventory, InventoryApp, InventoryMachine, LaunchFault, LaunchFaultRule,
 };
 
-use crate::token_bucket::{RateLimits, TokenBucket};
+use fly_adapter::token_bucket::{RateLimits, TokenBucket};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -244,7 +244,8 @@ impl EmulatorConfig {
 
     /// A cap on all mutations of one org (Fly documents none; benchmarks use one to bound a fleet's creation).
     pub fn with_org_mutation_limit(mut self, per_second: f64, burst: f64) -> Self {
-        self.rate_limits.org_mutations = Some(crate::token_bucket::Limit::new(per_second, burst));
+        self.rate_limits.org_mutations =
+            Some(fly_adapter::token_bucket::Limit::new(per_second, burst));
         self
     }
 

@@ -3,8 +3,8 @@
 
 mod common;
 use common::emulator;
-use fly_adapter::emulator::{Clock, DEFAULT_TOKEN, EmulatorConfig, EmulatorHandle};
 use fly_adapter::token_bucket::RateLimits;
+use fly_emulator::{Clock, DEFAULT_TOKEN, EmulatorConfig, EmulatorHandle};
 use serde_json::{Value, json};
 use std::time::Duration;
 

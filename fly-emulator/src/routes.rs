@@ -3,12 +3,12 @@
 
 use super::state::{ApiErr, Ctx, Res, WaitCheck};
 use super::{EventRecord, Shared};
-use crate::token_bucket::{TokenBucket, bucket_identity, is_mutation};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use bytes::Bytes;
+use fly_adapter::token_bucket::{TokenBucket, bucket_identity, is_mutation};
 use http::{HeaderValue, StatusCode};
 use serde_json::{Value, json};
 use std::sync::Arc;

@@ -7,8 +7,8 @@
 //! `updated_at`) so 10,000 apps and 20,000 machines cost no per-request scans.
 
 use super::{DriverAction, EmulatorConfig, MachineChange};
-use crate::client::types::parse_go_duration;
 use chrono::SecondsFormat;
+use fly_adapter::client::types::parse_go_duration;
 use rand::Rng;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -223,7 +223,7 @@ fn digest(value: &str) -> String {
 }
 
 fn is_transient(state: &str) -> bool {
-    !crate::client::types::is_settled_state(state)
+    !fly_adapter::client::types::is_settled_state(state)
 }
 
 /// Fly's config echo: defaults filled in, `autostop` off/stop as booleans, `autostart` strings
