@@ -80,8 +80,13 @@ async fn missing_or_wrong_token_is_401_and_starts_no_server() {
         marker.display(),
         test_server().display()
     );
-    let bridge =
-        start_bridge_cmd(&[], Auth::bearer(TOKEN.into()), &["/bin/sh", "-c", &script]).await;
+    // No warm children here: every spawn after the shared child's is then one a request caused.
+    let bridge = start_bridge_cmd(
+        &["--warm-sessions", "0"],
+        Auth::bearer(TOKEN.into()),
+        &["/bin/sh", "-c", &script],
+    )
+    .await;
     wait_ready(&bridge).await;
     assert_eq!(count_lines(&marker), 1, "only the shared child at start");
     let client = http();
@@ -207,16 +212,10 @@ async fn origin_is_validated_and_cors_allowlisted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_gives_429_with_retry_after() {
+    // Unauthenticated traffic (auth off) is limited per address.
     let bridge = start_bridge(
-        &[
-            "--rate-per-client",
-            "60",
-            "--rate-per-token",
-            "0",
-            "--rate-burst",
-            "3",
-        ],
-        Auth::bearer(TOKEN.into()),
+        &["--rate-per-client", "60", "--rate-burst", "3"],
+        Auth::disabled(),
     )
     .await;
     wait_ready(&bridge).await;
@@ -231,16 +230,60 @@ async fn rate_limit_gives_429_with_retry_after() {
     );
     assert_eq!(statuses[3].0, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(statuses[3].1.as_ref().unwrap(), "1");
+    // Another address has its own budget.
+    let (body, headers) = modern("tools/list", 1, json!({}));
+    let mut other = http()
+        .post(url(&bridge))
+        .header("fly-client-ip", "2001:db8::9")
+        .json(&body);
+    for (k, v) in headers {
+        other = other.header(k, v);
+    }
+    assert_eq!(other.send().await.unwrap().status(), StatusCode::OK);
     bridge.shutdown().await.unwrap();
 
-    // Per token: a different client address does not escape it.
+    // With auth: wrong tokens count against the address (guessing is throttled), the right token does not.
+    let bridge = start_bridge(
+        &["--rate-per-client", "60", "--rate-burst", "2"],
+        Auth::bearer(TOKEN.into()),
+    )
+    .await;
+    wait_ready(&bridge).await;
+    let mut guesses = Vec::new();
+    for _ in 0..3 {
+        let (body, headers) = modern("tools/list", 1, json!({}));
+        let mut request = http().post(url(&bridge)).bearer_auth("a-guess").json(&body);
+        for (k, v) in headers {
+            request = request.header(k, v);
+        }
+        guesses.push(request.send().await.unwrap().status());
+    }
+    assert_eq!(
+        guesses,
+        [
+            StatusCode::UNAUTHORIZED,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    for _ in 0..5 {
+        let r = post_modern(&url(&bridge), "tools/list", json!({})).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "the identity's budget is its own"
+        );
+    }
+    bridge.shutdown().await.unwrap();
+
+    // Per identity: a different client address does not escape it.
     let bridge = start_bridge(
         &[
             "--rate-per-client",
             "0",
             "--rate-per-token",
             "60",
-            "--rate-burst",
+            "--rate-token-burst",
             "2",
         ],
         Auth::bearer(TOKEN.into()),
@@ -624,5 +667,400 @@ async fn status_codes_of_both_eras() {
             "{bad}"
         );
     }
+    bridge.shutdown().await.unwrap();
+}
+
+/// A handshake-era session opened on `client` (initialize + initialized); returns its id.
+async fn open_session(client: &reqwest::Client, url: &str) -> String {
+    let init = client
+        .post(url)
+        .bearer_auth(TOKEN)
+        .header("accept", ACCEPT)
+        .json(&initialize_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(init.status(), StatusCode::OK);
+    let session = init.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    init.bytes().await.unwrap();
+    let initialized = client
+        .post(url)
+        .bearer_auth(TOKEN)
+        .header("accept", ACCEPT)
+        .header("mcp-session-id", &session)
+        .json(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(initialized.status(), StatusCode::ACCEPTED);
+    session
+}
+
+/// POSTs a handshake-era request on `session`; returns the content type and the body.
+async fn session_post(
+    client: &reqwest::Client,
+    url: &str,
+    session: &str,
+    body: Value,
+) -> (String, String) {
+    let response = client
+        .post(url)
+        .bearer_auth(TOKEN)
+        .header("accept", ACCEPT)
+        .header("mcp-session-id", session)
+        .header("mcp-protocol-version", "2025-11-25")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    (content_type, response.text().await.unwrap())
+}
+
+/// The JSON-RPC response in a body that is either JSON or SSE.
+fn rpc_response(body: &str) -> Value {
+    if let Ok(value) = serde_json::from_str::<Value>(body) {
+        return value;
+    }
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+        .find(|m| m.get("id").is_some() && m.get("method").is_none())
+        .unwrap_or_else(|| panic!("no response in {body}"))
+}
+
+/// Regression guard for the delayed-ACK stall: an SSE answer goes out in several writes, and with Nagle on, every
+/// write after the first waited for the client's delayed ACK (~40 ms) on a kept-alive connection. Not a benchmark:
+/// a call takes a few ms here and 40+ ms with the stall, so the median and the 90th percentile tell them apart
+/// even on a loaded 2-core machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_streamed_calls_on_one_connection_never_wait_for_a_delayed_ack() {
+    let bridge = start_bridge(&[], Auth::bearer(TOKEN.into())).await;
+    wait_ready(&bridge).await;
+    let u = url(&bridge);
+    // One client, one kept-alive connection, as a real MCP client holds it.
+    let client = http();
+    let session = open_session(&client, &u).await;
+    let mut handshake = Vec::new();
+    let mut modern_era = Vec::new();
+    for i in 0..40u64 {
+        // A progress token and a step that reports progress: the answer is SSE (priming, progress, result).
+        let call = json!({"jsonrpc": "2.0", "id": 100 + i, "method": "tools/call", "params": {
+            "name": "slow", "arguments": {"steps": 1, "delay_ms": 0}, "_meta": {"progressToken": i}}});
+        let started = std::time::Instant::now();
+        let (content_type, body) = session_post(&client, &u, &session, call).await;
+        handshake.push(started.elapsed());
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        assert_eq!(
+            rpc_response(&body)["result"]["content"][0]["text"],
+            "done after 1 steps"
+        );
+
+        let (mut body, headers) = modern(
+            "tools/call",
+            i,
+            json!({"name": "slow", "arguments": {"steps": 1, "delay_ms": 0}}),
+        );
+        body["params"]["_meta"]["progressToken"] = json!(i);
+        let mut request = client
+            .post(&u)
+            .bearer_auth(TOKEN)
+            .header("accept", ACCEPT)
+            .json(&body);
+        for (k, v) in headers {
+            request = request.header(k, v);
+        }
+        let started = std::time::Instant::now();
+        let response = request.send().await.unwrap();
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        let text = response.text().await.unwrap();
+        modern_era.push(started.elapsed());
+        assert_eq!(
+            rpc_response(&text)["result"]["content"][0]["text"],
+            "done after 1 steps"
+        );
+    }
+    for (era, mut times) in [("handshake", handshake), ("2026-07-28", modern_era)] {
+        times.sort();
+        let median = times[times.len() / 2];
+        let p90 = times[times.len() * 9 / 10];
+        assert!(
+            median < Duration::from_millis(20) && p90 < Duration::from_millis(35),
+            "{era}: sequential calls stall (median {median:?}, p90 {p90:?}): is TCP_NODELAY off?"
+        );
+    }
+    bridge.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_without_progress_is_answered_as_json_and_a_streamed_one_as_sse() {
+    let bridge = start_bridge(&[], Auth::bearer(TOKEN.into())).await;
+    wait_ready(&bridge).await;
+    let u = url(&bridge);
+    let client = http();
+    let session = open_session(&client, &u).await;
+    let call = |id: u64, name: &str, args: Value, meta: Option<Value>| {
+        let mut body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": name, "arguments": args}});
+        if let Some(meta) = meta {
+            body["params"]["_meta"] = meta;
+        }
+        body
+    };
+    // Nothing to stream: one JSON body, no SSE framing.
+    let (content_type, body) = session_post(
+        &client,
+        &u,
+        &session,
+        call(1, "echo", json!({"text": "plain"}), None),
+    )
+    .await;
+    assert_eq!(content_type, "application/json");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["id"], 1);
+    assert_eq!(answer["result"]["content"][0]["text"], "plain");
+    // A progress token alone does not force a stream when no progress comes.
+    let (content_type, _) = session_post(
+        &client,
+        &u,
+        &session,
+        call(
+            2,
+            "echo",
+            json!({"text": "x"}),
+            Some(json!({"progressToken": "t"})),
+        ),
+    )
+    .await;
+    assert_eq!(content_type, "application/json");
+    // Progress before the result: SSE, with the progress first and the client's own token.
+    let (content_type, body) = session_post(
+        &client,
+        &u,
+        &session,
+        call(
+            3,
+            "slow",
+            json!({"steps": 2, "delay_ms": 10}),
+            Some(json!({"progressToken": "p3"})),
+        ),
+    )
+    .await;
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+    let progress = body
+        .lines()
+        .filter(|l| l.contains("notifications/progress") && l.contains("\"p3\""))
+        .count();
+    assert_eq!(progress, 2, "{body}");
+    assert_eq!(rpc_response(&body)["id"], 3);
+    // A server message during the call while no GET stream is open: it rides this call's stream.
+    let (content_type, body) =
+        session_post(&client, &u, &session, call(4, "announce", json!({}), None)).await;
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+    assert!(body.contains("notifications/message"), "{body}");
+    assert_eq!(
+        rpc_response(&body)["result"]["content"][0]["text"],
+        "announced"
+    );
+    bridge.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_behind_one_address_is_not_throttled_by_the_default_limits() {
+    let bridge = start_bridge(&[], Auth::bearer(TOKEN.into())).await;
+    wait_ready(&bridge).await;
+    let u = url(&bridge);
+    // Eight clients behind one NAT address, 40 requests each, as fast as they go.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let u = u.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = http();
+            let mut refused = 0;
+            for _ in 0..40 {
+                let (body, headers) = modern("tools/list", 1, json!({}));
+                let mut request = client
+                    .post(&u)
+                    .bearer_auth(TOKEN)
+                    .header("fly-client-ip", "203.0.113.7")
+                    .json(&body);
+                for (k, v) in headers {
+                    request = request.header(k, v);
+                }
+                if request.send().await.unwrap().status() == StatusCode::TOO_MANY_REQUESTS {
+                    refused += 1;
+                }
+            }
+            refused
+        }));
+    }
+    let mut refused = 0;
+    for task in tasks {
+        refused += task.await.unwrap();
+    }
+    assert_eq!(
+        refused, 0,
+        "authenticated calls from one address were throttled"
+    );
+    bridge.shutdown().await.unwrap();
+}
+
+/// The text of a `tools/call` on `session`.
+async fn session_tool(
+    client: &reqwest::Client,
+    url: &str,
+    session: &str,
+    name: &str,
+    args: Value,
+) -> String {
+    let (_, body) = session_post(
+        client,
+        url,
+        session,
+        json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": name, "arguments": args}}),
+    )
+    .await;
+    rpc_response(&body)["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A server that records its pid (`exec` keeps it) in `marker` when it starts.
+fn recording_server(marker: &std::path::Path) -> String {
+    format!(
+        "echo $$ >> '{}'; exec '{}'",
+        marker.display(),
+        test_server().display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_sessions_take_servers_started_ahead_and_the_pool_stays_within_the_session_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("pids");
+    let script = recording_server(&marker);
+    let bridge = start_bridge_cmd(
+        &["--warm-sessions", "2", "--max-sessions", "3"],
+        Auth::bearer(TOKEN.into()),
+        &["/bin/sh", "-c", &script],
+    )
+    .await;
+    wait_ready(&bridge).await;
+    eventually("the shared server and two warm ones", async || {
+        lines(&marker).len() == 3
+    })
+    .await;
+    assert_eq!(bridge.warm_children(), 2);
+    let u = url(&bridge);
+    let client = http();
+    let mut pids = Vec::new();
+    for n in 1..=3 {
+        let started_before = lines(&marker);
+        let session = open_session(&client, &u).await;
+        let pid = session_tool(&client, &u, &session, "pid", json!({})).await;
+        assert!(
+            started_before.contains(&pid),
+            "session {n} ran a server started for it ({pid}), not a warm one ({started_before:?})"
+        );
+        pids.push(pid);
+        if n == 1 {
+            // Refilled in the background: room for one more beside two sessions' worth.
+            eventually("the pool refilled", async || lines(&marker).len() == 4).await;
+        }
+    }
+    pids.dedup();
+    assert_eq!(pids.len(), 3, "each session has its own server");
+    // Three sessions fill the limit: nothing is kept warm beyond it.
+    assert_eq!(bridge.warm_children(), 0);
+    assert_eq!(lines(&marker).len(), 4);
+    bridge.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_isolation_serves_every_session_from_one_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("pids");
+    let script = recording_server(&marker);
+    let bridge = start_bridge_cmd(
+        &["--session-isolation", "shared"],
+        Auth::bearer(TOKEN.into()),
+        &["/bin/sh", "-c", &script],
+    )
+    .await;
+    wait_ready(&bridge).await;
+    let u = url(&bridge);
+    let client = http();
+    let one = open_session(&client, &u).await;
+    let two = open_session(&client, &u).await;
+    assert_ne!(one, two);
+    let shared = lines(&marker);
+    assert_eq!(shared.len(), 1, "one server for everything: {shared:?}");
+    assert_eq!(
+        session_tool(&client, &u, &one, "pid", json!({})).await,
+        shared[0]
+    );
+    assert_eq!(
+        session_tool(&client, &u, &two, "pid", json!({})).await,
+        shared[0]
+    );
+    let modern_pid: Value = post_modern(&u, "tools/call", json!({"name": "pid", "arguments": {}}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(modern_pid["result"]["content"][0]["text"], shared[0]);
+    // The trade-off, as documented: what the server remembers is shared, and it cannot reach a client.
+    session_tool(&client, &u, &one, "remember", json!({"value": "from one"})).await;
+    assert_eq!(
+        session_tool(&client, &u, &two, "recall", json!({})).await,
+        "from one"
+    );
+    let roots = session_tool(&client, &u, &one, "roots", json!({})).await;
+    assert!(roots.starts_with("roots failed"), "{roots}");
+    // Ending a session leaves the server to the others.
+    let ended = client
+        .delete(&u)
+        .bearer_auth(TOKEN)
+        .header("mcp-session-id", &one)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ended.status(), StatusCode::OK);
+    assert_eq!(
+        session_tool(&client, &u, &two, "echo", json!({"text": "still here"})).await,
+        "still here"
+    );
+    assert_eq!(lines(&marker).len(), 1);
     bridge.shutdown().await.unwrap();
 }

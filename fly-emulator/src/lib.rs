@@ -17,6 +17,7 @@ pub use state::{
     CRASH_LOOP_PERIOD, Inventory, InventoryApp, InventoryMachine, LaunchFault, LaunchFaultRule,
 };
 
+use axum::serve::ListenerExt;
 use fly_adapter::token_bucket::{RateLimits, TokenBucket};
 use serde::Serialize;
 use serde_json::Value;
@@ -332,7 +333,7 @@ impl Emulator {
         let addr = listener.local_addr()?;
         let app = routes::router(shared.clone());
         let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            if let Err(e) = axum::serve(listener.tap_io(no_delay), app).await {
                 tracing::error!(error = %e, "emulator server stopped");
             }
         });
@@ -345,7 +346,15 @@ pub async fn serve(cfg: EmulatorConfig, addr: SocketAddr) -> std::io::Result<()>
     let shared = Shared::new(cfg);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "Fly emulator listening; API under /v1, admin under /__emulator/");
-    axum::serve(listener, routes::router(shared)).await
+    axum::serve(listener.tap_io(no_delay), routes::router(shared)).await
+}
+
+/// Nagle off on accepted connections: the public proxy relays streamed MCP answers, and with Nagle a write after
+/// the first waits for the client's delayed ACK (~40 ms), as Fly's own proxy never makes it wait.
+fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(error) = tcp.set_nodelay(true) {
+        tracing::warn!(%error, "cannot set TCP_NODELAY on a connection");
+    }
 }
 
 /// A running emulator. Dropping it stops the server.

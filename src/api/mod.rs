@@ -11,8 +11,8 @@ use kube::CustomResourceExt;
 
 pub use spec::{
     AccessSpec, Auth, AutoStop, CpuKind, Credential, DeletionPolicy, FlySpec, GuestSpec,
-    ImageSource, MCPDeployment, MCPDeploymentSpec, PackageSource, PypiSource, RolloutSpec,
-    RolloutStrategy, SecretKeyRef, Source, SourceKind,
+    ImageSource, MCPDeployment, MCPDeploymentSpec, PackageSource, PypiSource, RateLimitSpec,
+    RolloutSpec, RolloutStrategy, RuntimeSpec, SecretKeyRef, SessionIsolation, Source, SourceKind,
 };
 pub use status::{
     Condition, ConditionStatus, ConditionType, CredentialStatus, MCPDeploymentStatus,

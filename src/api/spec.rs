@@ -103,6 +103,10 @@ pub struct MCPDeploymentSpec {
     #[serde(default)]
     pub access: AccessSpec,
 
+    /// How the bridge runs the server (npm and PyPI sources; an image serves HTTP itself and ignores this).
+    #[serde(default, skip_serializing_if = "RuntimeSpec::is_default")]
+    pub runtime: RuntimeSpec,
+
     /// How changes reach running machines.
     #[serde(default)]
     pub rollout: RolloutSpec,
@@ -470,6 +474,62 @@ pub struct AccessSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = limits::K8S_NAME_MAX), pattern(v::K8S_NAME_PATTERN))]
     pub connection_secret: Option<String>,
+    /// Request rate limits at the bridge (npm and PyPI sources). Unset fields keep the bridge's defaults: 6000
+    /// requests per minute with bursts of 1000 per identity, 600 per minute with bursts of 100 per address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// Rate limits. Authenticated requests are counted per identity (the bearer token), so clients sharing one
+/// address (a company NAT, a hosted client's egress) do not share a budget; unauthenticated requests (`auth: none`,
+/// or a missing or wrong token) are counted per client address.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    /// Requests per minute per identity; 0 turns the limit off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = limits::RATE_PER_MINUTE_MAX))]
+    pub requests_per_minute: Option<u32>,
+    /// Requests an identity may send at once above the rate (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = limits::RATE_BURST_MAX))]
+    pub burst: Option<u32>,
+    /// Requests per minute per client address for unauthenticated requests; 0 turns the limit off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = limits::RATE_PER_MINUTE_MAX))]
+    pub per_address_requests_per_minute: Option<u32>,
+    /// Unauthenticated requests one address may send at once above the rate (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = limits::RATE_BURST_MAX))]
+    pub per_address_burst: Option<u32>,
+}
+
+/// How the bridge maps clients onto server processes.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeSpec {
+    /// `PerSession` (default): every MCP session gets a server process of its own, so nothing a server keeps in
+    /// memory (log level, subscriptions, whatever a tool remembers) is shared between clients, and the server can
+    /// ask its client for sampling, elicitation or roots. Costs a process per session. `Shared`: one process
+    /// serves every session, for servers known to keep no per-client state: less memory and no per-session start,
+    /// but the server cannot reach a client (its requests are refused, its notifications dropped) and a crash ends
+    /// every session at once.
+    #[serde(default)]
+    pub session_isolation: SessionIsolation,
+}
+
+impl RuntimeSpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// See [`RuntimeSpec::session_isolation`].
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum SessionIsolation {
+    #[default]
+    PerSession,
+    Shared,
 }
 
 /// How callers authenticate to the endpoint.

@@ -72,6 +72,8 @@ pub mod limits {
     pub const REGIONS_MAX: u32 = 20;
     pub const MACHINES_PER_REGION_MAX: i32 = 10;
     pub const MAX_UNAVAILABLE_MAX: i32 = 200;
+    pub const RATE_PER_MINUTE_MAX: u32 = 1_000_000;
+    pub const RATE_BURST_MAX: u32 = 100_000;
 }
 
 fn re(pattern: &str) -> Regex {

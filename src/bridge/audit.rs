@@ -1,7 +1,16 @@
 //! One audit line per request on the `mcpfly::audit` tracing target. It records who did what and how it went,
 //! never arguments or results: the fields are fixed here, and no JSON-RPC body reaches them.
+//!
+//! Lines are written off the request path: a handler hands its finished record to an [`Auditor`] (a bounded
+//! channel, never waiting), and one task formats and writes them. When the writer falls behind (a slow log sink),
+//! records beyond the channel's capacity are shed rather than slowing requests, and every shed record is counted
+//! and reported in a warning line when the writer catches up, so a gap in the audit trail is never silent.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+use tokio::sync::mpsc;
 
 pub const TARGET: &str = "mcpfly::audit";
 
@@ -49,30 +58,164 @@ impl AuditRecord {
         }
     }
 
-    pub fn emit(&self, status: u16) {
-        tracing::info!(
-            target: TARGET,
-            time_unix_ms = std::time::SystemTime::now()
+    /// The finished record with its status and latency, ready to be written by the audit task.
+    pub fn finish(self, status: u16) -> Finished {
+        Finished {
+            latency_ms: self.start.elapsed().as_secs_f64() * 1000.0,
+            time_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
-            http_method = self.http_method,
-            session = self.session.as_deref().unwrap_or("-"),
-            client = %self.client,
-            era = self.era,
-            protocol_version = self.protocol_version.as_deref().unwrap_or("-"),
-            method = self.method.as_deref().unwrap_or("-"),
-            tool = self.tool.as_deref().unwrap_or("-"),
             status,
-            rpc_error = self.rpc_error.unwrap_or(0),
-            note = self.note.unwrap_or("-"),
-            latency_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            record: self,
+        }
+    }
+}
+
+/// A record whose request is done; written by [`Finished::write`].
+pub struct Finished {
+    record: AuditRecord,
+    status: u16,
+    latency_ms: f64,
+    time_unix_ms: u64,
+}
+
+impl Finished {
+    pub fn write(&self) {
+        let r = &self.record;
+        tracing::info!(
+            target: TARGET,
+            time_unix_ms = self.time_unix_ms,
+            http_method = r.http_method,
+            session = r.session.as_deref().unwrap_or("-"),
+            client = %r.client,
+            era = r.era,
+            protocol_version = r.protocol_version.as_deref().unwrap_or("-"),
+            method = r.method.as_deref().unwrap_or("-"),
+            tool = r.tool.as_deref().unwrap_or("-"),
+            status = self.status,
+            rpc_error = r.rpc_error.unwrap_or(0),
+            note = r.note.unwrap_or("-"),
+            latency_ms = self.latency_ms,
             "mcp request"
         );
+    }
+}
+
+/// Records waiting for the writer; beyond this a burst is shed (and counted) instead of queued without bound.
+pub const QUEUE: usize = 4096;
+
+/// The request side of the audit trail: hands records to the writer task without ever waiting.
+#[derive(Clone)]
+pub struct Auditor {
+    /// `None` asks the writer to finish what is queued and stop (shutdown).
+    tx: mpsc::Sender<Option<Finished>>,
+    shed: Arc<AtomicU64>,
+}
+
+impl Auditor {
+    /// The auditor and its writer task, which writes each record with `write` and ends after [`Auditor::close`]
+    /// (or once every clone is dropped), with the queue drained.
+    pub fn start(
+        capacity: usize,
+        write: impl Fn(&Finished) + Send + 'static,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<Option<Finished>>(capacity.max(1));
+        let shed = Arc::new(AtomicU64::new(0));
+        let reported = shed.clone();
+        // A thread of its own: a stalled sink (a full stderr pipe) then holds no async worker either.
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut shed_reported = 0;
+            while let Some(Some(finished)) = rx.blocking_recv() {
+                write(&finished);
+                let shed_now = reported.load(Ordering::Relaxed);
+                if shed_now != shed_reported {
+                    tracing::warn!(
+                        target: TARGET,
+                        audit_lines_shed = shed_now - shed_reported,
+                        audit_lines_shed_total = shed_now,
+                        "audit lines shed: the log sink fell behind"
+                    );
+                    shed_reported = shed_now;
+                }
+            }
+            // Closing: what was queued before the close is still written.
+            while let Ok(Some(finished)) = rx.try_recv() {
+                write(&finished);
+            }
+            let shed_now = reported.load(Ordering::Relaxed);
+            if shed_now != shed_reported {
+                tracing::warn!(
+                    target: TARGET,
+                    audit_lines_shed = shed_now - shed_reported,
+                    audit_lines_shed_total = shed_now,
+                    "audit lines shed: the log sink fell behind"
+                );
+            }
+        });
+        (Self { tx, shed }, writer)
+    }
+
+    /// Queues a finished record; never waits. A full queue sheds the record and counts it.
+    pub fn submit(&self, finished: Finished) {
+        if self.tx.try_send(Some(finished)).is_err() {
+            self.shed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Asks the writer to write what is queued and stop; waits for room in the queue, not for the writer.
+    pub async fn close(&self) {
+        let _ = self.tx.send(None).await;
+    }
+
+    /// Records shed so far (also reported in the audit stream as `audit_lines_shed`).
+    pub fn shed(&self) -> u64 {
+        self.shed.load(Ordering::Relaxed)
     }
 }
 
 /// Method and tool names come from the client: cap them so a log line stays a line.
 fn short(s: &str) -> String {
     s.chars().take(128).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stuck_log_sink_never_blocks_a_request_and_shedding_is_counted() {
+        // The sink blocks until released, as a stalled stderr pipe would.
+        let gate = Arc::new(std::sync::Barrier::new(2));
+        let written = Arc::new(Mutex::new(0u32));
+        let (sink_gate, sink_written) = (gate.clone(), written.clone());
+        let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (auditor, writer) = Auditor::start(2, move |_| {
+            if first.swap(false, Ordering::SeqCst) {
+                sink_gate.wait();
+            }
+            *sink_written.lock().unwrap() += 1;
+        });
+        let submitted = std::time::Instant::now();
+        for _ in 0..10 {
+            auditor.submit(AuditRecord::new("POST", "a".into()).finish(200));
+            // Let the writer take the first record and block on it.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            submitted.elapsed() < Duration::from_secs(2),
+            "submitting waited for the sink"
+        );
+        // One record is in the stuck sink, two fit the queue: seven were shed, and counted.
+        assert_eq!(auditor.shed(), 7);
+        gate.wait();
+        auditor.close().await;
+        tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(*written.lock().unwrap(), 3);
+    }
 }

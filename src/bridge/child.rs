@@ -146,12 +146,12 @@ impl Child {
                     );
                     continue;
                 }
-                let line = String::from_utf8_lossy(&buf);
-                let line = line.trim();
+                let line = buf.trim_ascii();
                 if line.is_empty() {
                     continue;
                 }
-                match serde_json::from_str::<Value>(line) {
+                // Parsed straight from the bytes: no UTF-8 copy of every line first.
+                match serde_json::from_slice::<Value>(line) {
                     Ok(message) => route(&reader_routes, message, &unsolicited_tx),
                     // Content is not logged: it may be anything the server prints, including data.
                     Err(_) => tracing::warn!(
@@ -213,13 +213,13 @@ impl Child {
             .map_err(|_| ChildError::Exited)
     }
 
-    /// Sends a request (any id), routing its progress and response back to the handle. `track_client_id`
-    /// records the client's id so a later `notifications/cancelled` from that client can be translated (only
-    /// meaningful when the child serves one client).
+    /// Sends a request (any id), routing its progress and response back to the handle. `client_scope` records
+    /// the client's id under that scope (a session id) so a later `notifications/cancelled` from the same client
+    /// can be translated; the scope keeps equal ids of different sessions on a shared child apart.
     pub fn request(
         &self,
         mut message: Value,
-        track_client_id: bool,
+        client_scope: Option<&str>,
     ) -> Result<RequestHandle, ChildError> {
         let bridge_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let client_id = message.get("id").cloned().unwrap_or(Value::Null);
@@ -243,7 +243,7 @@ impl Child {
             );
             progress_token = Some(token);
         }
-        let client_key = track_client_id.then(|| client_id.to_string());
+        let client_key = client_scope.map(|scope| client_key(scope, &client_id));
         {
             let mut routes = self.routes.lock().unwrap();
             if let Some(key) = &client_key {
@@ -266,14 +266,18 @@ impl Child {
         Ok(RequestHandle { bridge_id, rx })
     }
 
-    /// Sends a notification or a response from the client. `notifications/cancelled` naming a tracked client
-    /// request id is translated to the bridge's id; one naming an unknown id is dropped.
-    pub fn send_from_client(&self, mut message: Value) -> Result<(), ChildError> {
+    /// Sends a notification or a response from the client of `client_scope`. `notifications/cancelled` naming a
+    /// request id tracked in that scope is translated to the bridge's id; one naming an unknown id is dropped.
+    pub fn send_from_client(
+        &self,
+        mut message: Value,
+        client_scope: &str,
+    ) -> Result<(), ChildError> {
         if message.get("method").and_then(Value::as_str) == Some("notifications/cancelled") {
-            let key = message
-                .pointer("/params/requestId")
-                .map(Value::to_string)
-                .unwrap_or_default();
+            let key = client_key(
+                client_scope,
+                message.pointer("/params/requestId").unwrap_or(&Value::Null),
+            );
             let bridge_id = self.routes.lock().unwrap().by_client.get(&key).copied();
             match bridge_id {
                 Some(id) => message["params"]["requestId"] = json!(id),
@@ -312,7 +316,7 @@ impl Child {
 
     /// Sends a request and waits for its response (progress is ignored).
     pub async fn call(&self, message: Value, timeout: Duration) -> Result<Value, ChildError> {
-        let mut handle = self.request(message, false)?;
+        let mut handle = self.request(message, None)?;
         let wait = async {
             while let Some(message) = handle.rx.recv().await {
                 if is_response(&message) {
@@ -435,6 +439,10 @@ fn route(routes: &Mutex<Routes>, mut message: Value, unsolicited: &mpsc::Unbound
         return;
     }
     let _ = unsolicited.send(message);
+}
+
+fn client_key(scope: &str, client_id: &Value) -> String {
+    format!("{scope}/{client_id}")
 }
 
 pub fn is_response(message: &Value) -> bool {

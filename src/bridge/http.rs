@@ -3,8 +3,11 @@
 //! in one era and "method not found" in the other, per-era 405s), which a typed server stack built to host a
 //! handler in-process does not expose.
 //!
-//! Order of checks on the MCP path: Origin (403) → per-client rate limit (429) → bearer token (401) → per-token
-//! rate limit (429) → method → body limit (413) → the era's own rules. Nothing reaches a child before auth.
+//! Order of checks on the MCP path: Origin (403) → bearer token → rate limit (429): per identity (the token) for
+//! authenticated requests, per client address for unauthenticated ones (auth off, or a missing or wrong token,
+//! which then gets 401 while under the limit) → method → body limit (413) → the era's own rules. Nothing reaches a
+//! child before auth. Keying authenticated traffic on the identity rather than the address keeps a team behind
+//! one NAT (or every user of a hosted client) from sharing one address's budget.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,8 +25,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
-use super::BridgeArgs;
-use super::audit::AuditRecord;
+use super::audit::{AuditRecord, Auditor};
 use super::auth::Auth;
 use super::child::{
     CHILD_PROTOCOL_VERSION, Child, ChildSpec, HANDSHAKE_VERSIONS, error_response, is_response,
@@ -31,6 +33,8 @@ use super::child::{
 use super::modern::{self, Primary};
 use super::ratelimit::{Limiter, Rate};
 use super::session::Sessions;
+use super::warm::WarmPool;
+use super::{BridgeArgs, SessionIsolation};
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
 pub const VERSION_HEADER: &str = "mcp-protocol-version";
@@ -45,6 +49,7 @@ pub struct Config {
     pub request_timeout: Duration,
     pub init_timeout: Duration,
     pub session_idle_timeout_secs: u64,
+    pub isolation: SessionIsolation,
 }
 
 pub struct State {
@@ -53,6 +58,8 @@ pub struct State {
     pub spec: ChildSpec,
     pub primary: Primary,
     pub sessions: Arc<Sessions>,
+    pub warm: Arc<WarmPool>,
+    pub audit: Auditor,
     per_token: Limiter,
     per_client: Limiter,
     shutdown: watch::Receiver<bool>,
@@ -64,6 +71,8 @@ impl State {
         auth: Auth,
         spec: ChildSpec,
         primary: Primary,
+        warm: Arc<WarmPool>,
+        audit: Auditor,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -79,14 +88,17 @@ impl State {
                 request_timeout: Duration::from_secs(args.request_timeout_secs),
                 init_timeout: Duration::from_secs(args.init_timeout_secs),
                 session_idle_timeout_secs: args.session_idle_timeout_secs,
+                isolation: args.session_isolation,
             },
             auth,
             spec,
             primary,
             sessions: Sessions::new(args.max_sessions),
+            warm,
+            audit,
             per_token: Limiter::new(Rate {
                 per_minute: args.rate_per_token,
-                burst: args.rate_burst,
+                burst: args.rate_token_burst,
             }),
             per_client: Limiter::new(Rate {
                 per_minute: args.rate_per_client,
@@ -138,7 +150,7 @@ async fn mcp(
             HeaderValue::from_static("Mcp-Session-Id, WWW-Authenticate, Retry-After"),
         );
     }
-    audit.emit(response.status().as_u16());
+    state.audit.submit(audit.finish(response.status().as_u16()));
     response
 }
 
@@ -173,7 +185,8 @@ fn origin_allowed(config: &Config, origin: &str) -> bool {
 }
 
 async fn handle(state: &Arc<State>, audit: &mut AuditRecord, request: Request) -> Response {
-    let headers = request.headers().clone();
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     // DNS rebinding: a browser page on another origin must not reach the server (2025-11-25: 403).
     if let Some(origin) = headers.get(header::ORIGIN) {
         let ok = origin
@@ -184,16 +197,17 @@ async fn handle(state: &Arc<State>, audit: &mut AuditRecord, request: Request) -
             return plain(StatusCode::FORBIDDEN, "Origin not allowed");
         }
     }
-    if request.method() == Method::OPTIONS {
+    if parts.method == Method::OPTIONS {
         return preflight(&headers);
     }
-    if let Err(retry) = state.per_client.check(&audit.client) {
-        audit.note = Some("rate limited (client)");
-        return too_many(retry);
-    }
-    let token = match state.auth.check(&headers) {
+    let identity = match state.auth.check(&headers) {
         Ok(token) => token.map(|t| hex::encode(&Sha256::digest(t.as_bytes())[..8])),
         Err(denied) => {
+            // Failed attempts count against the address, so guessing tokens is throttled too.
+            if let Err(retry) = state.per_client.check(&audit.client) {
+                audit.note = Some("rate limited (client)");
+                return too_many(retry);
+            }
             audit.note = Some("unauthorized");
             let mut response = plain(StatusCode::UNAUTHORIZED, "Unauthorized");
             response.headers_mut().insert(
@@ -203,10 +217,18 @@ async fn handle(state: &Arc<State>, audit: &mut AuditRecord, request: Request) -
             return response;
         }
     };
-    if let Some(token) = &token
-        && let Err(retry) = state.per_token.check(token)
-    {
-        audit.note = Some("rate limited (token)");
+    let limited = match &identity {
+        Some(identity) => state
+            .per_token
+            .check(identity)
+            .map_err(|retry| ("rate limited (token)", retry)),
+        None => state
+            .per_client
+            .check(&audit.client)
+            .map_err(|retry| ("rate limited (client)", retry)),
+    };
+    if let Err((note, retry)) = limited {
+        audit.note = Some(note);
         return too_many(retry);
     }
     let session_id = headers
@@ -214,11 +236,9 @@ async fn handle(state: &Arc<State>, audit: &mut AuditRecord, request: Request) -
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     audit.session = session_id.clone();
-    match *request.method() {
+    match parts.method {
         Method::POST => {
-            let body = match axum::body::to_bytes(request.into_body(), state.config.max_body_bytes)
-                .await
-            {
+            let body = match axum::body::to_bytes(body, state.config.max_body_bytes).await {
                 Ok(body) => body,
                 Err(_) => {
                     audit.note = Some("body too large");
@@ -411,68 +431,36 @@ async fn post(
             "Unsupported MCP-Protocol-Version",
         );
     }
-    let (Some(_), Some(_)) = (&method, &id) else {
-        // A notification or a response (to a request the child made): forward, 202.
-        return match session.child.send_from_client(message) {
+    let (Some(method), Some(id)) = (method, id) else {
+        // A notification or a response (to a request the child made): forward, 202. A shared child is not told
+        // one client's notifications (it was initialized once, by the bridge), except cancellation.
+        let forward = session.owns_child
+            || message.get("method").and_then(Value::as_str) == Some("notifications/cancelled");
+        if !forward {
+            return StatusCode::ACCEPTED.into_response();
+        }
+        return match session.child.send_from_client(message, &session.id) {
             Ok(()) => StatusCode::ACCEPTED.into_response(),
             Err(_) => rpc_error(audit, 404, Value::Null, -32001, "Session not found"),
         };
     };
-    let wants_stream = method.as_deref() == Some("tools/call")
-        || message.pointer("/params/_meta/progressToken").is_some();
-    let handle = match session.child.request(message, true) {
-        Ok(handle) => handle,
-        Err(_) => {
-            return rpc_error(
-                audit,
-                404,
-                id.unwrap_or(Value::Null),
-                -32001,
-                "Session not found",
-            );
-        }
-    };
-    let timeout = state.config.request_timeout;
-    if !wants_stream {
-        let mut rx = handle.rx;
-        let id = id.unwrap_or(Value::Null);
-        return match tokio::time::timeout(timeout, async {
-            while let Some(m) = rx.recv().await {
-                if is_response(&m) {
-                    return Some(m);
-                }
-            }
-            None
-        })
-        .await
-        {
-            Ok(Some(response)) => {
-                audit.rpc_error = response.pointer("/error/code").and_then(Value::as_i64);
-                json_response(200, &response)
-            }
-            Ok(None) => rpc_error(
-                audit,
-                200,
-                id,
-                -32603,
-                "the MCP server exited before answering",
-            ),
-            Err(_) => {
-                session
-                    .child
-                    .cancel(handle.bridge_id, "request timed out at the bridge");
-                rpc_error(audit, 200, id, -32603, "request timed out")
-            }
-        };
+    if !session.owns_child && method == "logging/setLevel" {
+        // One client must not change the log level every other client of the shared child gets.
+        return json_response(200, &json!({"jsonrpc": "2.0", "id": id, "result": {}}));
     }
-    // SSE: the request's own progress and response, plus what the child sends on its own while no GET stream is
-    // open. Disconnecting is not cancellation here: anything left goes to the session's GET stream (or backlog).
-    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = match session.child.request(message, Some(&session.id)) {
+        Ok(handle) => handle,
+        Err(_) => return rpc_error(audit, 404, id, -32001, "Session not found"),
+    };
+    // The request's own progress and response, plus what the child sends on its own while no GET stream is open
+    // (this stream is then its fallback target). Disconnecting is not cancellation here: anything left goes to the
+    // session's GET stream (or backlog).
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let registration = session.register_post(tx.clone());
     let child = session.child.clone();
     let relay_session = session.clone();
     let bridge_id = handle.bridge_id;
-    let id = id.unwrap_or(Value::Null);
+    let timeout = state.config.request_timeout;
     tokio::spawn(async move {
         let mut own = handle.rx;
         let result = tokio::time::timeout(timeout, async {
@@ -492,8 +480,34 @@ async fn post(
             let _ = tx.send(error_response(id, -32603, "request timed out"));
         }
     });
+    // JSON unless a stream is needed: the answer is plain JSON when the response is the first thing to send, and
+    // becomes SSE only when progress or a message from the server comes first.
+    let mut shutdown = state.shutdown.clone();
+    let first = tokio::select! {
+        m = rx.recv() => m,
+        _ = modern::until_shutdown(&mut shutdown) => None,
+    };
+    let Some(first) = first else {
+        return rpc_error(
+            audit,
+            503,
+            Value::Null,
+            -32603,
+            "the bridge is shutting down",
+        );
+    };
+    if is_response(&first) {
+        // Unregistered first, so nothing new is routed here; whatever already was goes back to the session.
+        drop(registration);
+        while let Ok(m) = rx.try_recv() {
+            session.deliver(m);
+        }
+        audit.rpc_error = first.pointer("/error/code").and_then(Value::as_i64);
+        return json_response(200, &first);
+    }
     let priming = session.protocol_version.as_str() >= "2025-11-25";
     sse(
+        Some(first),
         rx,
         Some(session),
         priming,
@@ -503,8 +517,9 @@ async fn post(
     )
 }
 
-/// Starts a session: a new child, the client's `initialize` forwarded to it (version capped at the newest
-/// handshake revision), and `Mcp-Session-Id` on the answer.
+/// Starts a session: a child of its own (warm if one is, else started now) with the client's `initialize`
+/// forwarded to it (version capped at the newest handshake revision), or with `--session-isolation shared` the
+/// shared child, answered from its cached `InitializeResult`; and `Mcp-Session-Id` on the answer.
 async fn initialize(state: &Arc<State>, audit: &mut AuditRecord, mut message: Value) -> Response {
     let id = message.get("id").cloned().unwrap_or(Value::Null);
     if state.sessions.has_room().is_err() {
@@ -523,7 +538,24 @@ async fn initialize(state: &Arc<State>, audit: &mut AuditRecord, mut message: Va
     if requested.as_str() > CHILD_PROTOCOL_VERSION {
         message["params"]["protocolVersion"] = json!(CHILD_PROTOCOL_VERSION);
     }
-    let (child, unsolicited) = match Child::spawn(&state.spec) {
+    if state.config.isolation == SessionIsolation::Shared {
+        return initialize_shared(state, audit, id, &requested).await;
+    }
+    let spawned = match state.warm.take() {
+        Some(warm) => {
+            audit.note = Some("warm");
+            Ok(warm)
+        }
+        None => Child::spawn(&state.spec),
+    };
+    // Refill off the request path, within what the session limit leaves once this session is counted.
+    let room = state
+        .sessions
+        .max()
+        .saturating_sub(state.sessions.len() + 1);
+    let warm = state.warm.clone();
+    tokio::spawn(async move { warm.fill(room) });
+    let (child, unsolicited) = match spawned {
         Ok(spawned) => spawned,
         Err(error) => {
             tracing::error!(%error, "cannot start a session's MCP server");
@@ -531,7 +563,7 @@ async fn initialize(state: &Arc<State>, audit: &mut AuditRecord, mut message: Va
         }
     };
     let answer = tokio::time::timeout(state.config.init_timeout, async {
-        let mut handle = child.request(message, false).ok()?;
+        let mut handle = child.request(message, None).ok()?;
         while let Some(m) = handle.rx.recv().await {
             if is_response(&m) {
                 return Some(m);
@@ -563,10 +595,49 @@ async fn initialize(state: &Arc<State>, audit: &mut AuditRecord, mut message: Va
         child.shutdown(Duration::from_secs(2)).await;
         return json_response(200, &response);
     };
-    let session = state.sessions.insert(child, unsolicited, version.clone());
+    let session = state
+        .sessions
+        .insert(child, Some(unsolicited), version.clone());
+    session_started(audit, &session, &response)
+}
+
+/// A session on the shared child: nothing is started; the answer is the shared child's `InitializeResult` at the
+/// version the client asked for when the bridge speaks it (the child itself was initialized at the newest).
+async fn initialize_shared(
+    state: &Arc<State>,
+    audit: &mut AuditRecord,
+    id: Value,
+    requested: &str,
+) -> Response {
+    let Some(ready) = state.primary.wait_ready(state.config.init_timeout).await else {
+        audit.note = Some("not ready");
+        return rpc_error(audit, 503, id, -32603, "the MCP server is not ready");
+    };
+    let version = if HANDSHAKE_VERSIONS.contains(&requested) {
+        requested
+    } else {
+        CHILD_PROTOCOL_VERSION
+    };
+    let mut result = ready.init.clone();
+    result["protocolVersion"] = json!(version);
+    let session = state
+        .sessions
+        .insert(ready.child, None, version.to_string());
+    session_started(
+        audit,
+        &session,
+        &json!({"jsonrpc": "2.0", "id": id, "result": result}),
+    )
+}
+
+fn session_started(
+    audit: &mut AuditRecord,
+    session: &super::session::Session,
+    response: &Value,
+) -> Response {
     audit.session = Some(session.id.clone());
-    audit.protocol_version = Some(version);
-    let mut http_response = json_response(200, &response);
+    audit.protocol_version = Some(session.protocol_version.clone());
+    let mut http_response = json_response(200, response);
     http_response.headers_mut().insert(
         SESSION_HEADER,
         HeaderValue::from_str(&session.id).expect("hex session id"),
@@ -617,7 +688,7 @@ fn get_stream(
         }
         drop(claim);
     });
-    sse(rx, Some(session), priming, shutdown, None, None)
+    sse(None, rx, Some(session), priming, shutdown, None, None)
 }
 
 /// Without a session id: the modern era has no GET/DELETE (405, `Allow: POST`); the handshake era needs one (400).
@@ -729,7 +800,7 @@ async fn modern_post(
     }
     let wants_stream = message.pointer("/params/_meta/progressToken").is_some()
         && accepts(headers, "text/event-stream");
-    let handle = match ready.child.request(modern::to_child(message), false) {
+    let handle = match ready.child.request(modern::to_child(message), None) {
         Ok(handle) => handle,
         Err(_) => return rpc_error(audit, 503, id, -32603, "the MCP server is not ready"),
     };
@@ -793,11 +864,21 @@ async fn modern_post(
             let _ = tx.send(error_response(id, -32603, "request timed out"));
         }
     });
-    sse(rx, None, false, state.shutdown.clone(), None, Some(guard))
+    sse(
+        None,
+        rx,
+        None,
+        false,
+        state.shutdown.clone(),
+        None,
+        Some(guard),
+    )
 }
 
-/// An SSE response relaying `rx` until a response message (or shutdown). Event ids are per session.
+/// An SSE response relaying `first`, then `rx`, until a response message (or shutdown). Event ids are per
+/// session.
 fn sse(
+    first: Option<Value>,
     rx: mpsc::UnboundedReceiver<Value>,
     session: Option<Arc<super::session::Session>>,
     priming: bool,
@@ -806,6 +887,7 @@ fn sse(
     cancel: Option<CancelOnDrop>,
 ) -> Response {
     struct StreamState {
+        first: Option<Value>,
         rx: mpsc::UnboundedReceiver<Value>,
         session: Option<Arc<super::session::Session>>,
         priming: bool,
@@ -815,6 +897,7 @@ fn sse(
         cancel: Option<CancelOnDrop>,
     }
     let st = StreamState {
+        first,
         rx,
         session,
         priming,
@@ -837,9 +920,12 @@ fn sse(
                 .unwrap_or_default();
             return Some((Ok::<_, Infallible>(Event::default().id(id).data("")), st));
         }
-        let message = tokio::select! {
-            m = st.rx.recv() => m,
-            _ = modern::until_shutdown(&mut st.shutdown) => None,
+        let message = match st.first.take() {
+            Some(first) => Some(first),
+            None => tokio::select! {
+                m = st.rx.recv() => m,
+                _ = modern::until_shutdown(&mut st.shutdown) => None,
+            },
         };
         let message = message?;
         if is_response(&message) && message.get("method").is_none() {

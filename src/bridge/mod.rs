@@ -1,7 +1,8 @@
 //! `mcpfly bridge`: runs a stdio MCP server and serves it over MCP Streamable HTTP, inside each Fly machine.
 //!
 //! - [`http`]: the endpoint (auth, Origin/CORS, limits, both protocol eras, health and readiness).
-//! - [`session`]: handshake-era sessions, one child each; [`modern`]: the 2026-07-28 envelope on a shared child.
+//! - [`session`]: handshake-era sessions, one child each (or the shared one with `--session-isolation shared`);
+//!   [`warm`]: children started ahead of sessions; [`modern`]: the 2026-07-28 envelope on a shared child.
 //! - [`child`]: the stdio process and JSON-RPC multiplexing; [`auth`], [`ratelimit`], [`audit`]: cross-cutting.
 //! - [`verify`]: the MCP client the controller uses to check a deployment through its public URL.
 
@@ -13,12 +14,14 @@ pub mod modern;
 pub mod ratelimit;
 pub mod session;
 pub mod verify;
+pub mod warm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -51,13 +54,18 @@ pub struct BridgeArgs {
     /// Largest request body accepted, in bytes (413 above it).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Requests per minute per bearer token (0: unlimited).
-    #[arg(long, default_value_t = 1200)]
+    /// Requests per minute per authenticated identity (the bearer token), wherever its clients connect from
+    /// (0: unlimited). A whole team behind one address shares this, not the per-address limit.
+    #[arg(long, default_value_t = 6000)]
     pub rate_per_token: u32,
-    /// Requests per minute per client address (0: unlimited).
+    /// Burst size of the per-identity limit.
+    #[arg(long, default_value_t = 1000)]
+    pub rate_token_burst: u32,
+    /// Requests per minute per client address, for unauthenticated traffic only: every request when serving with
+    /// `--no-auth`, and requests with a missing or wrong token (0: unlimited).
     #[arg(long, default_value_t = 600)]
     pub rate_per_client: u32,
-    /// Burst size of both rate limits.
+    /// Burst size of the per-address limit.
     #[arg(long, default_value_t = 100)]
     pub rate_burst: u32,
     /// Header carrying the client's address, set by the proxy in front (Fly sets `Fly-Client-IP`). Empty: use
@@ -76,12 +84,30 @@ pub struct BridgeArgs {
     /// Most concurrent handshake-era sessions (each runs its own server process); 503 above it.
     #[arg(long, default_value_t = 32)]
     pub max_sessions: usize,
+    /// Server processes kept started ahead of new sessions, so an `initialize` does not wait for a cold start
+    /// (0: none; at most 8, and never more than `--max-sessions` leaves room for). Unused with
+    /// `--session-isolation shared`.
+    #[arg(long, default_value_t = 1)]
+    pub warm_sessions: usize,
+    /// `per-session`: each handshake-era session runs its own server process (no state shared between
+    /// clients). `shared`: every session and every 2026-07-28 request is served by one process — for servers
+    /// known to be stateless; the server then cannot reach a client (sampling, elicitation, roots, log and
+    /// change notifications are not relayed).
+    #[arg(long, value_enum, default_value_t = SessionIsolation::PerSession)]
+    pub session_isolation: SessionIsolation,
     /// On SIGTERM, how long in-flight requests may finish, in seconds, before servers are stopped.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,
     /// The stdio MCP server to run, after `--`: program and arguments, never through a shell.
     #[arg(last = true, required = true, num_args = 1..)]
     pub command: Vec<String>,
+}
+
+/// How handshake-era sessions map onto server processes (`--session-isolation`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionIsolation {
+    PerSession,
+    Shared,
 }
 
 impl BridgeArgs {
@@ -129,11 +155,22 @@ pub struct Bridge {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
+    state: Arc<http::State>,
 }
 
 impl Bridge {
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Server processes started and waiting for a session.
+    pub fn warm_children(&self) -> usize {
+        self.state.warm.len()
+    }
+
+    /// Audit lines shed so far because the log sink fell behind.
+    pub fn audit_lines_shed(&self) -> u64 {
+        self.state.audit.shed()
     }
 
     /// Graceful shutdown, as on SIGTERM; waits until every server process is stopped.
@@ -165,13 +202,25 @@ pub async fn start(
         },
         shutdown_rx.clone(),
     );
+    let (auditor, audit_writer) = audit::Auditor::start(audit::QUEUE, audit::Finished::write);
+    let warm = warm::WarmPool::new(
+        spec.clone(),
+        match args.session_isolation {
+            SessionIsolation::PerSession => args.warm_sessions,
+            SessionIsolation::Shared => 0,
+        },
+    );
+    warm.fill(args.max_sessions);
     let state = Arc::new(http::State::new(
         &args,
         auth,
         spec,
         primary,
+        warm,
+        auditor,
         shutdown_rx.clone(),
     ));
+    let bridge_state = state.clone();
     let reaper_state = state.clone();
     let mut reaper_shutdown = shutdown_rx.clone();
     tokio::spawn(async move {
@@ -189,6 +238,13 @@ pub async fn start(
     let grace = Duration::from_secs(args.shutdown_grace_secs);
     let mut serve_shutdown = shutdown_rx.clone();
     let done = tokio::spawn(async move {
+        // Nagle off on every connection: an SSE answer goes out in several writes, and with Nagle the later ones
+        // wait for the client's delayed ACK (~40 ms per call on a kept-alive connection).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::warn!(%error, "cannot set TCP_NODELAY on a connection");
+            }
+        });
         let server = axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -206,17 +262,22 @@ pub async fn start(
             } => tracing::warn!("shutdown grace period over; stopping with requests in flight"),
         }
         state.sessions.end_all(Duration::from_secs(3)).await;
+        state.warm.drain(Duration::from_secs(1)).await;
         // The primary's supervisor stops its child on the same signal; wait for it.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
         while state.primary.current().is_some() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // The last audit lines are written before the bridge reports itself stopped.
+        state.audit.close().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), audit_writer).await;
         Ok(())
     });
     Ok(Bridge {
         addr,
         shutdown: shutdown_tx,
         done,
+        state: bridge_state,
     })
 }
 

@@ -379,11 +379,14 @@ async fn answer_unsolicited(
         if message.get("method").is_some()
             && let Some(id) = message.get("id")
         {
-            let _ = child.send_from_client(error_response(
-                id.clone(),
-                METHOD_NOT_FOUND,
-                "server-to-client requests are not available to stateless (2026-07-28) clients of this bridge",
-            ));
+            let _ = child.send_from_client(
+                error_response(
+                    id.clone(),
+                    METHOD_NOT_FOUND,
+                    "server-to-client requests are not available to clients of a shared MCP server",
+                ),
+                "",
+            );
         }
     }
 }

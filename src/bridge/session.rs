@@ -5,7 +5,11 @@
 //! remembers), and with one child per session none of it can leak from one client to another. It also routes the
 //! child's own requests (sampling, elicitation, roots) and notifications to the one client that can answer them,
 //! which a shared child cannot do without guessing. The cost is a process per session, bounded by
-//! `--max-sessions` and reaped after `--session-idle-timeout`.
+//! `--max-sessions` and reaped after `--session-idle-timeout`; [`super::warm`] keeps started processes ready so a
+//! new session does not wait for one to start.
+//!
+//! `--session-isolation shared` trades that isolation away for servers known to be stateless: every session is
+//! served by the one shared child of [`super::modern`] (see the README for what is lost).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +27,8 @@ const BACKLOG: usize = 1000;
 pub struct Session {
     pub id: String,
     pub child: Arc<Child>,
+    /// False for sessions on the shared child: ending the session must not stop it.
+    pub owns_child: bool,
     pub protocol_version: String,
     outbound: Mutex<Outbound>,
     next_event: AtomicU64,
@@ -162,6 +168,11 @@ impl Sessions {
         self.len() == 0
     }
 
+    /// The session limit (`--max-sessions`).
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// Whether a new session may start; checked before spawning a child for it.
     pub fn has_room(&self) -> Result<(), TooMany> {
         if self.len() >= self.max {
@@ -171,18 +182,20 @@ impl Sessions {
         }
     }
 
-    /// Registers an initialized child as a session and starts relaying what it sends on its own. The session
-    /// ends when the child exits.
+    /// Registers an initialized child as a session. With `unsolicited` (a child of its own), what the child sends
+    /// on its own is relayed to the session, and the session ends when the child exits; without (the shared
+    /// child), the session is gone once that child has exited (see [`Sessions::get`]).
     pub fn insert(
         self: &Arc<Self>,
         child: Arc<Child>,
-        mut unsolicited: mpsc::UnboundedReceiver<Value>,
+        unsolicited: Option<mpsc::UnboundedReceiver<Value>>,
         protocol_version: String,
     ) -> Arc<Session> {
         let id = hex::encode(rand::random::<[u8; 16]>());
         let session = Arc::new(Session {
             id: id.clone(),
             child,
+            owns_child: unsolicited.is_some(),
             protocol_version,
             outbound: Mutex::new(Outbound::default()),
             next_event: AtomicU64::new(1),
@@ -190,6 +203,9 @@ impl Sessions {
             last_seen: Mutex::new(Instant::now()),
         });
         self.map.lock().unwrap().insert(id.clone(), session.clone());
+        let Some(mut unsolicited) = unsolicited else {
+            return session;
+        };
         let sessions = Arc::downgrade(self);
         let weak = Arc::downgrade(&session);
         tokio::spawn(async move {
@@ -224,7 +240,9 @@ impl Sessions {
         let session = self.map.lock().unwrap().remove(id);
         match session {
             Some(session) => {
-                session.child.shutdown(grace).await;
+                if session.owns_child {
+                    session.child.shutdown(grace).await;
+                }
                 true
             }
             None => false,
@@ -233,7 +251,12 @@ impl Sessions {
 
     pub async fn end_all(&self, grace: Duration) {
         let all: Vec<_> = self.map.lock().unwrap().drain().map(|(_, s)| s).collect();
-        futures::future::join_all(all.iter().map(|s| s.child.shutdown(grace))).await;
+        futures::future::join_all(
+            all.iter()
+                .filter(|s| s.owns_child)
+                .map(|s| s.child.shutdown(grace)),
+        )
+        .await;
     }
 
     /// Ends sessions idle for longer than `idle` with no GET stream open.

@@ -171,6 +171,29 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> DesiredDeployment {
     }
 }
 
+/// Bridge flags for what the spec sets beyond the bridge's defaults (unset fields add nothing, so the defaults
+/// live in one place: `mcpfly bridge`).
+fn bridge_tuning(spec: &crate::api::MCPDeploymentSpec) -> Vec<String> {
+    let mut flags = Vec::new();
+    if let Some(rate) = &spec.access.rate_limit {
+        for (flag, value) in [
+            ("--rate-per-token", rate.requests_per_minute),
+            ("--rate-token-burst", rate.burst),
+            ("--rate-per-client", rate.per_address_requests_per_minute),
+            ("--rate-burst", rate.per_address_burst),
+        ] {
+            if let Some(value) = value {
+                flags.push(flag.to_string());
+                flags.push(value.to_string());
+            }
+        }
+    }
+    if spec.runtime.session_isolation == crate::api::SessionIsolation::Shared {
+        flags.extend(["--session-isolation".to_string(), "shared".to_string()]);
+    }
+    flags
+}
+
 fn base_config(
     inputs: &Inputs<'_>,
     settings: &Settings,
@@ -195,6 +218,7 @@ fn base_config(
                 // Turning auth off must be explicit all the way down to the bridge.
                 cmd.push("--no-auth".into());
             }
+            cmd.extend(bridge_tuning(spec));
             cmd.push("--".into());
             cmd.extend(server);
             (

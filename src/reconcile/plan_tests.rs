@@ -406,6 +406,44 @@ fn an_existing_empty_app_in_our_org_is_adopted() {
 }
 
 #[test]
+fn rate_limits_and_session_isolation_reach_the_bridge_and_defaults_add_nothing() {
+    let d = want(
+        &format!(
+            "{BASE}access: {{rateLimit: {{requestsPerMinute: 0, perAddressBurst: 7}}}}\n\
+             runtime: {{sessionIsolation: Shared}}\n"
+        ),
+        &[],
+    );
+    let cmd = &d.machines[0].config.init.as_ref().unwrap().cmd;
+    let bridge_flags: Vec<&str> = cmd
+        .iter()
+        .skip(6)
+        .take_while(|a| *a != "--")
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        bridge_flags,
+        [
+            "--rate-per-token",
+            "0",
+            "--rate-burst",
+            "7",
+            "--session-isolation",
+            "shared"
+        ]
+    );
+    // Every flag the spec can produce is one `mcpfly bridge` accepts.
+    let args: Vec<&str> = cmd[2..].iter().map(String::as_str).collect();
+    crate::bridge::BridgeArgs::parse_from(&args).expect("the bridge accepts the flags");
+    let plain = want(BASE, &[]);
+    assert!(
+        !plain.machines[0].config.init.as_ref().unwrap().cmd[..7]
+            .iter()
+            .any(|a| a.starts_with("--rate") || a == "--session-isolation")
+    );
+}
+
+#[test]
 fn machine_config_is_ours_and_never_fly_platform() {
     let d = want(
         &format!("{BASE}env: {{LOG_LEVEL: info}}\n"),
