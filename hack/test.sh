@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: builds (or reuses from the cache) the real control-plane binaries
-# from their published Go modules, prints their versions, then runs every Rust test in the workspace.
+# from their published Go modules, prints their versions, runs every Rust test in the workspace, then builds
+# both images and runs them as containers (hack/image-check.sh; as root, otherwise it says SKIPPED).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,3 +23,6 @@ echo "control-plane binaries ($((SECONDS - start)) s): $bins"
 echo "python MCP SDK: $(hack/python-mcp-env.sh)"
 
 cargo test --workspace --locked "$@"
+
+# Both images built twice from pinned sources (same digests) and run as containers under runc.
+hack/image-check.sh

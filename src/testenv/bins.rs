@@ -2,8 +2,13 @@
 //!
 //! In order: `MCPFLY_CONTROL_PLANE_BINS` (a folder with kube-apiserver, etcd, kubectl and helm, as printed by
 //! `hack/control-plane-bins.sh`); `KUBEBUILDER_ASSETS` (the envtest convention: kube-apiserver, etcd, kubectl;
-//! helm is then looked up beside them or on PATH); otherwise the build script is run, which builds them from
-//! their published Go modules once and caches them by version.
+//! helm is then looked up beside them or on PATH); the newest complete build in the script's cache
+//! (`$MCPFLY_CACHE_DIR`, else `$XDG_CACHE_HOME/mcpfly`, else `~/.cache/mcpfly`); otherwise
+//! `hack/control-plane-bins.sh` in the current directory (a checkout) is run, which builds them from their
+//! published Go modules once and caches them by version.
+//!
+//! Nothing here names the folder the binary was built in: the release binary carries this module (the demo uses
+//! it), and an embedded build path would make the image digest depend on the checkout.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,9 +31,19 @@ impl Binaries {
         if let Some(dir) = std::env::var_os("KUBEBUILDER_ASSETS") {
             return Self::in_dir(Path::new(&dir));
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/control-plane-bins.sh");
+        if let Some(dir) = cache_root().and_then(|root| newest_complete(&root.join("bin"))) {
+            return Self::in_dir(&dir);
+        }
+        let script = Path::new(BUILD_SCRIPT);
+        if !script.is_file() {
+            bail!(
+                "no control-plane binaries found: run {BUILD_SCRIPT} from a checkout of mcpfly (it caches them), \
+                 or point MCPFLY_CONTROL_PLANE_BINS / KUBEBUILDER_ASSETS at a folder holding kube-apiserver, etcd \
+                 and kubectl"
+            );
+        }
         let output = Command::new("bash")
-            .arg(&script)
+            .arg(script)
             .stderr(std::process::Stdio::inherit())
             .output()
             .with_context(|| format!("running {}", script.display()))?;
@@ -71,6 +86,37 @@ impl Binaries {
             helm,
         })
     }
+}
+
+/// The build script, relative to a checkout's root (where `cargo run` and `cargo test` start).
+const BUILD_SCRIPT: &str = "hack/control-plane-bins.sh";
+
+/// Where `hack/control-plane-bins.sh` caches its builds (its `CACHE_ROOT`).
+fn cache_root() -> Option<PathBuf> {
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("MCPFLY_CACHE_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("mcpfly")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache/mcpfly")))
+}
+
+/// The newest `k8s-<version>-helm-<version>` folder the script finished (it writes `.complete` last).
+fn newest_complete(bin_root: &Path) -> Option<PathBuf> {
+    let mut complete: Vec<PathBuf> = std::fs::read_dir(bin_root)
+        .ok()?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|dir| {
+            dir.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("k8s-"))
+                && dir.join(".complete").is_file()
+        })
+        .collect();
+    complete.sort();
+    complete.pop()
 }
 
 fn which(name: &str) -> Option<PathBuf> {

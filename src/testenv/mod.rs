@@ -198,12 +198,15 @@ impl ControlPlane {
         Ok(self.client().await?.apiserver_version().await?.git_version)
     }
 
-    /// Applies `crds/` with `kubectl apply --server-side` and waits until every CRD is Established. Done once
+    /// Applies the CRD (`crds/`) with `kubectl apply --server-side` and waits until every CRD is Established. Done once
     /// per control plane; later calls return at once.
     pub async fn install_crds(&self) -> anyhow::Result<()> {
         self.crds_installed
             .get_or_try_init(|| async {
-                let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+                // The CRD the code generates (identical to crds/, a unit test checks), so no source path is needed.
+                let crds = self.dir.join("crds.yaml");
+                std::fs::write(&crds, crate::api::crd_yaml())
+                    .with_context(|| format!("writing {}", crds.display()))?;
                 run_checked(
                     self.kubectl()
                         .args(["apply", "--server-side", "--force-conflicts", "-f"])
