@@ -194,7 +194,8 @@ async fn credential_change_sets_secrets_once_then_updates_machines_with_min_secr
     let put = |value: &str| {
         serde_json::from_value::<Secret>(serde_json::json!({
             "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "gh", "namespace": "ctl-secrets"},
+            "metadata": {"name": "gh", "namespace": "ctl-secrets",
+                "labels": {mcpfly::api::ALLOW_REFERENCE_LABEL: "true"}},
             "stringData": {"token": value},
         }))
         .unwrap()

@@ -106,6 +106,8 @@ async fn run_variant(
             ("MCPFLY_KEYRING_SECRET", &format!("{SYSTEM_NS}/{KEYRING}")),
             ("MCPFLY_LABEL_SELECTOR", &selector),
             ("MCPFLY_LEASE_NAME", &format!("{release}-mcpfly-leader")),
+            // The chart's default: the cluster identity is kube-system's UID, read through its own rule.
+            ("MCPFLY_CLUSTER_NAME", ""),
         ],
     )?;
 

@@ -93,7 +93,8 @@ where
 
 fn secret(name: &str, key: &str, value: &str) -> serde_json::Value {
     serde_json::json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": name, "namespace": NS}, "stringData": {key: value}})
+        "metadata": {"name": name, "namespace": NS, "labels": {mcpfly::api::ALLOW_REFERENCE_LABEL: "true"}},
+        "stringData": {key: value}})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

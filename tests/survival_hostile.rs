@@ -248,12 +248,23 @@ async fn semantically_bad_manifests_stall_with_their_own_reason_and_touch_nothin
     .await?;
     let client = stack.cp.client().await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-    for (name, data) in [
-        ("no-token-key", serde_json::json!({"other": "dmFsdWU="})),
-        ("binary", serde_json::json!({"token": "/w=="})),
+    let opted_in = serde_json::json!({mcpfly::api::ALLOW_REFERENCE_LABEL: "true"});
+    for (name, data, labels) in [
+        (
+            "no-token-key",
+            serde_json::json!({"other": "dmFsdWU="}),
+            &opted_in,
+        ),
+        ("binary", serde_json::json!({"token": "/w=="}), &opted_in),
+        // A Secret that never opted in: another workload's, which a manifest tries to read into its server.
+        (
+            "not-opted-in",
+            serde_json::json!({"token": "aG9zdGlsZS1jYW5hcnk="}),
+            &serde_json::json!({}),
+        ),
     ] {
         let secret: Secret = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "namespace": NS}, "data": data}))?;
+            "metadata": {"name": name, "namespace": NS, "labels": labels}, "data": data}))?;
         secrets.create(&Default::default(), &secret).await?;
     }
 
@@ -414,6 +425,15 @@ async fn semantically_bad_manifests_stall_with_their_own_reason_and_touch_nothin
             "secret-binary",
             manifest("secret-binary", IMAGE, &secret_ref("binary", "token")),
             reason::CREDENTIAL_SECRET_NOT_UTF8,
+        ),
+        (
+            "secret-not-opted-in",
+            manifest(
+                "secret-not-opted-in",
+                IMAGE,
+                &secret_ref("not-opted-in", "token"),
+            ),
+            reason::CREDENTIAL_SECRET_NOT_OPTED_IN,
         ),
         (
             "app-other-org",

@@ -83,8 +83,8 @@ pub struct MCPDeploymentSpec {
     /// The MCP server to run: exactly one of `npm`, `pypi` or `image`.
     pub source: Source,
 
-    /// Non-secret environment variables for the server. Names match `^[A-Za-z_][A-Za-z0-9_]*$` and must not start
-    /// with `MCPFLY_`; at most 64 entries of at most 4096 characters each. Secrets belong in `credentials`.
+    /// Non-secret environment variables for the server. Names match `^[A-Za-z_][A-Za-z0-9_]*$`, must not start
+    /// with `MCPFLY_` or `FLY_` and must not be `MCP_AUTH_TOKEN`; at most 64 entries of at most 4096 characters each. Secrets belong in `credentials`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "env_schema")]
     pub env: BTreeMap<String, String>,
@@ -137,8 +137,18 @@ fn env_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
                 "message": "env names must match ^[A-Za-z_][A-Za-z0-9_]*$ (letters, digits and underscores, not starting with a digit)",
             },
             {
-                "rule": format!("self.all(k, !k.startsWith('{}'))", v::RESERVED_ENV_PREFIX),
-                "message": "env names starting with MCPFLY_ are reserved for the runtime; rename the variable",
+                "rule": format!(
+                    "self.all(k, {})",
+                    v::RESERVED_ENV_PREFIXES.map(|p| format!("!k.startsWith('{p}')")).join(" && ")
+                ),
+                "message": "env names starting with MCPFLY_ or FLY_ are reserved (the runtime's and Fly's own variables); rename the variable",
+            },
+            {
+                "rule": format!(
+                    "self.all(k, !(k in [{}]))",
+                    v::RESERVED_ENV_NAMES.map(|n| format!("'{n}'")).join(", ")
+                ),
+                "message": "MCP_AUTH_TOKEN is reserved for the endpoint token the controller generates; rename the variable",
             },
         ],
     })
@@ -269,11 +279,17 @@ fn default_image_path() -> String {
 #[serde(rename_all = "camelCase")]
 pub struct Credential {
     /// The environment variable name the server sees (`^[A-Za-z_][A-Za-z0-9_]*$`, unique, not starting with
-    /// `MCPFLY_`).
+    /// `MCPFLY_` or `FLY_`, not `MCP_AUTH_TOKEN`).
     #[schemars(length(min = 1, max = limits::NAME_MAX), pattern(v::ENV_NAME_PATTERN))]
+    // The rules spell out `validation::RESERVED_ENV_PREFIXES` and `RESERVED_ENV_NAMES` (attributes take no
+    // expressions); a unit test holds them to those constants.
     #[x_kube(
-        validation = Rule::new("!self.startsWith('MCPFLY_')")
-            .message("credential names starting with MCPFLY_ are reserved for the runtime; rename the credential")
+        validation = Rule::new("!self.startsWith('MCPFLY_') && !self.startsWith('FLY_')")
+            .message("credential names starting with MCPFLY_ or FLY_ are reserved (the runtime's and Fly's own variables); rename the credential")
+    )]
+    #[x_kube(
+        validation = Rule::new("self != 'MCP_AUTH_TOKEN'")
+            .message("MCP_AUTH_TOKEN is reserved for the endpoint token the controller generates, which would replace this credential silently; rename the credential")
     )]
     pub name: String,
     /// A Fernet token made by `mcpfly seal` for this namespace and resource. Only the controller can unseal it.

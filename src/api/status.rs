@@ -25,6 +25,11 @@ pub struct MCPDeploymentStatus {
     /// The Fly app this deployment owns. Recorded before the app is created, so a crash never leaks an app.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<String>,
+    /// The id of that app: the one Fly returned to this controller's create (recorded with the create), or
+    /// the app's id when ownership was first proven otherwise (owner metadata on its machines, the
+    /// `mcpfly.dev/adopt-app` annotation). An app with another id is not this deployment's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_id: Option<String>,
     /// The exact package version or image the machines run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<ResolvedSource>,
@@ -304,6 +309,24 @@ pub mod reason {
     /// Fly refused the request as invalid (422/400): the spec asks for something Fly will not do.
     pub const FLY_REJECTED: &str = "FlyRejected";
 
+    // Stalled by the controller's policy, before any Fly call.
+    /// `spec.fly.org` is not the controller's org nor in `--allowed-orgs`.
+    pub const ORG_NOT_ALLOWED: &str = "OrgNotAllowed";
+    /// `spec.fly.network` names a shared network not in `--allowed-networks`.
+    pub const NETWORK_NOT_ALLOWED: &str = "NetworkNotAllowed";
+    /// `spec.fly.app` does not start with one of `--allowed-app-prefixes`.
+    pub const APP_NAME_NOT_ALLOWED: &str = "AppNameNotAllowed";
+    /// `access.auth: none` with credentials, without the acknowledgement annotation.
+    pub const OPEN_ENDPOINT_NOT_ACKNOWLEDGED: &str = "OpenEndpointNotAcknowledged";
+
+    // Stalled in Kubernetes.
+    /// The connection Secret exists and is not controlled by this resource.
+    pub const CONNECTION_SECRET_NOT_OWNED: &str = "ConnectionSecretNotOwned";
+
+    // Verified=False.
+    /// With `access.auth: bearer`, the endpoint answered a request without the token.
+    pub const ENDPOINT_UNAUTHENTICATED: &str = "EndpointUnauthenticated";
+
     // Stalled on the source (supply-chain checks and policy).
     pub const PACKAGE_NOT_FOUND: &str = "PackageNotFound";
     pub const VERSION_NOT_FOUND: &str = "VersionNotFound";
@@ -331,6 +354,8 @@ pub mod reason {
     pub const CREDENTIAL_UNSUPPORTED_VERSION: &str = "CredentialUnsupportedVersion";
     pub const CREDENTIAL_INVALID_NAME: &str = "CredentialInvalidName";
     pub const CREDENTIAL_SECRET_NOT_FOUND: &str = "CredentialSecretNotFound";
+    /// A `secretKeyRef` names a Secret without the `mcpfly.dev/allow-reference: "true"` label.
+    pub const CREDENTIAL_SECRET_NOT_OPTED_IN: &str = "CredentialSecretNotOptedIn";
     pub const CREDENTIAL_SECRET_KEY_NOT_FOUND: &str = "CredentialSecretKeyNotFound";
     pub const CREDENTIAL_SECRET_NOT_UTF8: &str = "CredentialSecretNotUtf8";
     pub const CREDENTIAL_SECRET_READ_FAILED: &str = "CredentialSecretReadFailed";

@@ -373,3 +373,22 @@ fn invalid_fixtures_are_well_formed() {
     }
     assert!(count >= 20, "only {count} invalid fixtures");
 }
+
+#[test]
+fn credential_name_rules_spell_out_the_reserved_names() {
+    let rules = spec_schema()["properties"]["credentials"]["items"]["properties"]["name"]
+        ["x-kubernetes-validations"]
+        .to_string();
+    for prefix in validation::RESERVED_ENV_PREFIXES {
+        assert!(
+            rules.contains(&format!("!self.startsWith('{prefix}')")),
+            "{prefix}: {rules}"
+        );
+    }
+    for name in validation::RESERVED_ENV_NAMES {
+        assert!(
+            rules.contains(&format!("self != '{name}'")),
+            "{name}: {rules}"
+        );
+    }
+}

@@ -14,8 +14,13 @@ use super::spec::{CpuKind, GuestSpec};
 
 /// Names of environment variables and credentials: what a POSIX shell and Fly's secrets API both accept.
 pub const ENV_NAME_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_]*$";
-/// Environment and credential names starting with this prefix are reserved for the runtime (e.g. the endpoint token).
-pub const RESERVED_ENV_PREFIX: &str = "MCPFLY_";
+/// Environment and credential names starting with one of these are reserved: `MCPFLY_` for the runtime and
+/// the bridge, `FLY_` for the variables Fly sets in every machine.
+pub const RESERVED_ENV_PREFIXES: [&str; 2] = ["MCPFLY_", "FLY_"];
+/// The endpoint token: the controller generates it, delivers it as a Fly secret, and the bridge reads it.
+pub const ENDPOINT_TOKEN_ENV: &str = "MCP_AUTH_TOKEN";
+/// Names reserved exactly: a credential or env entry of one of these names would be replaced silently.
+pub const RESERVED_ENV_NAMES: [&str; 1] = [ENDPOINT_TOKEN_ENV];
 /// npm package names, scoped or not (the grammar of `validate-npm-package-name` for new packages).
 pub const NPM_PACKAGE_PATTERN: &str = "^(?:@[a-z0-9-*~][a-z0-9-*._~]*/)?[a-z0-9-~][a-z0-9-._~]*$";
 /// npm versions, dist-tags and ranges (`1.2.3`, `latest`, `^1.2`, `1.0.0-beta.1+b5`, `>=1 <2`, `1.x`, `*`,
@@ -98,9 +103,9 @@ pub fn is_env_name(s: &str) -> bool {
     bounded(s, limits::NAME_MAX, &ENV_NAME)
 }
 
-/// A name the runtime reserves for itself.
+/// A name the runtime, the bridge or Fly reserves for itself.
 pub fn is_reserved_env_name(s: &str) -> bool {
-    s.starts_with(RESERVED_ENV_PREFIX)
+    RESERVED_ENV_PREFIXES.iter().any(|p| s.starts_with(p)) || RESERVED_ENV_NAMES.contains(&s)
 }
 
 pub fn is_npm_package(s: &str) -> bool {
@@ -294,6 +299,10 @@ mod tests {
         assert!(!is_env_name("1X"));
         assert!(!is_env_name("A-B"));
         assert!(is_reserved_env_name("MCPFLY_TOKEN"));
+        assert!(is_reserved_env_name("FLY_APP_NAME"));
+        assert!(is_reserved_env_name("MCP_AUTH_TOKEN"));
+        assert!(!is_reserved_env_name("MCP_AUTH_TOKEN_2"));
+        assert_eq!(ENDPOINT_TOKEN_ENV, crate::bridge::child::TOKEN_ENV);
         assert!(is_region("iad"));
         for bad in ["IAD", "IAD1", "ia", "iadx", ""] {
             assert!(!is_region(bad), "{bad}");

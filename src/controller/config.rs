@@ -23,9 +23,22 @@ pub struct ControllerConfig {
         default_value = "https://api.machines.dev/v1"
     )]
     pub fly_api_base_url: String,
-    /// Part of every derived app name's hash, so two clusters sharing a Fly org never collide.
-    #[arg(long, env = "MCPFLY_CLUSTER_NAME", default_value = "default")]
-    pub cluster_name: String,
+    /// Part of every derived app name's hash, so two clusters sharing a Fly org never derive the same name.
+    /// Unset: the UID of the cluster's kube-system namespace, which no other cluster shares.
+    #[arg(long, env = "MCPFLY_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// Further Fly orgs a resource may name in spec.fly.org (comma-separated); --fly-org is always allowed.
+    /// Empty: only --fly-org.
+    #[arg(long, env = "MCPFLY_ALLOWED_ORGS", value_delimiter = ',')]
+    pub allowed_orgs: Vec<String>,
+    /// Shared Fly private networks a resource may join through spec.fly.network (comma-separated). Empty:
+    /// none, so every app has a network of its own.
+    #[arg(long, env = "MCPFLY_ALLOWED_NETWORKS", value_delimiter = ',')]
+    pub allowed_networks: Vec<String>,
+    /// A name chosen in spec.fly.app must start with one of these prefixes (comma-separated; `{namespace}` is
+    /// replaced by the resource's namespace, e.g. `{namespace}-`). Empty: any name.
+    #[arg(long, env = "MCPFLY_ALLOWED_APP_PREFIXES", value_delimiter = ',')]
+    pub allowed_app_prefixes: Vec<String>,
     /// Prefix of derived app names.
     #[arg(long, env = "MCPFLY_APP_PREFIX", default_value = "mcpfly")]
     pub app_prefix: String,
@@ -135,13 +148,31 @@ impl OperationsConfig {
 }
 
 impl ControllerConfig {
-    pub fn settings(&self) -> Settings {
+    /// `cluster_identity`: see [`crate::controller::cluster_identity`].
+    pub fn settings(&self, cluster_identity: String) -> Settings {
         Settings {
             app_prefix: self.app_prefix.clone(),
-            cluster_name: self.cluster_name.clone(),
+            cluster_name: cluster_identity,
             default_org: self.fly_org.clone(),
             runtime_image: self.runtime_image.clone(),
             url_template: self.url_template.clone(),
+        }
+    }
+
+    /// The allowlists every resource is admitted against before any Fly call.
+    pub fn policy(&self) -> crate::reconcile::policy::Policy {
+        let listed = |values: &[String]| -> Vec<String> {
+            values
+                .iter()
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+                .collect()
+        };
+        crate::reconcile::policy::Policy {
+            default_org: self.fly_org.clone(),
+            allowed_orgs: listed(&self.allowed_orgs),
+            allowed_networks: listed(&self.allowed_networks),
+            allowed_app_prefixes: listed(&self.allowed_app_prefixes),
         }
     }
 

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::core::PartialObjectMeta;
@@ -78,6 +78,8 @@ pub struct Context {
     pub client: kube::Client,
     pub fly: FlyClient,
     pub settings: Settings,
+    /// The controller's allowlists.
+    pub policy: crate::reconcile::policy::Policy,
     pub resolver: Arc<dyn SourceResolver>,
     /// Replaced when the key-ring Secret changes; shared with the seal endpoint and readiness.
     pub keyring: KeyringSlot,
@@ -104,6 +106,7 @@ impl Context {
         client: kube::Client,
         fly: FlyClient,
         config: &ControllerConfig,
+        cluster_identity: String,
         resolver: Arc<dyn SourceResolver>,
         keyring: Option<Arc<KeyRing>>,
         metrics: Arc<Metrics>,
@@ -121,7 +124,8 @@ impl Context {
             ),
             client,
             fly,
-            settings: config.settings(),
+            settings: config.settings(cluster_identity),
+            policy: config.policy(),
             resolver,
             keyring: Arc::new(RwLock::new(keyring)),
             metrics,
@@ -214,6 +218,32 @@ async fn reconcile(obj: Arc<MCPDeployment>, ctx: Arc<Context>) -> Result<Requeue
     }
     result.map(Into::into)
 }
+
+/// The cluster identity hashed into derived app names: `--cluster-name`, or else the UID of the kube-system
+/// namespace, which no other cluster shares (a constant default would give two clusters syncing one GitOps
+/// repository into one Fly org the same app names).
+pub async fn cluster_identity(
+    client: &kube::Client,
+    config: &ControllerConfig,
+) -> anyhow::Result<String> {
+    if let Some(name) = config.cluster_name.as_deref().filter(|n| !n.is_empty()) {
+        return Ok(name.to_string());
+    }
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let found = namespaces.get(CLUSTER_IDENTITY_NAMESPACE).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the UID of namespace {CLUSTER_IDENTITY_NAMESPACE}, the default cluster identity in derived \
+             app names ({e}); allow `get` on it (the chart does) or set --cluster-name (MCPFLY_CLUSTER_NAME) to a \
+             name no other cluster sharing the Fly org uses"
+        )
+    })?;
+    found.metadata.uid.ok_or_else(|| {
+        anyhow::anyhow!("namespace {CLUSTER_IDENTITY_NAMESPACE} has no UID; set --cluster-name")
+    })
+}
+
+/// Every cluster has it, and its UID is assigned once when the cluster is created.
+const CLUSTER_IDENTITY_NAMESPACE: &str = "kube-system";
 
 /// Loads the key ring from the configured file, or from the Secret (whose changes [`watch_keyring`] follows).
 pub async fn load_keyring(
@@ -396,11 +426,14 @@ pub async fn run_with_client(
     }
     health.pass(Check::Crd);
 
+    let cluster = cluster_identity(&client, &config).await?;
+    info!(cluster_identity = %cluster, "derived app names hash this cluster identity");
     let keyring = load_keyring(&client, &config).await?;
     let ctx = Arc::new(Context::new(
         client.clone(),
         fly,
         &config,
+        cluster,
         resolver,
         keyring,
         metrics.clone(),

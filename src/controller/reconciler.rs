@@ -1,8 +1,8 @@
 //! One reconcile of one `MCPDeployment`: the finalizer and deletion ([`cleanup`]), suspension, then the phases
-//! of [`Run::phases`]: gather inputs (source, credentials, endpoint token) → desired → observe → ownership →
+//! of [`Run::phases`] after the controller's own admission ([`Run::admit`]): gather inputs (source, credentials, endpoint token) → desired → observe → ownership →
 //! plan → act → report. Deciding is pure and lives in [`crate::reconcile`]; this file does the I/O.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,19 +18,20 @@ use tracing::{info, warn};
 use super::settled::Next;
 use super::status::{Stall, clear, condition, mark_progress, mark_stalled};
 use super::{Context, Error};
+use crate::api::{ADOPT_ANNOTATION, OPEN_ENDPOINT_ANNOTATION, ROTATE_TOKEN_ANNOTATION, reason};
 use crate::api::{
     Auth, ConditionType, CredentialStatus, DeletionPolicy, FINALIZER, MCPDeployment,
     MCPDeploymentStatus, Phase, RECONCILE_ANNOTATION,
 };
-use crate::api::{ROTATE_TOKEN_ANNOTATION, reason};
 use crate::packages::Resolved;
 use crate::reconcile::act::{ActError, Actor, Outcome};
 use crate::reconcile::desired::{
-    AUTH_TOKEN_SECRET, DesiredDeployment, Inputs, app_name_for, desired,
+    AUTH_TOKEN_SECRET, DesiredDeployment, Inputs, app_name_for, desired, org_for,
 };
 use crate::reconcile::observe::observe;
-use crate::reconcile::ownership;
+use crate::reconcile::ownership::{self, Claims, Owned, Proof};
 use crate::reconcile::plan::{Action, Blocked, Observed, ObservedApp, Plan, Progress, plan};
+use crate::reconcile::policy;
 use crate::reconcile::timing::next_look;
 use crate::sealing::unsealer::{CredentialRef, CredentialSource, Unsealer};
 
@@ -107,14 +108,46 @@ async fn cleanup(
     }
     let status = obj.status.clone().unwrap_or_default();
     if let Some(app) = status.app.as_deref() {
+        let uid = obj.uid().unwrap_or_default();
+        let created = status
+            .app_id
+            .clone()
+            .or_else(|| ctx.in_flight.created_id(&uid, app));
         ctx.in_flight.forget_app(app);
         ctx.fleet.forget(app);
         if obj.spec.deletion_policy == DeletionPolicy::Delete {
-            match ctx.fly.get_app(app).await {
-                Err(e) if e.is_not_found() => {}
-                // Someone else's app (the name was never ours): nothing of ours to delete.
-                Err(fly_adapter::client::FlyError::OwnedByOtherOrg { .. }) => {}
-                Err(e) => return Err(Error::Fly(e)),
+            let observed = observe(&ctx.fly, app, false, false).await?;
+            let seen = status.machines.iter().map(|m| m.id.clone()).collect();
+            let claims = ownership_claims(obj, app, created.as_deref(), &seen);
+            let org = org_for(&obj.spec, &ctx.settings);
+            match ownership::prove(app, &org, &observed, &claims) {
+                // Gone already (or never ours to find).
+                Ok(owned) if owned.proof == Proof::Absent => {}
+                // Adopted with machines mcpfly did not create: deleting the app would destroy them. Only our
+                // machines go.
+                Ok(owned) if !owned.foreign.is_empty() => {
+                    for machine in &owned.observed.machines {
+                        match ctx.fly.delete_machine(app, &machine.id, true, None).await {
+                            Ok(()) => {}
+                            Err(e) if e.is_not_found() => {}
+                            Err(e) => return Err(Error::Fly(e)),
+                        }
+                    }
+                    ctx.publish(
+                        obj,
+                        EventType::Warning,
+                        "AppLeftAlone",
+                        &format!(
+                            "destroyed this resource's machines and left Fly app {app} in place: it runs machines \
+                             mcpfly did not create ({})",
+                            owned.foreign.join(", ")
+                        ),
+                    )
+                    .await;
+                    remove_finalizer(obj, api).await?;
+                    ctx.forget(obj);
+                    return Ok(Next::on_change());
+                }
                 Ok(_) => {
                     ctx.fly
                         .delete_app(app, true)
@@ -131,6 +164,19 @@ async fn cleanup(
                     deleting.phase = Some(Phase::Deleting);
                     write_status(ctx, api, obj, &status, &deleting).await?;
                     return Ok(Next::after(DELETE_POLL));
+                }
+                // Someone else's app: only the finalizer is ours to remove.
+                Err(blocked) => {
+                    ctx.publish(
+                        obj,
+                        EventType::Warning,
+                        "AppLeftAlone",
+                        &format!("left Fly app {app} in place: {}", blocked.message),
+                    )
+                    .await;
+                    remove_finalizer(obj, api).await?;
+                    ctx.forget(obj);
+                    return Ok(Next::on_change());
                 }
             }
             ctx.publish(
@@ -249,6 +295,9 @@ async fn apply(
         run.write_status(&status).await?;
         return Ok(Next::on_change());
     }
+    if let Err(stall) = run.admit() {
+        return stalled(api, obj, &run.stored, status, stall, ctx).await;
+    }
     let Some(app) = run.record_app_name(&mut status).await? else {
         return Ok(Next::after(Duration::ZERO));
     };
@@ -272,13 +321,14 @@ impl Run<'_> {
 
         let want = self.desired(app, &resolved, &credentials, status);
         let observed = self.observe(app).await?;
-        self.prove_ownership(&want, &observed)?;
-        let the_plan = self.plan(app, &want, &observed);
+        // From here on only what is proven ours is looked at: `owned.observed` holds our machines only.
+        let owned = self.prove_ownership(app, &want, &observed, status).await?;
+        let the_plan = self.plan(app, &want, &owned.observed);
         let outcome = self
             .act(
                 app,
                 &want,
-                &observed,
+                &owned.observed,
                 &the_plan,
                 &credentials,
                 &token,
@@ -286,8 +336,26 @@ impl Run<'_> {
             )
             .await?;
         Ok(self
-            .report(status, &want, &observed, &the_plan, &outcome, &token)
+            .report(status, &want, &owned.observed, &the_plan, &outcome, &token)
             .await)
+    }
+
+    /// The controller's allowlists, before anything is recorded or asked of Fly (see [`policy`]).
+    fn admit(&self) -> Result<(), Stall> {
+        let acknowledged = policy::Acknowledgements {
+            open_endpoint: self
+                .obj
+                .annotations()
+                .get(OPEN_ENDPOINT_ANNOTATION)
+                .is_some_and(|v| v == "true"),
+        };
+        policy::admit(
+            &self.obj.spec,
+            self.namespace,
+            acknowledged,
+            &self.ctx.policy,
+        )
+        .map_err(blocked_stall)
     }
 
     /// The app name goes into status before the app exists: whatever happens next, we know what we may own.
@@ -427,9 +495,7 @@ impl Run<'_> {
         status: &mut MCPDeploymentStatus,
         credentials: &mut Credentials,
     ) -> Result<EndpointToken, Halt> {
-        let connection =
-            ConnectionSecret::read(self.ctx, self.namespace, &self.obj.connection_secret_name())
-                .await?;
+        let connection = ConnectionSecret::read(self.ctx, self.obj, self.namespace).await?;
         // A new value of the rotate-token annotation replaces the token; otherwise the stored one stands.
         let rotation = self.obj.annotations().get(ROTATE_TOKEN_ANNOTATION).cloned();
         let rotated = rotation.is_some() && rotation != self.stored.token_rotation;
@@ -496,9 +562,42 @@ impl Run<'_> {
         Ok(observed)
     }
 
-    /// Nothing on Fly is changed unless it is proven ours (see [`ownership`]).
-    fn prove_ownership(&self, want: &DesiredDeployment, observed: &Observed) -> Result<(), Stall> {
-        ownership::check(want, observed, &self.uid).map_err(blocked_stall)
+    /// Nothing on Fly is changed unless it is proven ours (see [`ownership`]). The app's id is recorded with
+    /// the first proof, so from then on the id alone proves it.
+    async fn prove_ownership(
+        &self,
+        app: &str,
+        want: &DesiredDeployment,
+        observed: &Observed,
+        status: &mut MCPDeploymentStatus,
+    ) -> Result<Owned, Stall> {
+        let seen = self.stored.machines.iter().map(|m| m.id.clone()).collect();
+        let created = self
+            .stored
+            .app_id
+            .clone()
+            .or_else(|| self.ctx.in_flight.created_id(&self.uid, app));
+        let claims = ownership_claims(self.obj, app, created.as_deref(), &seen);
+        let owned = ownership::prove(app, &want.org, observed, &claims).map_err(blocked_stall)?;
+        if let ObservedApp::Present { id, .. } = &observed.app
+            && !id.is_empty()
+        {
+            status.app_id = Some(id.clone());
+        }
+        if owned.proof == Proof::Adopted && self.stored.app_id.is_none() {
+            let note = format!(
+                "adopted Fly app {app} as {ADOPT_ANNOTATION} asks; machines mcpfly did not create are left alone: {}",
+                if owned.foreign.is_empty() {
+                    "none".to_string()
+                } else {
+                    owned.foreign.join(", ")
+                }
+            );
+            self.ctx
+                .publish(self.obj, EventType::Normal, "AppAdopted", &note)
+                .await;
+        }
+        Ok(owned)
     }
 
     /// The actions that get there (pure, see [`plan`]).
@@ -547,7 +646,21 @@ impl Run<'_> {
             secrets_version: self.stored.secrets_version.map(|v| v as u64),
             lease_owner: &ctx.identity,
         };
-        let outcome = actor.run(the_plan).await;
+        // The app's id is recorded the moment our create returns it, before anything else happens in the app:
+        // it is the proof that the app is ours.
+        let (create, rest) = match the_plan.actions.split_first() {
+            Some((first @ Action::CreateApp { .. }, rest)) => (std::slice::from_ref(first), rest),
+            _ => (&[][..], &the_plan.actions[..]),
+        };
+        let mut outcome = actor.run(create).await;
+        if let Some(id) = outcome.created_app_id.clone() {
+            ctx.in_flight.note_created(&self.uid, app, &id);
+            status.app_id = Some(id);
+            self.write_status(status).await?;
+        }
+        if outcome.error.is_none() {
+            outcome = outcome.then(actor.run(rest).await);
+        }
         if outcome.error.is_none() {
             // The app exists in our org now, and its IPs are complete if they were looked at (or just assigned).
             let ips_done = observed.ips.is_some() || observed.app == ObservedApp::Missing;
@@ -650,6 +763,25 @@ impl Run<'_> {
 
     async fn write_status(&self, status: &MCPDeploymentStatus) -> Result<(), Error> {
         write_status(self.ctx, self.api, self.obj, &self.stored, status).await
+    }
+}
+
+/// What `obj` knows that can prove `app` its own.
+fn ownership_claims<'a>(
+    obj: &'a MCPDeployment,
+    app: &str,
+    created_id: Option<&'a str>,
+    seen_machines: &'a BTreeSet<String>,
+) -> Claims<'a> {
+    Claims {
+        owner_uid: obj.metadata.uid.as_deref().unwrap_or_default(),
+        created_id,
+        adopt: obj
+            .annotations()
+            .get(ADOPT_ANNOTATION)
+            .is_some_and(|named| named == app),
+        derived_name: obj.spec.fly.app.as_deref().is_none_or(str::is_empty),
+        seen_machines,
     }
 }
 
@@ -876,7 +1008,9 @@ impl Context {
     }
 }
 
-/// The Secret MCP clients read: the URL and, with bearer auth, the token. Owned by the resource.
+/// The Secret MCP clients read: the URL and, with bearer auth, the token. Written only when absent or already
+/// controlled by this resource (its controller ownerReference carries our UID); a token is read only from such
+/// a Secret.
 struct ConnectionSecret {
     namespace: String,
     name: String,
@@ -886,16 +1020,31 @@ struct ConnectionSecret {
 }
 
 impl ConnectionSecret {
-    async fn read(ctx: &Context, namespace: &str, name: &str) -> Result<Self, Error> {
+    async fn read(ctx: &Context, obj: &MCPDeployment, namespace: &str) -> Result<Self, Halt> {
+        let name = obj.connection_secret_name();
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-        let found = api.get_opt(name).await?;
+        let found = api.get_opt(&name).await?;
+        if let Some(secret) = &found
+            && !controlled_by(secret, obj)
+        {
+            return Err(Halt::Stall(Stall {
+                reason: reason::CONNECTION_SECRET_NOT_OWNED.into(),
+                message: format!(
+                    "Secret {name} exists and is not controlled by this MCPDeployment (someone else's, or another \
+                     resource's connection Secret); it was neither read nor written. Set \
+                     spec.access.connectionSecret to a name no other object uses, or delete that Secret if it \
+                     is stale"
+                ),
+                condition: None,
+            }));
+        }
         let field = |key: &str| -> Option<String> {
             let data = found.as_ref()?.data.as_ref()?;
             String::from_utf8(data.get(key)?.0.clone()).ok()
         };
         Ok(Self {
             namespace: namespace.into(),
-            name: name.into(),
+            name,
             token: field("token"),
             url: field("url"),
             exists: found.is_some(),
@@ -931,20 +1080,43 @@ impl ConnectionSecret {
             type_: Some("Opaque".into()),
             ..Default::default()
         };
-        let mut value =
-            serde_json::to_value(&secret).map_err(|e| Error::Internal(e.to_string()))?;
-        value["apiVersion"] = json!("v1");
-        value["kind"] = json!("Secret");
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &self.namespace);
-        let written = api
-            .patch(
+        let written = if self.exists {
+            let mut value =
+                serde_json::to_value(&secret).map_err(|e| Error::Internal(e.to_string()))?;
+            value["apiVersion"] = json!("v1");
+            value["kind"] = json!("Secret");
+            api.patch(
                 &self.name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&value),
             )
-            .await?;
+            .await?
+        } else {
+            // A create, not an apply: if someone else made the Secret since it was read, this fails (409) and
+            // the retry finds it not ours, instead of overwriting it.
+            api.create(
+                &kube::api::PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &secret,
+            )
+            .await?
+        };
         ctx.settled
             .wrote_secret(&self.namespace, &self.name, written.resource_version());
         Ok(())
     }
+}
+
+/// The Secret's controller ownerReference is this resource (by UID: a namesake recreated later is not it).
+fn controlled_by(secret: &Secret, obj: &MCPDeployment) -> bool {
+    let uid = obj.metadata.uid.as_deref();
+    secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
 }

@@ -1,4 +1,4 @@
-//! Acting: carry out a [`Plan`]'s actions against Fly, in order, stopping at the first failure.
+//! Acting: carry out a [`Plan`](super::plan::Plan)'s actions against Fly, in order, stopping at the first failure.
 //!
 //! Every mutation is audited by fly-adapter (one JSON line per call, inside the reconcile span that names the
 //! resource) and announced as a Kubernetes Event by the caller from the returned [`Outcome`].
@@ -14,7 +14,7 @@ use fly_adapter::client::types::{
 use fly_adapter::client::{FlyClient, FlyError};
 
 use super::desired::metadata;
-use super::plan::{Action, Plan};
+use super::plan::Action;
 
 /// How long a lease is requested for; the guard refreshes it at a third of this while held.
 const LEASE_TTL: Duration = Duration::from_secs(30);
@@ -35,6 +35,9 @@ pub struct InFlight {
     /// is known, observation skips the app GET (a machine listing answers 404 if it is gone) and, for that
     /// generation, the IP listing, so a converging deployment is looked at with one call, not three.
     known_apps: Mutex<HashMap<String, Option<i64>>>,
+    /// (owner UID, app) → the id our create returned, until status records it: a failed status write right
+    /// after a create must not leave this process unable to prove the app its own.
+    created_apps: Mutex<HashMap<(String, String), String>>,
 }
 
 impl InFlight {
@@ -77,6 +80,22 @@ impl InFlight {
         }
     }
 
+    pub fn note_created(&self, owner_uid: &str, app: &str, id: &str) {
+        self.created_apps
+            .lock()
+            .unwrap()
+            .insert((owner_uid.to_string(), app.to_string()), id.to_string());
+    }
+
+    /// The id of `app` as our create returned it to `owner_uid`'s reconcile, if this process created it.
+    pub fn created_id(&self, owner_uid: &str, app: &str) -> Option<String> {
+        self.created_apps
+            .lock()
+            .unwrap()
+            .get(&(owner_uid.to_string(), app.to_string()))
+            .cloned()
+    }
+
     /// Forgets that `app` exists (it was found missing, or is being deleted).
     pub fn forget_known_app(&self, app: &str) {
         self.known_apps.lock().unwrap().remove(app);
@@ -85,6 +104,10 @@ impl InFlight {
     /// Drops every lease held for `app` (deletion, suspension); dropping a guard releases its lease.
     pub fn forget_app(&self, app: &str) {
         self.forget_known_app(app);
+        self.created_apps
+            .lock()
+            .unwrap()
+            .retain(|(_, a), _| a != app);
         self.leases.lock().unwrap().retain(|(a, _), _| a != app);
         self.unconfirmed_creates
             .lock()
@@ -120,11 +143,27 @@ impl InFlight {
 pub struct Outcome {
     /// Human-readable notes for Kubernetes Events, one per mutation that succeeded.
     pub done: Vec<(&'static str, String)>,
+    /// The id Fly returned to our create of the app: the proof it is ours.
+    pub created_app_id: Option<String>,
     /// The secrets version after a successful secrets call, and the digests that call delivered.
     pub secrets_version: Option<u64>,
     pub applied_secrets: Option<BTreeMap<String, String>>,
     /// The failure that stopped acting, if any.
     pub error: Option<ActError>,
+}
+
+impl Outcome {
+    /// This outcome followed by `next`'s (acting went on after this part succeeded).
+    pub fn then(mut self, next: Outcome) -> Outcome {
+        self.done.extend(next.done);
+        Outcome {
+            done: self.done,
+            created_app_id: self.created_app_id.or(next.created_app_id),
+            secrets_version: next.secrets_version.or(self.secrets_version),
+            applied_secrets: next.applied_secrets.or(self.applied_secrets),
+            error: next.error,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,13 +191,14 @@ pub struct Actor<'a> {
 }
 
 impl Actor<'_> {
-    pub async fn run(&self, plan: &Plan) -> Outcome {
+    /// Carries out `actions` (a plan's, or a part of them) in order.
+    pub async fn run(&self, actions: &[Action]) -> Outcome {
         let mut outcome = Outcome {
             secrets_version: None,
             ..Default::default()
         };
         let mut secrets_version = self.secrets_version;
-        for action in &plan.actions {
+        for action in actions {
             match self.one(action, &mut secrets_version, &mut outcome).await {
                 Ok(()) => {}
                 Err(error) => {
@@ -196,9 +236,12 @@ impl Actor<'_> {
                     enable_subdomains: None,
                 };
                 match self.fly.create_app(&request).await {
-                    Ok(_) => outcome
-                        .done
-                        .push(("AppCreated", format!("created Fly app {name} in org {org}"))),
+                    Ok(created) => {
+                        outcome.created_app_id = Some(created.id);
+                        outcome
+                            .done
+                            .push(("AppCreated", format!("created Fly app {name} in org {org}")));
+                    }
                     // Already there: ours from an earlier attempt, or taken. The next observation decides.
                     Err(FlyError::NameTaken { .. }) => {
                         return Err(ActError::Ambiguous {

@@ -31,7 +31,7 @@ pub const BRIDGE_PORT: u16 = 8080;
 pub const BRIDGE_READY_PATH: &str = "/readyz";
 pub const MCP_PATH: &str = "/mcp";
 /// The Fly secret holding the endpoint's bearer token; the bridge reads it from its environment.
-pub const AUTH_TOKEN_SECRET: &str = "MCP_AUTH_TOKEN";
+pub const AUTH_TOKEN_SECRET: &str = crate::api::validation::ENDPOINT_TOKEN_ENV;
 
 /// Controller-wide settings the mapping depends on.
 #[derive(Clone, Debug)]
@@ -86,6 +86,15 @@ pub fn app_name_for(
             name,
         ),
     }
+}
+
+/// The Fly org of a resource's app: the spec's, or the controller's default.
+pub fn org_for(spec: &MCPDeploymentSpec, settings: &Settings) -> String {
+    spec.fly
+        .org
+        .clone()
+        .filter(|o| !o.is_empty())
+        .unwrap_or_else(|| settings.default_org.clone())
 }
 
 /// The public URL: the template with `{app}` filled in; a trailing `/mcp` (the bridge's path) becomes the path an
@@ -155,12 +164,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> DesiredDeployment {
     }
     DesiredDeployment {
         app,
-        org: spec
-            .fly
-            .org
-            .clone()
-            .filter(|o| !o.is_empty())
-            .unwrap_or_else(|| settings.default_org.clone()),
+        org: org_for(spec, settings),
         network,
         url,
         machines,

@@ -22,11 +22,15 @@ pub async fn observe(
         ips: None,
     };
     let app_state = if app_known {
-        ObservedApp::Present { org: String::new() }
+        ObservedApp::Present {
+            org: String::new(),
+            id: String::new(),
+        }
     } else {
         match fly.get_app(app).await {
             Ok(found) => ObservedApp::Present {
                 org: found.organization.map(|o| o.slug).unwrap_or_default(),
+                id: found.id,
             },
             Err(FlyError::NotFound { .. }) => ObservedApp::Missing,
             Err(FlyError::OwnedByOtherOrg { .. }) => ObservedApp::OwnedByOtherOrg,

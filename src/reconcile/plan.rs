@@ -13,8 +13,10 @@ use crate::api::RolloutStrategy;
 #[derive(Clone, Debug, PartialEq)]
 pub enum ObservedApp {
     Missing,
+    /// `org` and `id` are empty when the app was not fetched this time (this process already knows it).
     Present {
         org: String,
+        id: String,
     },
     /// The name answers 403: someone else's app.
     OwnedByOtherOrg,

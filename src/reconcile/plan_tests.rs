@@ -8,6 +8,7 @@ use crate::packages::{Resolved, ResolvedKind};
 use crate::reconcile::desired::{Inputs, Settings, desired};
 
 pub(crate) const UID: &str = "uid-1";
+pub(crate) const APP_ID: &str = "app_1";
 
 pub(crate) fn settings() -> Settings {
     Settings {
@@ -92,7 +93,10 @@ pub(crate) fn public_ips() -> Vec<IpAssignment> {
 
 pub(crate) fn converged_observation(d: &DesiredDeployment) -> Observed {
     Observed {
-        app: ObservedApp::Present { org: "acme".into() },
+        app: ObservedApp::Present {
+            org: "acme".into(),
+            id: APP_ID.into(),
+        },
         machines: d
             .machines
             .iter()
@@ -391,10 +395,13 @@ fn an_unconfirmed_create_is_looked_for_before_creating_again() {
 }
 
 #[test]
-fn an_existing_empty_app_in_our_org_is_adopted() {
+fn an_existing_empty_app_proven_ours_gets_ips_and_machines() {
     let d = want(BASE, &[]);
     let observed = Observed {
-        app: ObservedApp::Present { org: "acme".into() },
+        app: ObservedApp::Present {
+            org: "acme".into(),
+            id: APP_ID.into(),
+        },
         machines: vec![],
         ips: Some(vec![]),
     };

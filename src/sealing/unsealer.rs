@@ -98,6 +98,12 @@ pub enum CredentialErrorReason {
     NoKeyRing,
     #[error("Secret {secret} not found in the resource's namespace")]
     SecretNotFound { secret: String },
+    #[error(
+        "Secret {secret} does not opt in to being referenced: label it {label}=true (whoever may create \
+         MCPDeployments in this namespace can then deliver its values to a server they run)",
+        label = crate::api::ALLOW_REFERENCE_LABEL
+    )]
+    NotOptedIn { secret: String },
     #[error("Secret {secret} has no key {key}")]
     KeyNotFound { secret: String, key: String },
     #[error("Secret {secret} key {key} is not UTF-8 text")]
@@ -119,6 +125,7 @@ impl CredentialErrorReason {
             Self::Seal(SealError::InvalidName { .. }) => reason::CREDENTIAL_INVALID_NAME,
             Self::NoKeyRing => reason::KEY_RING_MISSING,
             Self::SecretNotFound { .. } => reason::CREDENTIAL_SECRET_NOT_FOUND,
+            Self::NotOptedIn { .. } => reason::CREDENTIAL_SECRET_NOT_OPTED_IN,
             Self::KeyNotFound { .. } => reason::CREDENTIAL_SECRET_KEY_NOT_FOUND,
             Self::NotUtf8 { .. } => reason::CREDENTIAL_SECRET_NOT_UTF8,
             Self::ReadFailed { .. } => reason::CREDENTIAL_SECRET_READ_FAILED,
@@ -136,6 +143,9 @@ impl CredentialErrorReason {
 pub enum SecretReadError {
     #[error("Secret not found")]
     SecretNotFound,
+    /// It exists but lacks the opt-in label: its data was not read.
+    #[error("Secret does not opt in to being referenced")]
+    NotOptedIn,
     #[error("the key's value is not UTF-8 text")]
     NotUtf8,
     #[error("{0}")]
@@ -160,11 +170,26 @@ impl SecretReader for kube::Client {
         key: &str,
     ) -> Result<Option<SecretValue>, SecretReadError> {
         let api: kube::Api<Secret> = kube::Api::namespaced(self.clone(), namespace);
+        // Selected by the apiserver: a Secret without the opt-in label never reaches this process's memory.
+        let opted_in = kube::api::ListParams::default()
+            .labels(&format!("{}=true", crate::api::ALLOW_REFERENCE_LABEL))
+            .fields(&format!("metadata.name={name}"));
         let secret = api
-            .get_opt(name)
+            .list(&opted_in)
             .await
-            .map_err(|e| SecretReadError::Api(e.to_string()))?;
-        let Some(mut data) = secret.ok_or(SecretReadError::SecretNotFound)?.data else {
+            .map_err(|e| SecretReadError::Api(e.to_string()))?
+            .items
+            .into_iter()
+            .next();
+        let Some(secret) = secret else {
+            // Why it was not returned, from its metadata alone.
+            return match api.get_metadata_opt(name).await {
+                Ok(Some(_)) => Err(SecretReadError::NotOptedIn),
+                Ok(None) => Err(SecretReadError::SecretNotFound),
+                Err(e) => Err(SecretReadError::Api(e.to_string())),
+            };
+        };
+        let Some(mut data) = secret.data else {
             return Ok(None);
         };
         let wanted = data.remove(key);
@@ -274,6 +299,11 @@ impl<R: SecretReader> Unsealer<R> {
                         }
                         Err(SecretReadError::SecretNotFound) => {
                             return Err(fail(CredentialErrorReason::SecretNotFound {
+                                secret: name.clone(),
+                            }));
+                        }
+                        Err(SecretReadError::NotOptedIn) => {
+                            return Err(fail(CredentialErrorReason::NotOptedIn {
                                 secret: name.clone(),
                             }));
                         }

@@ -28,6 +28,17 @@ pub struct StackOptions {
     /// Reconcile only MCPDeployments matching this label selector (sharding).
     pub label_selector: Option<String>,
     pub resolver: Arc<dyn SourceResolver>,
+    /// `--cluster-name`; `None`: the default, the control plane's kube-system namespace UID.
+    pub cluster_name: Option<String>,
+    /// `--allowed-orgs`, `--allowed-networks`, `--allowed-app-prefixes`.
+    pub allowed_orgs: Vec<String>,
+    pub allowed_networks: Vec<String>,
+    pub allowed_app_prefixes: Vec<String>,
+    /// Another control plane than the shared one: a second cluster.
+    pub control_plane: Option<&'static ControlPlane>,
+    /// The controller talks to this Fly (e.g. another stack's emulator: two clusters sharing one org) instead
+    /// of the stack's own emulator.
+    pub fly_api_base_url: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -41,6 +52,12 @@ impl Default for StackOptions {
             label_selector: None,
             converge_interval: Duration::from_millis(200),
             resolver: Arc::new(PinnedOnlyResolver),
+            cluster_name: Some("test".into()),
+            allowed_orgs: Vec::new(),
+            allowed_networks: Vec::new(),
+            allowed_app_prefixes: Vec::new(),
+            control_plane: None,
+            fly_api_base_url: None,
         }
     }
 }
@@ -56,7 +73,10 @@ pub struct Stack {
 impl Stack {
     /// Starts an emulator and a controller watching only `namespace` (created if needed).
     pub async fn start(namespace: &str, options: StackOptions) -> anyhow::Result<Self> {
-        let cp = ControlPlane::shared().await?;
+        let cp = match options.control_plane {
+            Some(cp) => cp,
+            None => ControlPlane::shared().await?,
+        };
         cp.install_crds().await?;
         cp.create_namespace(namespace).await?;
         let emulator = Emulator::start(options.emulator).await?;
@@ -77,9 +97,15 @@ impl Stack {
         let config = ControllerConfig {
             fly_api_token: DEFAULT_TOKEN.into(),
             fly_org: DEFAULT_ORG.into(),
-            fly_api_base_url: emulator.base_url(),
-            cluster_name: "test".into(),
+            fly_api_base_url: options
+                .fly_api_base_url
+                .clone()
+                .unwrap_or_else(|| emulator.base_url()),
+            cluster_name: options.cluster_name.clone(),
             app_prefix: "mcpfly".into(),
+            allowed_orgs: options.allowed_orgs.clone(),
+            allowed_networks: options.allowed_networks.clone(),
+            allowed_app_prefixes: options.allowed_app_prefixes.clone(),
             runtime_image: "registry.example/mcpfly-runtime:test".into(),
             url_template: "https://{app}.fly.dev/mcp".into(),
             namespaces: vec![namespace.to_string()],
