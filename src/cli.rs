@@ -1,6 +1,7 @@
 //! Command-line interface: argument types and dispatch.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -82,12 +83,28 @@ pub struct EmulatorArgs {
     pub org: String,
 }
 
-pub fn init_logging(args: &LogArgs) {
+/// Logs go to stderr, or to `file` (without colour codes) when the command keeps the terminal for itself.
+pub fn init_logging(args: &LogArgs, file: Option<&std::path::Path>) {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let file = file.and_then(|path| match std::fs::File::create(path) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            eprintln!(
+                "cannot write logs to {}: {e}; logging to stderr",
+                path.display()
+            );
+            None
+        }
+    });
+    let (writer, ansi) = match file {
+        Some(f) => (BoxMakeWriter::new(std::sync::Mutex::new(f)), false),
+        None => (BoxMakeWriter::new(std::io::stderr), true),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(writer);
     match args.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder

@@ -1,8 +1,10 @@
 //! The README's first command, run as a user would: the real `mcpfly demo` binary (control plane, Fly emulator
 //! with local machines, controller). The offline example must become Ready and Verified with its tools and answer
 //! `tools/call` through its public URL with a real MCP client (rmcp), before and after autostop; the sealed
-//! credential must reach its server; the npm and PyPI examples' outcomes are reported, whatever they are; and
-//! Ctrl-C must leave no machine process behind.
+//! credential must reach its server; the npm and PyPI examples' outcomes are reported, whatever they are (but a
+//! missing `uvx` is not an acceptable outcome: the demo prepares it as the test command does); the terminal shows
+//! progress and the table only, the logs going to the file the demo names; and Ctrl-C must leave no machine
+//! process behind.
 //!
 //! `--once` exits as soon as the table is printed, taking the URLs with it, so an outside client cannot call
 //! them: this test runs the Ctrl-C form (the same code until the table) and ends it with SIGINT.
@@ -143,30 +145,11 @@ fn bridge_children(parent: u32) -> Vec<u32> {
     out
 }
 
-/// PATH with the bin/ of the venv from hack/python-mcp-env.sh first: it holds `uvx` (from the `uv` wheel), which
-/// the PyPI example's local machine runs (the local driver passes PATH to machine processes). Unchanged when the
-/// venv cannot be prepared (no Python or no PyPI): the PyPI outcome is then reported as not startable.
-fn path_with_uvx() -> std::ffi::OsString {
+/// PATH without any folder holding `uvx`: the demo must find it the way the test command does
+/// (hack/python-mcp-env.sh), as on a fresh machine.
+fn path_without_uvx() -> std::ffi::OsString {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let out = Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/hack/python-mcp-env.sh"
-        ))
-        .stderr(Stdio::inherit())
-        .output();
-    let python = match out {
-        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        other => {
-            eprintln!("hack/python-mcp-env.sh failed, uvx may be missing: {other:?}");
-            return path;
-        }
-    };
-    let Some(bin) = std::path::Path::new(&python).parent() else {
-        return path;
-    };
-    let mut dirs = vec![bin.to_path_buf()];
-    dirs.extend(std::env::split_paths(&path));
+    let dirs = std::env::split_paths(&path).filter(|dir| !dir.join("uvx").is_file());
     std::env::join_paths(dirs).unwrap_or(path)
 }
 
@@ -178,7 +161,7 @@ async fn demo_deploys_the_examples_and_serves_them_to_an_mcp_client() {
     let child = Command::new(env!("CARGO_BIN_EXE_mcpfly"))
         .args(["demo", "--idle-timeout-secs", "3", "--timeout-secs", "150"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("PATH", path_with_uvx())
+        .env("PATH", path_without_uvx())
         .env_remove("FLY_API_TOKEN")
         .env_remove("FLY_ORG")
         .stdout(Stdio::piped())
@@ -220,6 +203,44 @@ async fn demo_deploys_the_examples_and_serves_them_to_an_mcp_client() {
     }
     eprintln!("demo converged in {:.1}s", started.elapsed().as_secs_f64());
     let table = parse_table(&lines);
+
+    // The terminal holds progress lines and the table; the logs are in the file the demo names.
+    let log_file = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("logs:"))
+        .expect("the demo names its log file")
+        .trim()
+        .to_string();
+    let logged = std::fs::read_to_string(&log_file).unwrap();
+    assert!(
+        logged.contains(" INFO "),
+        "no controller logs in {log_file}"
+    );
+    let stderr = std::fs::read_to_string(logs.path().join("demo.log")).unwrap();
+    assert!(
+        !stderr.contains(" INFO ") && !stderr.contains('\x1b'),
+        "logs reached the terminal:\n{stderr}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.contains('\x1b') && !l.contains(" INFO ")),
+        "log lines on stdout"
+    );
+    // uvx was not on PATH: the demo prepared it as the test command does, so PyPI can start here.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("uv:") && l.trim_end().ends_with("/uvx")),
+        "the demo did not locate uvx"
+    );
+    let fetch_note = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("mcpfly-demo/fetch:"));
+    assert!(
+        fetch_note.is_none_or(|n| !n.contains("is not on PATH")),
+        "{fetch_note:?}"
+    );
 
     let offline = &table["mcpfly-demo/offline"];
     assert_eq!(offline.phase, "Ready", "{offline:?}");

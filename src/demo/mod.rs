@@ -56,6 +56,75 @@ pub struct DemoArgs {
     /// Longest wait for the deployments to converge, in seconds.
     #[arg(long, default_value_t = 180)]
     pub timeout_secs: u64,
+    /// Where the logs of the controller, the emulator and the MCP clients go (the terminal shows progress and
+    /// the final table only). Default: mcpfly-demo-PID.log in the temporary directory.
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+}
+
+impl DemoArgs {
+    pub fn log_path(&self) -> PathBuf {
+        self.log_file.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("mcpfly-demo-{}.log", std::process::id()))
+        })
+    }
+}
+
+/// What the test command runs to get `uv`/`uvx` (a venv under target/, from PyPI), relative to a checkout.
+const PYTHON_ENV_SCRIPT: &str = "hack/python-mcp-env.sh";
+
+/// Puts `uvx` on PATH the way the test command gets it, when it is not there already: PyPI examples run it on
+/// their local machines, which inherit PATH. Prints what it did.
+///
+/// # Safety
+/// Changes this process's environment: call it before any other thread exists (before the tokio runtime).
+pub unsafe fn put_uvx_on_path() {
+    if on_path("uvx") {
+        return;
+    }
+    if !Path::new(PYTHON_ENV_SCRIPT).is_file() {
+        println!(
+            "uv:            `uvx` is not on PATH and {PYTHON_ENV_SCRIPT} is not here (run the demo from a checkout, \
+             or install uv): PyPI examples will not start"
+        );
+        return;
+    }
+    println!(
+        "uv:            `uvx` is not on PATH: preparing it with {PYTHON_ENV_SCRIPT} (once, cached under target/)"
+    );
+    let output = std::process::Command::new("bash")
+        .arg(PYTHON_ENV_SCRIPT)
+        .stderr(std::process::Stdio::null())
+        .output();
+    let python = match output {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        other => {
+            let why = match other {
+                Ok(out) => format!("exit {}", out.status),
+                Err(e) => e.to_string(),
+            };
+            println!(
+                "uv:            {PYTHON_ENV_SCRIPT} failed ({why}): PyPI examples will not start"
+            );
+            return;
+        }
+    };
+    let Some(bin) = Path::new(&python)
+        .parent()
+        .filter(|b| b.join("uvx").is_file())
+    else {
+        println!(
+            "uv:            {PYTHON_ENV_SCRIPT} left no `uvx` beside {python}: PyPI examples will not start"
+        );
+        return;
+    };
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::iter::once(bin.to_path_buf()).chain(std::env::split_paths(&path));
+    if let Ok(joined) = std::env::join_paths(dirs) {
+        // SAFETY: the caller guarantees no other thread reads or writes the environment now.
+        unsafe { std::env::set_var("PATH", joined) };
+        println!("uv:            {}", bin.join("uvx").display());
+    }
 }
 
 /// One row of the final table.
@@ -72,6 +141,7 @@ struct Row {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    println!("logs:          {}", args.log_path().display());
     let real_fly = ["FLY_API_TOKEN", "FLY_ORG"]
         .iter()
         .all(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()));
