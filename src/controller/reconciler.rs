@@ -14,8 +14,12 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::backoff::{Verdict, classify};
 use super::settled::Next;
-use super::status::{Stall, clear, condition, mark_progress, mark_stalled};
+use super::status::{
+    Stall, condition, keep_transition_times, mark_handshake_failed, mark_pending, mark_progress,
+    mark_stalled, mark_suspended,
+};
 use super::{Context, Error};
 use crate::api::{
     Auth, ConditionType, CredentialStatus, DeletionPolicy, FINALIZER, MCPDeployment,
@@ -23,7 +27,7 @@ use crate::api::{
 };
 use crate::api::{ROTATE_TOKEN_ANNOTATION, reason};
 use crate::packages::Resolved;
-use crate::reconcile::act::{ActError, Actor};
+use crate::reconcile::act::Actor;
 use crate::reconcile::desired::{AUTH_TOKEN_SECRET, Inputs, app_name_for, desired};
 use crate::reconcile::observe::observe;
 use crate::reconcile::plan::{Action, ObservedApp, Progress, plan};
@@ -31,8 +35,6 @@ use crate::reconcile::timing::next_look;
 use crate::sealing::unsealer::{CredentialRef, CredentialSource, Unsealer};
 
 const FIELD_MANAGER: &str = "mcpfly";
-/// After an ambiguous Fly answer, look again soon: the next observation tells what happened.
-const AFTER_AMBIGUOUS: Duration = Duration::from_secs(2);
 /// While an app is being deleted.
 const DELETE_POLL: Duration = Duration::from_secs(2);
 
@@ -40,14 +42,12 @@ pub async fn reconcile(obj: Arc<MCPDeployment>, ctx: Arc<Context>) -> Result<Nex
     let obj = ctx.settled.freshest(obj);
     let namespace = obj.namespace().ok_or(Error::NotNamespaced)?;
     let api: Api<MCPDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let result = if obj.meta().deletion_timestamp.is_some() {
+    if obj.meta().deletion_timestamp.is_some() {
         cleanup(&obj, &api, &ctx).await
     } else {
         ensure_finalizer(&obj, &api).await?;
         apply(&obj, &namespace, &api, &ctx).await
-    };
-    ctx.record_outcome(&obj, result.is_ok());
-    result
+    }
 }
 
 async fn ensure_finalizer(obj: &MCPDeployment, api: &Api<MCPDeployment>) -> Result<(), Error> {
@@ -168,8 +168,7 @@ async fn apply(
         .or(stored.last_handled_reconcile_at.clone());
 
     if obj.spec.suspend {
-        status.phase = Some(Phase::Suspended);
-        clear(&mut status, ConditionType::Reconciling);
+        mark_suspended(&mut status, generation);
         write_status(ctx, api, obj, &stored, &status).await?;
         return Ok(Next::on_change());
     }
@@ -180,8 +179,7 @@ async fn apply(
         .clone()
         .unwrap_or_else(|| app_name_for(&obj.spec, &ctx.settings, namespace, &name));
     if stored.app.as_deref() != Some(app.as_str()) {
-        status.app = Some(app.clone());
-        status.phase = Some(Phase::Pending);
+        mark_pending(&mut status, &app, generation);
         write_status(ctx, api, obj, &stored, &status).await?;
         return Ok(Next::after(Duration::ZERO));
     }
@@ -387,6 +385,8 @@ async fn apply(
         }
     }
 
+    let mut act_error = None;
+    let mut retrying = false;
     let requeue = match &outcome.error {
         None if the_plan.converged() => Next::after(ctx.ready_requeue()),
         None => Next::after(next_look(
@@ -399,39 +399,25 @@ async fn apply(
             ctx.converge_interval,
             ctx.start_times.expected(),
         )),
-        Some(ActError::Ambiguous { .. }) => Next::after(AFTER_AMBIGUOUS),
-        Some(ActError::AppNameTaken) => {
-            let stall = Stall {
-                reason: reason::APP_NAME_TAKEN.into(),
-                message: format!(
-                    "Fly app name {app} belongs to another organization; set spec.fly.app to a name that is free on Fly"
-                ),
-                condition: None,
-            };
-            return stalled(api, obj, &stored, status, stall, ctx).await;
-        }
-        Some(ActError::Fly { source, .. })
-            if !source.is_retryable()
-                && !matches!(
-                    source,
-                    fly_adapter::client::FlyError::LeaseConflict { .. }
-                        | fly_adapter::client::FlyError::Precondition { .. }
-                ) =>
-        {
-            // Fly refused what we asked for (e.g. an invalid config): retrying the same request cannot help.
-            let stall = Stall {
-                reason: reason::FLY_REJECTED.into(),
-                message: format!(
-                    "{}; fix the spec and apply again",
-                    outcome.error.as_ref().unwrap()
-                ),
-                condition: None,
-            };
-            return stalled(api, obj, &stored, status, stall, ctx).await;
-        }
-        Some(_) => Next::after(ctx.converge_interval.max(Duration::from_secs(1))),
+        // Every failure waits out this resource's backoff; only what a person must fix stalls.
+        Some(error) => match classify(error, &app) {
+            Verdict::Retry { message } => {
+                warn!(error = %error, "Fly call failed; retrying");
+                act_error = Some(message);
+                retrying = true;
+                Next::after(ctx.backoff.failed(&uid))
+            }
+            Verdict::Stall { reason, message } => {
+                let stall = Stall {
+                    reason: reason.into(),
+                    message,
+                    condition: None,
+                };
+                return stalled(api, obj, &stored, status, stall, ctx).await;
+            }
+        },
     };
-    let act_error = outcome.error.as_ref().map(|e| e.to_string());
+
     mark_progress(
         &mut status,
         &the_plan,
@@ -452,7 +438,7 @@ async fn apply(
                     | Action::UpdateMachine { .. }
             )
         });
-        if let Some(retry) = verify(
+        if verify(
             &mut status,
             converged,
             rollout,
@@ -462,20 +448,29 @@ async fn apply(
             generation,
         )
         .await
+            == Handshake::Failed
         {
-            requeue = Next::after(retry);
+            retrying = true;
+            requeue = Next::after(ctx.backoff.failed(&uid));
         }
+    }
+    if !retrying {
+        ctx.backoff.succeeded(&uid);
     }
     write_status(ctx, api, obj, &stored, &status).await?;
     Ok(requeue)
 }
 
-/// After a retry failure, look again after this long.
-const VERIFY_RETRY: Duration = Duration::from_secs(30);
+#[derive(PartialEq, Eq)]
+enum Handshake {
+    /// Done now, done before, or not due yet.
+    NotFailed,
+    /// Recorded in status; retried after the resource's backoff.
+    Failed,
+}
 
 /// The MCP handshake through the public URL, once per rollout: a rollout in flight resets `Verified` to Unknown,
-/// and a converged deployment whose `Verified` is not true for this generation is verified. Returns a requeue
-/// delay when verification failed.
+/// and a converged deployment whose `Verified` is not true for this generation is verified.
 async fn verify(
     status: &mut MCPDeploymentStatus,
     converged: bool,
@@ -484,7 +479,7 @@ async fn verify(
     url: &str,
     token: Option<&str>,
     generation: Option<i64>,
-) -> Option<Duration> {
+) -> Handshake {
     if rollout {
         status.set_condition(crate::api::Condition::new(
             ConditionType::Verified,
@@ -493,15 +488,15 @@ async fn verify(
             "the endpoint is verified once every machine runs the current spec",
             generation,
         ));
-        return None;
+        return Handshake::NotFailed;
     }
     if !converged {
-        return None;
+        return Handshake::NotFailed;
     }
     let current = status.condition(ConditionType::Verified);
     if !token_rotated && current.is_some_and(|c| c.is_true() && c.observed_generation == generation)
     {
-        return None;
+        return Handshake::NotFailed;
     }
     match crate::bridge::verify(url, token).await {
         Ok(info) => {
@@ -525,27 +520,13 @@ async fn verify(
                 message,
                 generation,
             ));
-            None
+            Handshake::NotFailed
         }
         Err(e) => {
             let message =
                 format!("{e}; the machines run but the endpoint does not answer MCP; retrying");
-            status.set_condition(condition(
-                ConditionType::Verified,
-                false,
-                reason::HANDSHAKE_FAILED,
-                &message,
-                generation,
-            ));
-            status.set_condition(condition(
-                ConditionType::Ready,
-                false,
-                reason::HANDSHAKE_FAILED,
-                &message,
-                generation,
-            ));
-            status.phase = Some(Phase::Degraded);
-            Some(VERIFY_RETRY)
+            mark_handshake_failed(status, &message, generation);
+            Handshake::Failed
         }
     }
 }
@@ -581,7 +562,9 @@ async fn write_status(
     stored: &MCPDeploymentStatus,
     status: &MCPDeploymentStatus,
 ) -> Result<(), Error> {
-    if obj.status.is_some() && stored == status {
+    let mut status = status.clone();
+    keep_transition_times(&mut status, stored);
+    if obj.status.is_some() && *stored == status {
         return Ok(());
     }
     let patch =
