@@ -370,6 +370,7 @@ async fn every_version_reads_right_to_kstatus_flux_and_argocd() -> anyhow::Resul
         deleting >= 2,
         "{deleting} versions with a deletionTimestamp"
     );
+    eprintln!("{judged} object versions judged");
     assert!(judged >= 15, "only {judged} versions recorded");
     Ok(())
 }
@@ -477,10 +478,11 @@ async fn a_fly_incident_backs_off_writes_status_rarely_and_recovers() -> anyhow:
         .collect();
     assert_eq!(attempts.len(), faults.len(), "{attempts:?}");
     let gaps: Vec<i64> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!("waits between failed attempts (ms): {gaps:?}");
     // Exponential: the waits never shrink (up to scheduling noise; the client's own per-machine rate limit
     // spaces the first few) and the last is at least twice the shortest.
     for pair in gaps.windows(2) {
-        assert!(pair[1] + 100 >= pair[0], "a wait shrank: {gaps:?}");
+        assert!(pair[1] + 250 >= pair[0], "a wait shrank: {gaps:?}");
     }
     assert!(
         *gaps.last().unwrap() >= 2 * gaps.iter().min().unwrap(),
@@ -493,6 +495,7 @@ async fn a_fly_incident_backs_off_writes_status_rarely_and_recovers() -> anyhow:
         .iter()
         .filter(|v| condition(v, "Reconciling").is_some_and(|c| c["reason"] == "FlyCallFailed"))
         .count();
+    eprintln!("status versions with FlyCallFailed: {failing_writes}");
     assert!(
         (1..=3).contains(&failing_writes),
         "{failing_writes} status versions for {} failed attempts",
