@@ -5,12 +5,15 @@
 --     resource.customizations.health.mcpfly.dev_MCPDeployment: |
 --       <this file>
 --
--- The mapping follows kstatus, which the controller writes (see docs/health.md):
+-- Runs with only what Argo CD opens for custom health scripts (Lua's base and table libraries). Argo CD itself
+-- answers Progressing for an object being deleted, before running this. The mapping follows kstatus, which the
+-- controller writes (see docs/health.md; tests/status_health.rs checks it on every object version):
 --   spec.suspend                                   -> Suspended
---   status.observedGeneration < metadata.generation -> Progressing (the controller has not seen the change yet)
+--   status.observedGeneration < metadata.generation -> Progressing (not picked up yet: -1 is the CRD's default)
 --   Stalled=True                                   -> Degraded    (needs a change to the spec or a referenced object)
 --   Ready=True                                     -> Healthy
---   Reconciling=True, Ready=False or no status yet -> Progressing
+--   Reconciling=True (also a retried Fly failure or handshake failure), Ready=False or no status yet
+--                                                  -> Progressing, with the condition's reason and message
 local hs = {}
 
 if obj.spec ~= nil and obj.spec.suspend == true then

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 need() { command -v "$1" >/dev/null || { echo "missing prerequisite: $1 ($2)" >&2; exit 1; }; }
 need cargo "Rust 1.89 or newer, https://rustup.rs"
-need go "Go 1.25 or newer, to build kube-apiserver, etcd, kubectl and helm (or set KUBEBUILDER_ASSETS)"
+need go "Go 1.26 or newer, to build kube-apiserver, etcd, kubectl, helm and the health checker (or set KUBEBUILDER_ASSETS)"
 need python3 "Python 3.10 or newer with venv, for the official MCP Python SDK client tests"
 
 start=$SECONDS
@@ -18,6 +18,12 @@ echo "control-plane binaries ($((SECONDS - start)) s): $bins"
 "$bins/etcd" --version | sed -n 1p
 "$bins/kubectl" version --client | sed -n 1p
 "$bins/helm" version --short
+
+# kstatus (sigs.k8s.io/cli-utils and Flux's fork) and Argo CD's Lua runtime, for the GitOps health tests.
+checker="$(hack/health-checker.sh)"
+export MCPFLY_HEALTH_CHECKER="$checker"
+echo "GitOps health checker: $checker"
+"$checker" --versions
 
 # The official Python MCP SDK, for the bridge's client-compatibility tests (a venv under target/).
 echo "python MCP SDK: $(hack/python-mcp-env.sh)"

@@ -305,7 +305,14 @@ async fn status_subresource_and_printer_columns() -> anyhow::Result<()> {
         "status": {"phase": "Ready"},
     });
     api.patch("shown", &pp, &Patch::Apply(&with_status)).await?;
-    assert!(api.get("shown").await?.status.is_none());
+    // Only the CRD's default shows until the controller writes: kstatus reads -1 as "not observed yet".
+    assert_eq!(
+        api.get("shown").await?.status,
+        Some(MCPDeploymentStatus {
+            observed_generation: Some(-1),
+            ..Default::default()
+        })
+    );
 
     let mut status = MCPDeploymentStatus {
         phase: Some(api::Phase::Ready),

@@ -10,11 +10,15 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// What the controller observed, on Fly and from the server itself.
+// The apiserver fills in `observedGeneration: -1` until the controller writes one (as Flux's own CRDs do): kstatus
+// and Argo CD then read a resource the controller has not picked up yet as in progress, not as healthy.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("default" = {"observedGeneration": -1}))]
 pub struct MCPDeploymentStatus {
-    /// The metadata.generation this status describes.
+    /// The metadata.generation this status describes (-1 until the controller has seen the resource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = -1))]
     pub observed_generation: Option<i64>,
     /// Where the deployment is in its lifecycle: Pending, Deploying, Ready, Degraded, Failed, Deleting or Suspended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -300,8 +304,10 @@ pub mod reason {
     pub const UNSEALED: &str = "Unsealed";
     pub const VERIFICATION_PENDING: &str = "Pending";
     pub const HANDSHAKE_SUCCEEDED: &str = "HandshakeSucceeded";
-    /// The machines run but the endpoint does not answer MCP (phase Degraded; retried).
+    /// The machines run but the endpoint does not answer MCP (phase Degraded; `Reconciling`, retried).
     pub const HANDSHAKE_FAILED: &str = "HandshakeFailed";
+    /// `spec.suspend` is true: nothing is changed on Fly (`Ready=False`, neither `Reconciling` nor `Stalled`).
+    pub const SUSPENDED: &str = "Suspended";
 
     // Stalled on Fly.
     pub const APP_NAME_TAKEN: &str = "AppNameTaken";

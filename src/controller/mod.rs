@@ -3,12 +3,14 @@
 //! - [`config`]: flags and environment.
 //! - [`reconciler`]: one reconcile (Kubernetes side: finalizer, status, events, the connection Secret).
 //! - [`status`]: status and conditions, built without I/O.
+//! - [`backoff`]: per-resource waits after failures, and which failures stall instead of retrying.
 //!
 //! What triggers a reconcile: a change to the resource; a change to a Secret it references (`secretKeyRef`) or
 //! owns (the connection Secret); a change to the key-ring Secret (all resources); the requeue a reconcile asks
 //! for (soon while converging, the resync interval when Ready, capped backoff after errors, never while
 //! Stalled).
 
+pub mod backoff;
 pub mod config;
 pub mod fleet;
 pub mod leader;
@@ -16,8 +18,7 @@ pub mod reconciler;
 pub mod settled;
 pub mod status;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -96,7 +97,8 @@ pub struct Context {
     pub start_times: crate::reconcile::timing::StartTimes,
     /// Verify each Ready deployment with an MCP handshake through its public URL.
     pub verify: bool,
-    failures: Mutex<HashMap<String, u32>>,
+    /// Per-resource waits after failures (every error path), reset only by a successful reconcile.
+    pub backoff: backoff::Backoff,
     /// How each resource was left by its last reconcile and this process's own writes (echoes are skipped).
     pub settled: Arc<settled::Settled>,
 }
@@ -137,7 +139,7 @@ impl Context {
             converge_interval: config.converge_interval(),
             start_times: Default::default(),
             verify: config.verify,
-            failures: Mutex::new(HashMap::new()),
+            backoff: backoff::Backoff::new(config.converge_interval(), backoff::CAP),
             settled: Arc::default(),
         }
     }
@@ -160,37 +162,12 @@ impl Context {
 
     fn forget(&self, obj: &MCPDeployment) {
         self.settled.forget(obj);
-        self.failures
-            .lock()
-            .unwrap()
-            .remove(&obj.uid().unwrap_or_default());
-    }
-
-    fn record_outcome(&self, obj: &MCPDeployment, ok: bool) {
-        let key = obj.uid().unwrap_or_default();
-        let mut failures = self.failures.lock().unwrap();
-        if ok {
-            failures.remove(&key);
-        } else {
-            *failures.entry(key).or_default() += 1;
-        }
-    }
-
-    /// Capped exponential backoff per resource: 1 s, 2 s, 4 s … 5 min.
-    fn backoff(&self, obj: &MCPDeployment) -> Duration {
-        let count = self
-            .failures
-            .lock()
-            .unwrap()
-            .get(&obj.uid().unwrap_or_default())
-            .copied()
-            .unwrap_or(1);
-        Duration::from_secs(1u64 << count.saturating_sub(1).min(8)).min(Duration::from_secs(300))
+        self.backoff.succeeded(&obj.uid().unwrap_or_default());
     }
 }
 
 fn error_policy(obj: Arc<MCPDeployment>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    let delay = ctx.backoff(&obj);
+    let delay = ctx.backoff.failed(&obj.uid().unwrap_or_default());
     warn!(resource = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()), %error, retry_in = ?delay, "reconcile failed");
     Requeue::requeue(delay)
 }

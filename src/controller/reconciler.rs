@@ -16,7 +16,11 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::settled::Next;
-use super::status::{Stall, clear, condition, mark_progress, mark_stalled};
+use super::backoff::{Verdict, classify};
+use super::status::{
+    Stall, condition, keep_transition_times, mark_handshake_failed, mark_pending, mark_progress,
+    mark_stalled, mark_suspended,
+};
 use super::{Context, Error};
 use crate::api::{ADOPT_ANNOTATION, OPEN_ENDPOINT_ANNOTATION, ROTATE_TOKEN_ANNOTATION, reason};
 use crate::api::{
@@ -24,7 +28,7 @@ use crate::api::{
     MCPDeploymentStatus, Phase, RECONCILE_ANNOTATION,
 };
 use crate::packages::Resolved;
-use crate::reconcile::act::{ActError, Actor, Outcome};
+use crate::reconcile::act::{Actor, Outcome};
 use crate::reconcile::desired::{
     AUTH_TOKEN_SECRET, DesiredDeployment, Inputs, app_name_for, desired, org_for,
 };
@@ -36,8 +40,6 @@ use crate::reconcile::timing::next_look;
 use crate::sealing::unsealer::{CredentialRef, CredentialSource, Unsealer};
 
 const FIELD_MANAGER: &str = "mcpfly";
-/// After an ambiguous Fly answer, look again soon: the next observation tells what happened.
-const AFTER_AMBIGUOUS: Duration = Duration::from_secs(2);
 /// While an app is being deleted.
 const DELETE_POLL: Duration = Duration::from_secs(2);
 
@@ -45,14 +47,12 @@ pub async fn reconcile(obj: Arc<MCPDeployment>, ctx: Arc<Context>) -> Result<Nex
     let obj = ctx.settled.freshest(obj);
     let namespace = obj.namespace().ok_or(Error::NotNamespaced)?;
     let api: Api<MCPDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let result = if obj.meta().deletion_timestamp.is_some() {
+    if obj.meta().deletion_timestamp.is_some() {
         cleanup(&obj, &api, &ctx).await
     } else {
         ensure_finalizer(&obj, &api).await?;
         apply(&obj, &namespace, &api, &ctx).await
-    };
-    ctx.record_outcome(&obj, result.is_ok());
-    result
+    }
 }
 
 async fn ensure_finalizer(obj: &MCPDeployment, api: &Api<MCPDeployment>) -> Result<(), Error> {
@@ -290,8 +290,7 @@ async fn apply(
         .or(run.stored.last_handled_reconcile_at.clone());
 
     if obj.spec.suspend {
-        status.phase = Some(Phase::Suspended);
-        clear(&mut status, ConditionType::Reconciling);
+        mark_suspended(&mut status, run.generation);
         run.write_status(&status).await?;
         return Ok(Next::on_change());
     }
@@ -375,8 +374,7 @@ impl Run<'_> {
         if self.stored.app.as_deref() == Some(app.as_str()) {
             return Ok(Some(app));
         }
-        status.app = Some(app);
-        status.phase = Some(Phase::Pending);
+        mark_pending(status, &app, self.generation);
         self.write_status(status).await?;
         Ok(None)
     }
@@ -691,9 +689,14 @@ impl Run<'_> {
                 }
             }
         }
-        match outcome.error.as_ref().and_then(|e| act_error_stall(app, e)) {
-            Some(stall) => Err(Halt::Stall(stall)),
-            None => Ok(outcome),
+        // Only what a person must fix stalls; every other failure is retried after the resource's backoff.
+        match outcome.error.as_ref().map(|e| classify(e, app)) {
+            Some(Verdict::Stall { reason, message }) => Err(Halt::Stall(Stall {
+                reason: reason.into(),
+                message,
+                condition: None,
+            })),
+            _ => Ok(outcome),
         }
     }
 
@@ -708,6 +711,9 @@ impl Run<'_> {
         token: &EndpointToken,
     ) -> Next {
         let ctx = self.ctx;
+        let app = want.app.as_str();
+        let mut retrying = false;
+        let mut act_error = None;
         let mut requeue = match &outcome.error {
             None if the_plan.converged() => Next::after(ctx.ready_requeue()),
             None => Next::after(next_look(
@@ -720,10 +726,17 @@ impl Run<'_> {
                 ctx.converge_interval,
                 ctx.start_times.expected(),
             )),
-            Some(ActError::Ambiguous { .. }) => Next::after(AFTER_AMBIGUOUS),
-            Some(_) => Next::after(ctx.converge_interval.max(Duration::from_secs(1))),
+            // Every failure waits out this resource's backoff (stalls ended the reconcile in `act`). The
+            // message names the call and Fly's status only, so a retry does not rewrite status.
+            Some(error) => {
+                warn!(error = %error, "Fly call failed; retrying");
+                if let Verdict::Retry { message } = classify(error, app) {
+                    act_error = Some(message);
+                }
+                retrying = true;
+                Next::after(ctx.backoff.failed(&self.uid))
+            }
         };
-        let act_error = outcome.error.as_ref().map(|e| e.to_string());
         mark_progress(
             status,
             the_plan,
@@ -744,7 +757,7 @@ impl Run<'_> {
                         | Action::UpdateMachine { .. }
                 )
             });
-            if let Some(retry) = verify(
+            if verify(
                 status,
                 converged,
                 rollout,
@@ -754,9 +767,14 @@ impl Run<'_> {
                 self.generation,
             )
             .await
+                == Handshake::Failed
             {
-                requeue = Next::after(retry);
+                retrying = true;
+                requeue = Next::after(ctx.backoff.failed(&self.uid));
             }
+        }
+        if !retrying {
+            ctx.backoff.succeeded(&self.uid);
         }
         requeue
     }
@@ -793,35 +811,16 @@ fn blocked_stall(blocked: Blocked) -> Stall {
     }
 }
 
-/// Act-level failures the user must fix: retrying the same request cannot help.
-fn act_error_stall(app: &str, error: &ActError) -> Option<Stall> {
-    match error {
-        ActError::AppNameTaken => Some(blocked_stall(ownership::app_taken(app))),
-        ActError::Fly { source, .. }
-            if !source.is_retryable()
-                && !matches!(
-                    source,
-                    fly_adapter::client::FlyError::LeaseConflict { .. }
-                        | fly_adapter::client::FlyError::Precondition { .. }
-                ) =>
-        {
-            // Fly refused what we asked for (e.g. an invalid config).
-            Some(Stall {
-                reason: reason::FLY_REJECTED.into(),
-                message: format!("{error}; fix the spec and apply again"),
-                condition: None,
-            })
-        }
-        _ => None,
-    }
+#[derive(PartialEq, Eq)]
+enum Handshake {
+    /// Done now, done before, or not due yet.
+    NotFailed,
+    /// Recorded in status; retried after the resource's backoff.
+    Failed,
 }
 
-/// After a retry failure, look again after this long.
-const VERIFY_RETRY: Duration = Duration::from_secs(30);
-
 /// The MCP handshake through the public URL, once per rollout: a rollout in flight resets `Verified` to Unknown,
-/// and a converged deployment whose `Verified` is not true for this generation is verified. Returns a requeue
-/// delay when verification failed.
+/// and a converged deployment whose `Verified` is not true for this generation is verified.
 async fn verify(
     status: &mut MCPDeploymentStatus,
     converged: bool,
@@ -830,7 +829,7 @@ async fn verify(
     url: &str,
     token: Option<&str>,
     generation: Option<i64>,
-) -> Option<Duration> {
+) -> Handshake {
     if rollout {
         status.set_condition(crate::api::Condition::new(
             ConditionType::Verified,
@@ -839,15 +838,15 @@ async fn verify(
             "the endpoint is verified once every machine runs the current spec",
             generation,
         ));
-        return None;
+        return Handshake::NotFailed;
     }
     if !converged {
-        return None;
+        return Handshake::NotFailed;
     }
     let current = status.condition(ConditionType::Verified);
     if !token_rotated && current.is_some_and(|c| c.is_true() && c.observed_generation == generation)
     {
-        return None;
+        return Handshake::NotFailed;
     }
     match crate::bridge::verify(url, token).await {
         Ok(info) => {
@@ -871,27 +870,13 @@ async fn verify(
                 message,
                 generation,
             ));
-            None
+            Handshake::NotFailed
         }
         Err(e) => {
             let message =
                 format!("{e}; the machines run but the endpoint does not answer MCP; retrying");
-            status.set_condition(condition(
-                ConditionType::Verified,
-                false,
-                reason::HANDSHAKE_FAILED,
-                &message,
-                generation,
-            ));
-            status.set_condition(condition(
-                ConditionType::Ready,
-                false,
-                reason::HANDSHAKE_FAILED,
-                &message,
-                generation,
-            ));
-            status.phase = Some(Phase::Degraded);
-            Some(VERIFY_RETRY)
+            mark_handshake_failed(status, &message, generation);
+            Handshake::Failed
         }
     }
 }
@@ -927,7 +912,9 @@ async fn write_status(
     stored: &MCPDeploymentStatus,
     status: &MCPDeploymentStatus,
 ) -> Result<(), Error> {
-    if obj.status.is_some() && stored == status {
+    let mut status = status.clone();
+    keep_transition_times(&mut status, stored);
+    if obj.status.is_some() && *stored == status {
         return Ok(());
     }
     let patch =

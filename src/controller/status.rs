@@ -66,6 +66,83 @@ pub fn mark_stalled(status: &mut MCPDeploymentStatus, stall: &Stall, generation:
     status.observed_generation = generation;
 }
 
+/// A condition's `lastTransitionTime` is when its status last changed against what is stored: a reconcile that
+/// flips a condition and flips it back (converged, then the handshake failed again) keeps the stored time, so an
+/// unchanged outcome writes nothing.
+pub fn keep_transition_times(status: &mut MCPDeploymentStatus, stored: &MCPDeploymentStatus) {
+    for c in &mut status.conditions {
+        if let Some(before) = stored
+            .conditions
+            .iter()
+            .find(|b| b.type_ == c.type_ && b.status == c.status)
+        {
+            c.last_transition_time = before.last_transition_time.clone();
+        }
+    }
+}
+
+/// The very first write (the app name, before anything exists on Fly): already `Reconciling` for this
+/// generation, so no GitOps tool reads a resource the controller has only just picked up as healthy.
+pub fn mark_pending(status: &mut MCPDeploymentStatus, app: &str, generation: Option<i64>) {
+    let message = format!("creating Fly app {app}");
+    for type_ in [ConditionType::Ready, ConditionType::Reconciling] {
+        let ok = type_ == ConditionType::Reconciling;
+        status.set_condition(condition(
+            type_,
+            ok,
+            reason::PROGRESSING,
+            &message,
+            generation,
+        ));
+    }
+    clear(status, ConditionType::Stalled);
+    status.app = Some(app.to_string());
+    status.phase = Some(Phase::Pending);
+    status.observed_generation = generation;
+}
+
+/// `spec.suspend: true`: the controller has seen this generation and acts on none of it. Not Ready (nothing
+/// checks that Fly matches the spec), neither progressing nor stalled; the other conditions stay as they were.
+pub fn mark_suspended(status: &mut MCPDeploymentStatus, generation: Option<i64>) {
+    status.set_condition(condition(
+        ConditionType::Ready,
+        false,
+        reason::SUSPENDED,
+        "spec.suspend is true: mcpfly changes nothing on Fly; set it to false to resume",
+        generation,
+    ));
+    clear(status, ConditionType::Reconciling);
+    clear(status, ConditionType::Stalled);
+    status.phase = Some(Phase::Suspended);
+    status.observed_generation = generation;
+}
+
+/// The machines run but the MCP handshake through the public URL failed: retried with backoff, so it reads
+/// as `Reconciling` with the failure as its message (`Ready=False`, phase Degraded).
+pub fn mark_handshake_failed(
+    status: &mut MCPDeploymentStatus,
+    message: &str,
+    generation: Option<i64>,
+) {
+    for type_ in [
+        ConditionType::Verified,
+        ConditionType::Ready,
+        ConditionType::Reconciling,
+    ] {
+        let ok = type_ == ConditionType::Reconciling;
+        status.set_condition(condition(
+            type_,
+            ok,
+            reason::HANDSHAKE_FAILED,
+            message,
+            generation,
+        ));
+    }
+    clear(status, ConditionType::Stalled);
+    status.phase = Some(Phase::Degraded);
+    status.observed_generation = generation;
+}
+
 /// Status after a reconcile that planned (and maybe acted) without being blocked.
 pub fn mark_progress(
     status: &mut MCPDeploymentStatus,
@@ -120,7 +197,7 @@ pub fn mark_progress(
 
 fn progress_message(plan: &Plan, act_error: Option<&str>) -> (&'static str, String) {
     if let Some(error) = act_error {
-        return (reason::FLY_CALL_FAILED, format!("{error}; retrying"));
+        return (reason::FLY_CALL_FAILED, error.to_string());
     }
     let mut parts: Vec<String> = Vec::new();
     if !plan.actions.is_empty() {
@@ -166,4 +243,70 @@ fn machine_statuses(machines: &[Machine]) -> Vec<MachineStatus> {
         .collect();
     list.sort_by(|a, b| a.0.cmp(b.0).then_with(|| a.1.id.cmp(&b.1.id)));
     list.into_iter().map(|(_, s)| s).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_true(status: &MCPDeploymentStatus, type_: ConditionType) -> bool {
+        status.condition(type_).is_some_and(|c| c.is_true())
+    }
+
+    // Helm never upgrades a CRD it installed, so a cluster may run this controller under a CRD without the
+    // `observedGeneration: -1` default: the first write alone must already read as in progress.
+    #[test]
+    fn the_first_write_is_reconciling_for_its_generation() {
+        let mut status = MCPDeploymentStatus::default();
+        mark_pending(&mut status, "app", Some(3));
+        assert_eq!(status.observed_generation, Some(3));
+        assert!(is_true(&status, ConditionType::Reconciling));
+        assert!(!is_true(&status, ConditionType::Ready));
+        assert_eq!(status.app.as_deref(), Some("app"));
+    }
+
+    #[test]
+    fn suspended_observes_its_generation_and_is_neither_ready_nor_progressing() {
+        let mut status = MCPDeploymentStatus::default();
+        status.set_condition(condition(
+            ConditionType::Ready,
+            true,
+            reason::READY,
+            "2 of 2",
+            Some(1),
+        ));
+        status.set_condition(condition(ConditionType::Stalled, true, "X", "x", Some(1)));
+        mark_suspended(&mut status, Some(2));
+        assert_eq!(status.observed_generation, Some(2));
+        assert_eq!(status.phase, Some(Phase::Suspended));
+        let ready = status.condition(ConditionType::Ready).unwrap();
+        assert_eq!(
+            (ready.is_true(), ready.reason.as_str()),
+            (false, reason::SUSPENDED)
+        );
+        assert!(status.condition(ConditionType::Stalled).is_none());
+        assert!(status.condition(ConditionType::Reconciling).is_none());
+    }
+
+    #[test]
+    fn a_condition_flipped_and_flipped_back_keeps_its_stored_transition_time() {
+        let mut stored = MCPDeploymentStatus::default();
+        mark_handshake_failed(&mut stored, "refused", Some(1));
+        let before = stored.clone();
+        let mut status = stored.clone();
+        // Converged first (Ready=True, Reconciling gone), then the handshake failed again.
+        status.set_condition(condition(
+            ConditionType::Ready,
+            true,
+            reason::READY,
+            "ok",
+            Some(1),
+        ));
+        clear(&mut status, ConditionType::Reconciling);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        mark_handshake_failed(&mut status, "refused", Some(1));
+        assert_ne!(status, before, "fresh transition times");
+        keep_transition_times(&mut status, &stored);
+        assert_eq!(status, before);
+    }
 }

@@ -25,6 +25,8 @@ pub struct StackOptions {
     pub converge_interval: Duration,
     /// Handshake through each deployment's URL once Ready (needs machines that really run).
     pub verify: bool,
+    /// Each deployment's public URL, `{app}` replaced by the app name.
+    pub url_template: String,
     /// Reconcile only MCPDeployments matching this label selector (sharding).
     pub label_selector: Option<String>,
     pub resolver: Arc<dyn SourceResolver>,
@@ -49,6 +51,7 @@ impl Default for StackOptions {
             resync: Duration::from_secs(3600),
             fleet_poll: None,
             verify: false,
+            url_template: "https://{app}.fly.dev/mcp".into(),
             label_selector: None,
             converge_interval: Duration::from_millis(200),
             resolver: Arc::new(PinnedOnlyResolver),
@@ -107,7 +110,7 @@ impl Stack {
             allowed_networks: options.allowed_networks.clone(),
             allowed_app_prefixes: options.allowed_app_prefixes.clone(),
             runtime_image: "registry.example/mcpfly-runtime:test".into(),
-            url_template: "https://{app}.fly.dev/mcp".into(),
+            url_template: options.url_template.clone(),
             namespaces: vec![namespace.to_string()],
             label_selector: options.label_selector.clone(),
             keyring_secret: options
