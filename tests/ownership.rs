@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use fly_adapter::client::types::{CreateAppRequest, CreateMachineRequest, MachineConfig};
-use fly_adapter::emulator::DEFAULT_ORG;
+use fly_emulator::DEFAULT_ORG;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use mcpfly::api::{ADOPT_ANNOTATION, ALLOW_REFERENCE_LABEL, MCPDeployment, reason};
@@ -253,7 +253,7 @@ async fn two_clusters_sharing_one_org_never_touch_each_others_apps() -> anyhow::
     for app in [ours.as_str(), "own-twins-pinned"] {
         let (was, is) = (before.app(app).unwrap(), after.app(app).unwrap());
         assert!(!is.deleting, "{app} survives the other cluster's deletion");
-        let ids = |a: &fly_adapter::emulator::InventoryApp| {
+        let ids = |a: &fly_emulator::InventoryApp| {
             a.machines
                 .iter()
                 .filter(|m| !m.gone)
