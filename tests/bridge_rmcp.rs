@@ -318,3 +318,29 @@ async fn verify_reports_server_info_and_rejects_a_wrong_token() {
     );
     bridge.shutdown().await.unwrap();
 }
+
+/// The controller's proof that an endpoint requires its token (issue 15): an unauthenticated `initialize` is
+/// refused by a bearer endpoint and answered by an open one, which the controller reports as
+/// `Verified=False`, `EndpointUnauthenticated`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_probe_tells_a_protected_endpoint_from_an_open_one() {
+    let protected = start_bridge(&[], Auth::bearer(TOKEN.into())).await;
+    wait_ready(&protected).await;
+    assert_eq!(
+        mcpfly::bridge::unauthenticated_status(&url(&protected))
+            .await
+            .unwrap(),
+        401
+    );
+    protected.shutdown().await.unwrap();
+
+    let open = start_bridge(&[], Auth::disabled()).await;
+    wait_ready(&open).await;
+    assert_eq!(
+        mcpfly::bridge::unauthenticated_status(&url(&open))
+            .await
+            .unwrap(),
+        200
+    );
+    open.shutdown().await.unwrap();
+}

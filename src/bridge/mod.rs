@@ -26,7 +26,7 @@ use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use verify::{ServerInfo, VerifyError, verify};
+pub use verify::{ServerInfo, VerifyError, unauthenticated_status, verify};
 
 /// Arguments of `mcpfly bridge [OPTIONS] -- CMD ARGS...`.
 #[derive(Args, Debug, Clone)]

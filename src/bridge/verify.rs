@@ -33,6 +33,36 @@ pub enum VerifyError {
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The HTTP status `url` answers to an MCP `initialize` sent without credentials. An endpoint that requires a
+/// bearer token must refuse it with 401 or 403: nothing in front of an image source does it for the image.
+pub async fn unauthenticated_status(url: &str) -> Result<u16, VerifyError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let failed = |message: String| VerifyError::Handshake {
+        url: url.to_string(),
+        message,
+    };
+    let client = reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .build()
+        .map_err(|e| failed(e.to_string()))?;
+    let initialize = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {
+            "protocolVersion": ProtocolVersion::V_2025_11_25.to_string(),
+            "capabilities": {},
+            "clientInfo": {"name": "mcpfly-verify", "version": env!("CARGO_PKG_VERSION")},
+        },
+    });
+    let response = client
+        .post(url)
+        .header("accept", "application/json, text/event-stream")
+        .json(&initialize)
+        .send()
+        .await
+        .map_err(|e| failed(format!("unauthenticated probe: {e}")))?;
+    Ok(response.status().as_u16())
+}
+
 /// Connects to `url` (e.g. `https://app.fly.dev/mcp`), handshakes, lists tools, and closes the session.
 pub async fn verify(url: &str, token: Option<&str>) -> Result<ServerInfo, VerifyError> {
     // reqwest is built without a default crypto provider; install ring's if the process has none yet.

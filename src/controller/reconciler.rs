@@ -850,6 +850,22 @@ async fn verify(
     }
     match crate::bridge::verify(url, token).await {
         Ok(info) => {
+            // Answering with the token proves little if it answers without one too (nothing fronts an image).
+            if token.is_some()
+                && let Some(message) = open_despite_bearer(url).await
+            {
+                for type_ in [ConditionType::Verified, ConditionType::Ready] {
+                    status.set_condition(condition(
+                        type_,
+                        false,
+                        reason::ENDPOINT_UNAUTHENTICATED,
+                        &message,
+                        generation,
+                    ));
+                }
+                status.phase = Some(Phase::Degraded);
+                return Some(VERIFY_RETRY);
+            }
             let message = format!(
                 "{} {} speaks MCP {} and offers {} tool(s)",
                 info.name,
@@ -879,6 +895,26 @@ async fn verify(
             Handshake::Failed
         }
     }
+}
+
+/// With `access.auth: bearer`, why the endpoint is not protected: it did not refuse an unauthenticated
+/// `initialize`. `None` when it refused (401/403).
+async fn open_despite_bearer(url: &str) -> Option<String> {
+    match crate::bridge::unauthenticated_status(url).await {
+        Ok(code) => unauthenticated_answer(code),
+        // Unreachable without credentials is not open; the handshake above reached it.
+        Err(_) => None,
+    }
+}
+
+fn unauthenticated_answer(code: u16) -> Option<String> {
+    (!matches!(code, 401 | 403)).then(|| {
+        format!(
+            "the endpoint answered an MCP initialize without a token with HTTP {code}, not 401: access.auth is \
+             bearer but anyone who knows the URL can call it. An image source must itself require \
+             `Authorization: Bearer` with the token in MCP_AUTH_TOKEN"
+        )
+    })
 }
 
 async fn stalled(
@@ -1106,4 +1142,19 @@ fn controlled_by(secret: &Secret, obj: &MCPDeployment) -> bool {
         .iter()
         .flatten()
         .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unauthenticated_answer;
+
+    #[test]
+    fn only_a_refusal_proves_an_endpoint_requires_its_token() {
+        assert_eq!(unauthenticated_answer(401), None);
+        assert_eq!(unauthenticated_answer(403), None);
+        for open in [200, 202, 400, 404, 500] {
+            let message = unauthenticated_answer(open).expect("not proven protected");
+            assert!(message.contains(&format!("HTTP {open}")), "{message}");
+        }
+    }
 }
