@@ -28,6 +28,8 @@ pub struct StackOptions {
     /// Reconcile only MCPDeployments matching this label selector (sharding).
     pub label_selector: Option<String>,
     pub resolver: Arc<dyn SourceResolver>,
+    /// The controller's Kubernetes client (e.g. one that records its traffic); default: the admin's.
+    pub client: Option<kube::Client>,
 }
 
 impl Default for StackOptions {
@@ -41,6 +43,7 @@ impl Default for StackOptions {
             label_selector: None,
             converge_interval: Duration::from_millis(200),
             resolver: Arc::new(PinnedOnlyResolver),
+            client: None,
         }
     }
 }
@@ -60,7 +63,10 @@ impl Stack {
         cp.install_crds().await?;
         cp.create_namespace(namespace).await?;
         let emulator = Emulator::start(options.emulator).await?;
-        let client = cp.client().await?;
+        let client = match &options.client {
+            Some(client) => client.clone(),
+            None => cp.client().await?,
+        };
         if let Some(keys) = &options.keyring {
             let secret: Secret = serde_json::from_value(serde_json::json!({
                 "metadata": {"name": "keyring", "namespace": namespace},
