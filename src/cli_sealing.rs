@@ -86,13 +86,16 @@ pub struct SealArgs {
     #[arg(long, value_name = "FILE")]
     pub merge_into: Option<PathBuf>,
     /// Seal through the controller's seal endpoint (via the Kubernetes API service proxy, with the current
-    /// kubeconfig) instead of with a local key.
+    /// kubeconfig, whose bearer token the endpoint checks) instead of with a local key.
     #[arg(long)]
     pub via_cluster: bool,
     #[arg(long, default_value = "mcpfly-system", requires = "via_cluster")]
     pub controller_namespace: String,
     #[arg(long, default_value = "mcpfly", requires = "via_cluster")]
     pub controller_service: String,
+    /// The Service port of the controller's seal listener (name or number).
+    #[arg(long, default_value = "seal", requires = "via_cluster")]
+    pub controller_port: String,
     #[command(flatten)]
     pub keys: KeyArgs,
 }
@@ -166,14 +169,14 @@ pub async fn run_seal_io(
     };
     let values = sealing_cli::collect_values(input, stdin)?;
     let sealed = if args.via_cluster {
-        let client = kube::Client::try_default().await?;
+        let config = kube::Config::infer().await?;
         let controller = ControllerService {
             namespace: args.controller_namespace,
             service: args.controller_service,
-            port: "http".to_owned(),
+            port: args.controller_port,
         };
         let (key_id, sealed) = sealing_cli::seal_via_cluster(
-            client,
+            config,
             &controller,
             &args.namespace,
             &args.name,

@@ -51,6 +51,10 @@ async fn helm_lint_is_clean_for_every_mode() -> anyhow::Result<()> {
             "replicas=1",
             "--set",
             "leaderElection.enabled=false",
+            "--set",
+            "seal.proxyForAuthenticated=false",
+            "--set-json",
+            r#"networkPolicy.sealFrom=[{"ipBlock":{"cidr":"10.0.0.10/32"}}]"#,
         ],
     ] {
         let (ok, text) = run(cp
@@ -115,6 +119,7 @@ async fn rendered_chart_is_accepted_by_the_apiserver() -> anyhow::Result<()> {
             "Role",
             "RoleBinding",
             "PodDisruptionBudget",
+            "NetworkPolicy",
         ] {
             assert!(kinds.contains(&kind), "{release}: no {kind} in {kinds:?}");
         }
@@ -134,6 +139,54 @@ async fn rendered_chart_is_accepted_by_the_apiserver() -> anyhow::Result<()> {
         assert!(container["resources"]["limits"]["memory"].is_string());
         assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
         assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+        // /seal has a port of its own, in the pod, the Service and the NetworkPolicy, which admits nothing else.
+        let ports = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    p["name"]
+                        .as_str()
+                        .or(p["port"].as_str())
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect()
+        };
+        assert_eq!(ports(&container["ports"]), ["http", "seal"]);
+        let service = docs.iter().find(|d| d["kind"] == "Service").unwrap();
+        assert_eq!(ports(&service["spec"]["ports"]), ["http", "seal"]);
+        let policy = docs.iter().find(|d| d["kind"] == "NetworkPolicy").unwrap();
+        let admitted: Vec<String> = policy["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|rule| ports(&rule["ports"]))
+            .collect();
+        assert_eq!(admitted, ["seal", "http"]);
+        assert_eq!(
+            policy["spec"]["policyTypes"],
+            serde_json::json!(["Ingress"])
+        );
+        // The controller may ask for token and access reviews; people get the seal proxy and a sealer role.
+        let seal_reviews = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "ClusterRole"
+                    && d["metadata"]["name"] == format!("{release}-mcpfly-seal-reviews")
+            })
+            .expect("the seal-reviews ClusterRole");
+        assert_eq!(
+            seal_reviews["rules"][0]["resources"],
+            serde_json::json!(["tokenreviews"])
+        );
+        assert_eq!(
+            seal_reviews["rules"][1]["resources"],
+            serde_json::json!(["subjectaccessreviews"])
+        );
+        assert!(docs.iter().any(|d| d["kind"] == "Role"
+            && d["rules"][0]["resourceNames"]
+                == serde_json::json!([format!("{release}-mcpfly:seal")])));
 
         let file = cp.dir().join(format!("helm-{release}.yaml"));
         let yaml: String = docs

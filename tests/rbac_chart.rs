@@ -1,7 +1,9 @@
 //! The chart's RBAC is what the controller needs, and no more: with the rendered rules the controller (running
 //! as the chart's ServiceAccount, through impersonation, so RBAC decides exactly as for the pod) takes a
-//! deployment to Ready and back through deletion without a single 403; with any one rule removed it hits a
-//! 403 (in its log, or the deployment never gets there within a bound).
+//! deployment to Ready and back through deletion, and answers a seal request (TokenReview and
+//! SubjectAccessReview), without a single 403; with any one of its rules removed it hits a 403 (in its log, or
+//! the deployment never gets there within a bound). Roles the chart binds to people rather than to the
+//! controller (sealing, the seal proxy) are not the controller's and are left as rendered.
 //!
 //! Each variant is its own release (own ServiceAccount, roles and Lease) and reconciles only the deployments
 //! labelled for it, so the variants run side by side.
@@ -24,8 +26,40 @@ const KEYRING: &str = "mcpfly-keys";
 /// How long a variant with a missing rule gets to show its 403.
 const FAILING_BOUND: Duration = Duration::from_secs(25);
 
-/// Which rule a variant leaves out: `(kind, index)` in the rendered roles, or none.
-type Removed = Option<(&'static str, usize)>;
+/// Which rule a variant leaves out: `(kind, name without the release prefix, index)` in the rendered roles, or
+/// none.
+type Removed = Option<(&'static str, String, usize)>;
+
+/// The controller's roles among `docs` of `release`: `(kind, name without the release prefix)` of each role a
+/// binding grants to a ServiceAccount.
+fn controller_roles(docs: &[Value], release: &str) -> Vec<(&'static str, String)> {
+    docs.iter()
+        .filter(|d| {
+            matches!(
+                d["kind"].as_str(),
+                Some("ClusterRoleBinding" | "RoleBinding")
+            ) && d["subjects"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["kind"] == "ServiceAccount"))
+        })
+        .map(|binding| {
+            let kind = match binding["roleRef"]["kind"].as_str() {
+                Some("ClusterRole") => "ClusterRole",
+                _ => "Role",
+            };
+            let name = binding["roleRef"]["name"].as_str().unwrap_or_default();
+            (kind, name.trim_start_matches(release).to_string())
+        })
+        .collect()
+}
+
+fn role_suffix(doc: &Value, release: &str) -> String {
+    doc["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .trim_start_matches(release)
+        .to_string()
+}
 
 async fn apply_object(client: &kube::Client, value: &Value) -> anyhow::Result<()> {
     let gvk = kube::api::GroupVersionKind::try_from(&kube::api::TypeMeta {
@@ -63,6 +97,7 @@ async fn run_variant(
     emulator: &EmulatorHandle,
     index: usize,
     removed: Removed,
+    seal_token: &str,
 ) -> anyhow::Result<Outcome> {
     let release = format!("rbac{index}");
     let namespace = format!("rbac-test-{index}");
@@ -74,9 +109,11 @@ async fn run_variant(
         let kind = doc["kind"].as_str().unwrap_or_default().to_string();
         match kind.as_str() {
             "ClusterRole" | "Role" => {
-                if let Some((removed_kind, i)) = removed
-                    && removed_kind == kind
+                if let Some((removed_kind, suffix, i)) = &removed
+                    && *removed_kind == kind
+                    && *suffix == role_suffix(&doc, &release)
                 {
+                    let i = *i;
                     doc["rules"].as_array_mut().unwrap().remove(i);
                 }
                 apply_object(&admin, &doc).await?;
@@ -110,6 +147,34 @@ async fn run_variant(
             ("MCPFLY_CLUSTER_NAME", ""),
         ],
     )?;
+
+    // A seal request, from someone with no right to seal: with the TokenReview and SubjectAccessReview rules,
+    // the controller answers 403 (who the caller is and what they may do were both asked); without either, its
+    // review is forbidden (logged; the caller gets 503). A variant whose controller exits at start-up (its
+    // rule was needed there) never answers.
+    let mut seal_status = None;
+    let asking = Instant::now();
+    while seal_status.is_none() && controller.exited().is_none() && asking.elapsed() < FAILING_BOUND
+    {
+        seal_status = reqwest::Client::new()
+            .post(format!("{}/seal", controller.seal))
+            .bearer_auth(seal_token)
+            .body(r#"{"namespace":"rbac-test","name":"guarded","values":{"T":"x"}}"#)
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16());
+        if seal_status.is_none() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    if removed.is_none() {
+        anyhow::ensure!(
+            seal_status == Some(403),
+            "with every rule, a seal request without the right to seal got {seal_status:?}, not 403:\n{}",
+            controller.log()
+        );
+    }
 
     let started = Instant::now();
     let bound = if removed.is_some() {
@@ -196,6 +261,7 @@ async fn chart_rbac_is_enough_and_every_rule_is_needed() -> anyhow::Result<()> {
             &Patch::Apply(&keyring),
         )
         .await?;
+    let seal_token = cp.service_account_token(SYSTEM_NS, "seal-probe").await?;
     // The variants share one Fly org: Fly's per-org limits would make them wait on each other.
     let emulator = Emulator::start(EmulatorConfig {
         rate_limits: fly_adapter::token_bucket::RateLimits::disabled(),
@@ -203,17 +269,16 @@ async fn chart_rbac_is_enough_and_every_rule_is_needed() -> anyhow::Result<()> {
     })
     .await?;
 
-    // The variants: all rules, then each rule of each rendered role left out in turn.
+    // The variants: all rules, then each rule of each of the controller's rendered roles left out in turn.
     let docs = helm_template(cp, "count", &["--set", "fly.org=personal"])?;
     let mut variants: Vec<Removed> = vec![None];
-    for doc in &docs {
-        let kind = match doc["kind"].as_str() {
-            Some("ClusterRole") => "ClusterRole",
-            Some("Role") => "Role",
-            _ => continue,
-        };
+    for (kind, suffix) in controller_roles(&docs, "count") {
+        let doc = docs
+            .iter()
+            .find(|d| d["kind"] == kind && role_suffix(d, "count") == suffix)
+            .expect("a bound role is rendered");
         let rules = doc["rules"].as_array().map_or(0, Vec::len);
-        variants.extend((0..rules).map(|i| Some((kind, i))));
+        variants.extend((0..rules).map(|i| Some((kind, suffix.clone(), i))));
     }
     assert!(
         variants.len() >= 7,
@@ -224,16 +289,19 @@ async fn chart_rbac_is_enough_and_every_rule_is_needed() -> anyhow::Result<()> {
         variants
             .iter()
             .enumerate()
-            .map(|(i, removed)| run_variant(cp, &emulator, i, *removed)),
+            .map(|(i, removed)| run_variant(cp, &emulator, i, removed.clone(), &seal_token)),
     )
     .await;
 
     let mut failures = Vec::new();
     for (removed, outcome) in variants.iter().zip(outcomes) {
         let outcome = outcome?;
-        let rule = removed.map(|(kind, i)| {
-            let doc = docs.iter().find(|d| d["kind"] == kind).unwrap();
-            format!("{kind} rule {i} {}", doc["rules"][i])
+        let rule = removed.as_ref().map(|(kind, suffix, i)| {
+            let doc = docs
+                .iter()
+                .find(|d| d["kind"] == *kind && role_suffix(d, "count") == *suffix)
+                .unwrap();
+            format!("{kind} {suffix} rule {i} {}", doc["rules"][*i])
         });
         eprintln!(
             "{}: ready={} deleted={} 403={} in {:.1}s",

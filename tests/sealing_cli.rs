@@ -8,11 +8,14 @@
 #[allow(dead_code)]
 mod cli_sealing;
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use cli_sealing::{KeygenArgs, ResealArgs, SealArgs, UnsealArgs};
+use mcpfly::sealing::listener::{Caller, Gatekeeper, Limits};
 use mcpfly::sealing::manifest::Manifest;
 use mcpfly::sealing::{KeyRing, Target, unseal};
 
@@ -637,16 +640,72 @@ fn binary_canary() {
     }
 }
 
+/// Decides in memory: token `t-alice` is alice, who may seal in `team-a` only. With `hold`, each
+/// authentication first takes a permit from it (none: it waits), counting itself in `entered`.
+#[derive(Default)]
+struct Gate {
+    hold: Option<Arc<tokio::sync::Semaphore>>,
+    entered: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Gatekeeper for Gate {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Caller>, String>> + Send + 'a>> {
+        Box::pin(async move {
+            self.entered
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Some(hold) = &self.hold {
+                hold.acquire().await.unwrap().forget();
+            }
+            Ok((token == "t-alice").then(|| Caller {
+                username: "alice".into(),
+                uid: None,
+                groups: vec![],
+                extra: Default::default(),
+            }))
+        })
+    }
+
+    fn authorize<'a>(
+        &'a self,
+        caller: &'a Caller,
+        namespace: &'a str,
+        _name: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<bool, String>> + Send + 'a>> {
+        Box::pin(async move { Ok(caller.username == "alice" && namespace == "team-a") })
+    }
+}
+
+async fn seal_listener(ring: Arc<KeyRing>, gate: Gate, limits: Limits) -> String {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let app = mcpfly::sealing::listener::router(
+        Arc::new(move || Some(ring.clone())),
+        Arc::new(gate),
+        limits,
+    );
+    let (addr, _task) = mcpfly::sealing::listener::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        app,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    format!("http://{addr}/seal")
+}
+
 #[tokio::test]
 async fn seal_endpoint_seals_only() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let ring = Arc::new(KeyRing::parse(&mcpfly::sealing::generate_key(), "t").unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = mcpfly::sealing::endpoint::router(ring.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = seal_listener(ring.clone(), Gate::default(), Limits::default()).await;
     let http = reqwest::Client::new();
-    let url = format!("http://{addr}/seal");
+    let addr = url.trim_end_matches("/seal").to_owned();
+    let post = |url: &str| {
+        http.post(url)
+            .header("content-type", "application/json")
+            .bearer_auth("t-alice")
+    };
 
     // The body the CLI's --via-cluster sends, so client and server agree on the format.
     let values = vec![
@@ -660,13 +719,7 @@ async fn seal_endpoint_seals_only() {
         &values,
     )
     .unwrap();
-    let resp = http
-        .post(&url)
-        .header("content-type", "application/json")
-        .body(body.to_vec())
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&url).body(body.to_vec()).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     assert!(!text.contains(CANARY));
@@ -707,20 +760,13 @@ async fn seal_endpoint_seals_only() {
         format!(r#"{{"namespace":"team-a","name":"github","values":{{"T":["{CANARY}"]}}}}"#),
         r#"{"namespace":"team-a","name":"github","values":{}}"#.to_owned(),
     ] {
-        let resp = http
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(bad)
-            .send()
-            .await
-            .unwrap();
+        let resp = post(&url).body(bad).send().await.unwrap();
         assert!(resp.status().is_client_error());
         assert!(!resp.text().await.unwrap().contains(CANARY));
     }
     // There is nothing but sealing.
     for path in ["/unseal", "/keys", "/"] {
-        let resp = http
-            .post(format!("http://{addr}{path}"))
+        let resp = post(&format!("{addr}{path}"))
             .body(token.sealed.clone())
             .send()
             .await
@@ -728,6 +774,128 @@ async fn seal_endpoint_seals_only() {
         assert_eq!(resp.status(), 404, "{path}");
     }
     assert_eq!(http.get(&url).send().await.unwrap().status(), 405);
+}
+
+/// Who may seal is decided before anything is sealed, and a request cannot be larger, slower or more
+/// numerous than the listener allows.
+#[tokio::test]
+async fn seal_listener_authenticates_authorises_and_limits() {
+    let ring = Arc::new(KeyRing::parse(&mcpfly::sealing::generate_key(), "t").unwrap());
+    let url = seal_listener(ring.clone(), Gate::default(), Limits::default()).await;
+    let http = reqwest::Client::new();
+    let body = |namespace: &str| {
+        format!(r#"{{"namespace":"{namespace}","name":"github","values":{{"T":"{CANARY}"}}}}"#)
+    };
+    let send = |token: Option<&'static str>, header: &'static str, body: String| {
+        let mut request = http.post(&url).header("content-type", "application/json");
+        if let Some(token) = token {
+            request = request.header(header, format!("Bearer {token}"));
+        }
+        async move {
+            let resp = request.body(body).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap();
+            assert!(!text.contains(CANARY), "a value echoed: {text}");
+            (status, text)
+        }
+    };
+    assert_eq!(send(None, "authorization", body("team-a")).await.0, 401);
+    assert_eq!(
+        send(Some("t-mallory"), "authorization", body("team-a"))
+            .await
+            .0,
+        401
+    );
+    let (status, text) = send(Some("t-alice"), "authorization", body("team-b")).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("mcpdeployments/seal"), "{text}");
+    assert_eq!(
+        send(Some("t-alice"), "authorization", body("team-a"))
+            .await
+            .0,
+        200
+    );
+    // Through the API server's proxy `Authorization` is dropped; the token travels in its own header.
+    assert_eq!(
+        send(Some("t-alice"), "x-mcpfly-authorization", body("team-a"))
+            .await
+            .0,
+        200
+    );
+    let huge = format!(
+        r#"{{"namespace":"team-a","name":"github","values":{{"T":"{}"}}}}"#,
+        "x".repeat(mcpfly::sealing::endpoint::MAX_BODY)
+    );
+    assert_eq!(
+        send(Some("t-alice"), "authorization", huge.clone()).await.0,
+        413
+    );
+    // Unauthenticated, the body is never read: 401, not 413.
+    assert_eq!(send(None, "authorization", huge).await.0, 401);
+
+    // Full: the next request is refused at once (429), and the listener recovers when the others finish.
+    let hold = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = Gate {
+        hold: Some(hold.clone()),
+        ..Default::default()
+    };
+    let entered = gate.entered.clone();
+    let limits = Limits {
+        in_flight: 2,
+        deadline: std::time::Duration::from_secs(30),
+    };
+    let busy_url = seal_listener(ring.clone(), gate, limits).await;
+    let request = || {
+        http.post(&busy_url)
+            .header("content-type", "application/json")
+            .bearer_auth("t-alice")
+            .body(body("team-a"))
+            .send()
+    };
+    let held: Vec<_> = (0..2).map(|_| tokio::spawn(request())).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while entered.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held requests never arrived"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(request().await.unwrap().status(), 429);
+    hold.add_permits(2);
+    for request in held {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    }
+    hold.add_permits(1);
+    assert_eq!(
+        request().await.unwrap().status(),
+        200,
+        "slots are given back"
+    );
+
+    // Slow: a request that outlives its deadline is cut off (408) and frees its slot.
+    let slow_url = seal_listener(
+        ring,
+        Gate {
+            hold: Some(Arc::new(tokio::sync::Semaphore::new(0))),
+            ..Default::default()
+        },
+        Limits {
+            in_flight: 1,
+            deadline: std::time::Duration::from_millis(200),
+        },
+    )
+    .await;
+    for _ in 0..2 {
+        let resp = http
+            .post(&slow_url)
+            .bearer_auth("t-alice")
+            .body(body("team-a"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 408);
+    }
 }
 
 #[test]

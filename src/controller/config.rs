@@ -104,12 +104,19 @@ pub struct ControllerConfig {
     pub resolver: crate::packages::ResolverConfig,
 }
 
-/// How the controller runs as a service: its HTTP listener and leader election.
+/// How the controller runs as a service: its HTTP listeners and leader election.
 #[derive(Args, Clone, Debug)]
 pub struct OperationsConfig {
-    /// Address of the HTTP server for /metrics, /healthz, /readyz and /seal (port 0: any free port).
+    /// Address of the HTTP server for /metrics, /healthz and /readyz (port 0: any free port).
     #[arg(long, env = "MCPFLY_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
+    /// Address of the seal listener (`POST /seal`; every request authenticated with a TokenReview and
+    /// authorised with a SubjectAccessReview for `create` on `mcpdeployments/seal`).
+    #[arg(long, env = "MCPFLY_SEAL_ADDR", default_value = "0.0.0.0:8081")]
+    pub seal_addr: SocketAddr,
+    /// Seal requests handled at once; more are refused with 429.
+    #[arg(long, env = "MCPFLY_SEAL_MAX_IN_FLIGHT", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub seal_max_in_flight: u16,
     /// Reconcile only while holding the leader Lease, so that two replicas never both write.
     #[arg(long, env = "MCPFLY_LEADER_ELECTION", default_value_t = true, action = ArgAction::Set)]
     pub leader_election: bool,
@@ -126,6 +133,8 @@ impl OperationsConfig {
     pub fn in_process() -> Self {
         Self {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            seal_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            seal_max_in_flight: 16,
             leader_election: false,
             lease_name: "mcpfly-controller".into(),
             lease_namespace: None,

@@ -339,6 +339,18 @@ pub async fn run_with_client(
     // Background tasks end with this function, also when its future is dropped (an in-process controller in
     // the demo or a test is stopped by aborting it).
     let mut background = vec![AbortOnDrop(server.task)];
+    let keyring_of = health.clone();
+    let seal = crate::sealing::listener::router(
+        Arc::new(move || keyring_of.keyring()),
+        Arc::new(crate::sealing::listener::ApiServer(client.clone())),
+        crate::sealing::listener::Limits {
+            in_flight: config.operations.seal_max_in_flight.into(),
+            ..Default::default()
+        },
+    );
+    let (_, seal_task) =
+        crate::sealing::listener::serve(config.operations.seal_addr, seal, shutdown.wait()).await?;
+    background.push(AbortOnDrop(seal_task));
 
     let mut fly_config = FlyClientConfig::new(&config.fly_api_base_url, &config.fly_api_token);
     fly_config.org = Some(config.fly_org.clone());
@@ -464,7 +476,9 @@ pub async fn run_with_client(
     let mut controllers = Vec::new();
     let mut fleet_routes = Vec::new();
     for (scope, reconcile_all) in scopes.into_iter().zip(reconcile_all_rx) {
-        // Secrets are watched by metadata only: the controller never caches Secret values.
+        // Secrets are watched by metadata only (for `PartialObjectMeta`, kube asks the apiserver for
+        // PartialObjectMetadata; tests/secrets_by_metadata.rs shows no Secret value arrives), and nothing of them
+        // is cached: their values come from targeted GETs of the Secrets a resource names.
         let (deployments, secrets): (Api<MCPDeployment>, Api<PartialObjectMeta<Secret>>) =
             match &scope {
                 Some(ns) => (

@@ -165,6 +165,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut controller_args: Vec<String> = vec![
         "--leader-election=false".into(),
         "--metrics-addr=127.0.0.1:0".into(),
+        "--seal-addr=127.0.0.1:0".into(),
         "--cluster-name=demo".into(),
         "--converge-interval-ms=250".into(),
         "--fleet-poll-seconds=2".into(),

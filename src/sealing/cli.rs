@@ -199,28 +199,94 @@ pub fn seal_request_body(
     Ok(body)
 }
 
-/// Seals through the controller's endpoint via the Kubernetes API service proxy, so the caller needs no
-/// key, only RBAC permission for `services/proxy` on the controller's Service.
+/// The bearer token the kubeconfig authenticates with (a token, a token file, an exec plugin or OIDC),
+/// exactly as the Kubernetes client would send it. The seal endpoint needs it because the API server's service
+/// proxy does not pass the caller's identity on.
+pub async fn kubeconfig_bearer_token(config: &kube::Config) -> anyhow::Result<Zeroizing<String>> {
+    use kube::client::ConfigExt as _;
+    use tower::{Layer as _, ServiceExt as _};
+    let missing = || {
+        anyhow!(
+            "the seal endpoint authenticates you by a bearer token (TokenReview), and this kubeconfig has none              (a client certificate cannot be passed through the API server's proxy): use a kubeconfig with a              token, e.g. one from `kubectl create token <serviceaccount>`"
+        )
+    };
+    let auth = config.auth_layer()?.ok_or_else(missing)?;
+    // Let the client's own auth layer decorate a request, and read what it set.
+    let capture = tower::service_fn(|request: http::Request<kube::client::Body>| async move {
+        Ok::<_, tower::BoxError>(http::Response::new(
+            request.headers().get(http::header::AUTHORIZATION).cloned(),
+        ))
+    });
+    let header = auth
+        .layer(capture)
+        .oneshot(http::Request::new(kube::client::Body::empty()))
+        .await
+        .map_err(|e| anyhow!("getting a token from the kubeconfig: {e}"))?
+        .into_body()
+        .ok_or_else(missing)?;
+    let value = Zeroizing::new(header.to_str().map_err(|_| missing())?.to_owned());
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+            Ok(Zeroizing::new(token.to_owned()))
+        }
+        _ => Err(missing()),
+    }
+}
+
+/// Seals through the controller's seal listener via the Kubernetes API service proxy, so the caller needs no
+/// key. The proxy needs `create` on `services/proxy` for the Service's `seal` port; the listener then checks the
+/// caller's token (TokenReview) and asks whether the caller may `create` `mcpdeployments/seal` for this
+/// resource (SubjectAccessReview).
 pub async fn seal_via_cluster(
-    client: kube::Client,
+    config: kube::Config,
     controller: &ControllerService,
     namespace: &str,
     resource: &str,
     scope: Scope,
     values: Vec<(String, SecretValue)>,
 ) -> anyhow::Result<(KeyId, Vec<(String, String)>)> {
+    use http_body_util::BodyExt as _;
+    let token = kubeconfig_bearer_token(&config).await?;
+    let client = kube::Client::try_from(config)?;
     let mut body = seal_request_body(namespace, resource, scope, &values)?;
     // The HTTP stack takes ownership of the body and does not wipe it; the plaintext was going over the
     // wire (TLS to the API server) anyway.
     let request = http::Request::post(controller.seal_path())
         .header(http::header::CONTENT_TYPE, "application/json")
-        .body(std::mem::take(&mut *body))?;
-    let response: SealResponse = client.request(request).await.with_context(|| {
-        format!(
-            "asking the controller's seal endpoint (service {}/{}); do you have RBAC permission for services/proxy there?",
-            controller.namespace, controller.service
+        .header(
+            super::listener::TOKEN_HEADER,
+            format!("Bearer {}", token.as_str()),
         )
-    })?;
+        .body(kube::client::Body::from(std::mem::take(&mut *body)))?;
+    let where_ = || {
+        format!(
+            "the controller's seal endpoint (service {}/{}, port {})",
+            controller.namespace, controller.service, controller.port
+        )
+    };
+    let response = client
+        .send(request)
+        .await
+        .with_context(|| format!("asking {}", where_()))?;
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .with_context(|| format!("reading the answer of {}", where_()))?
+        .to_bytes();
+    if !status.is_success() {
+        // The listener answers {"error": …}; the API server (e.g. refusing services/proxy) a Status.
+        let text: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let why = text["error"]
+            .as_str()
+            .or(text["message"].as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        bail!("{} refused ({status}): {why}", where_());
+    }
+    let response: SealResponse = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} answered something other than sealed values", where_()))?;
     let key_id = KeyId::parse(&response.key_id)
         .ok_or_else(|| anyhow!("the seal endpoint returned a malformed key id"))?;
     let mut by_name: BTreeMap<String, String> = response

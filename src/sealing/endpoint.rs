@@ -1,20 +1,15 @@
 //! The controller's seal endpoint: `POST /seal` seals values with the primary key and returns the sealed
 //! texts. It seals only: there is no route that unseals, lists or reveals keys.
 //!
-//! Meant to be reached through the Kubernetes API service proxy
-//! (`/api/v1/namespaces/{ns}/services/{svc}:http/proxy/seal`), so Kubernetes RBAC (`services/proxy` on the
-//! controller's Service) decides who may seal. Sealing grants nothing a key holder does not already
-//! have: a sealed value only ever unseals into the scope written inside it.
+//! This module holds the request, the response and the sealing; [`super::listener`] serves it, deciding who may
+//! seal. Sealing grants nothing a key holder does not already have: a sealed value only ever unseals into the
+//! scope written inside it.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::envelope::{Scope, Target, validate_credential_name};
@@ -23,7 +18,7 @@ use super::secret_value::SecretValue;
 
 /// At most this many values per request, and a small body: sealing is for credentials, not files.
 const MAX_VALUES: usize = 100;
-const MAX_BODY: usize = 256 * 1024;
+pub const MAX_BODY: usize = 256 * 1024;
 
 /// The request body. `Debug` shows the values as `[redacted]`.
 #[derive(Debug, Deserialize)]
@@ -52,15 +47,9 @@ pub struct SealedCredential {
     pub sealed: String,
 }
 
-/// The router serving `POST /seal`; mount it on the controller's HTTP server.
-pub fn router(ring: Arc<KeyRing>) -> Router {
-    Router::new()
-        .route("/seal", post(seal))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(ring)
-}
-
-struct ApiError(StatusCode, String);
+/// A refusal: the status and a message that never quotes a submitted value.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -68,17 +57,22 @@ impl IntoResponse for ApiError {
     }
 }
 
-async fn seal(
-    State(ring): State<Arc<KeyRing>>,
-    body: Result<Json<SealRequest>, JsonRejection>,
-) -> Result<Json<SealResponse>, ApiError> {
-    // The rejection's text can quote the offending JSON (a value); answer with a fixed message instead.
-    let Json(req) = body.map_err(|r| {
-        ApiError(
-            r.status(),
-            "expected a JSON body {namespace, name, scope?, values: {NAME: \"value\"}}".to_owned(),
-        )
-    })?;
+impl SealRequest {
+    /// Parses a request body, answering with a fixed message: serde's text can quote the offending JSON (a
+    /// value).
+    pub fn from_json(body: &[u8]) -> Result<Self, ApiError> {
+        serde_json::from_slice(body).map_err(|_| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                "expected a JSON body {namespace, name, scope?, values: {NAME: \"value\"}}"
+                    .to_owned(),
+            )
+        })
+    }
+}
+
+/// Seals every value of `req` with the primary key of `ring`, bound to the request's target and scope.
+pub fn seal_values(ring: &KeyRing, req: SealRequest) -> Result<SealResponse, ApiError> {
     let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
     let scope: Scope = req
         .scope
@@ -93,16 +87,12 @@ async fn seal(
     for (name, value) in req.values {
         validate_credential_name(&name).map_err(|e| bad(e.to_string()))?;
         let binding = Target::new(&req.namespace, &req.name, &name).binding(scope);
-        let sealed = super::seal(&ring, binding, value).map_err(|e| bad(e.to_string()))?;
+        let sealed = super::seal(ring, binding, value).map_err(|e| bad(e.to_string()))?;
         credentials.push(SealedCredential { name, sealed });
     }
-    tracing::info!(
-        namespace = %req.namespace, name = %req.name, scope = %scope, count = credentials.len(),
-        key_id = %ring.primary_id(), "sealed values through the seal endpoint"
-    );
-    Ok(Json(SealResponse {
+    Ok(SealResponse {
         key_id: ring.primary_id().to_string(),
         scope: scope.to_string(),
         credentials,
-    }))
+    })
 }

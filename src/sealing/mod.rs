@@ -5,7 +5,8 @@
 //!   lets anyone see which key sealed a value without holding a key, and lets a modified token be told apart
 //!   from one sealed with a key the ring does not hold.
 //! - The Fernet plaintext is an [`Envelope`] binding the value to a [`Scope`] (see [`envelope`]).
-//! - [`Unsealer`] is what the reconciler calls; [`endpoint`] is the controller's seal-only HTTP endpoint;
+//! - [`Unsealer`] is what the reconciler calls; [`endpoint`] seals a request and [`listener`] serves it, authenticated and
+//!   authorised by the API server;
 //!   [`cli`] is the logic behind `mcpfly keygen | seal | reseal | unseal --check`; [`manifest`] edits
 //!   sealed values inside YAML manifests without disturbing anything else.
 //!
@@ -18,6 +19,7 @@ pub mod endpoint;
 pub mod envelope;
 pub mod error;
 pub mod keyring;
+pub mod listener;
 pub mod manifest;
 pub mod secret_value;
 pub mod unsealer;

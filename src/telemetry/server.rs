@@ -1,22 +1,17 @@
-//! The controller's HTTP server: `/metrics`, `/healthz`, `/readyz` and the seal endpoint (`POST /seal`), on one
-//! listener that the chart's Service exposes (port name `http`).
-//!
-//! The seal route is built from the key ring current at each request, so a rotation reaches it without a
-//! restart; without a key ring it answers 503 and says why.
+//! The controller's HTTP server: `/metrics`, `/healthz` and `/readyz`, on the listener that the chart's Service
+//! exposes as port `http`. `/seal` has a listener of its own ([`crate::sealing::listener`]): it authenticates
+//! every request, and a flood of them must not reach the probes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
-use tower::ServiceExt as _;
+use axum::routing::get;
 
 use super::{Health, Metrics};
-use crate::sealing::endpoint;
 
 #[derive(Clone)]
 struct AppState {
@@ -40,7 +35,7 @@ pub async fn serve(
 ) -> anyhow::Result<ServerHandle> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!(
-            "cannot listen on {addr} for /metrics, /healthz, /readyz and /seal ({e}); \
+            "cannot listen on {addr} for /metrics, /healthz and /readyz ({e}); \
              choose another address with --metrics-addr / MCPFLY_METRICS_ADDR"
         )
     })?;
@@ -54,7 +49,7 @@ pub async fn serve(
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });
-    tracing::info!(%addr, "serving /metrics, /healthz, /readyz and /seal");
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     Ok(ServerHandle { addr, task })
 }
 
@@ -63,7 +58,6 @@ fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .route("/seal", any(seal))
         .with_state(AppState { metrics, health })
 }
 
@@ -94,25 +88,13 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn seal(State(state): State<AppState>, request: Request<Body>) -> Response {
-    let Some(ring) = state.health.keyring() else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({
-                "error": "the controller has no key ring loaded; create the key-ring Secret (see `mcpfly keygen`)"
-            })),
-        )
-            .into_response();
-    };
-    match endpoint::router(ring).oneshot(request).await {
-        Ok(response) => response,
-        Err(never) => match never {},
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
+    use axum::extract::Request;
+    use tower::ServiceExt as _;
+
     use crate::sealing::KeyRing;
     use crate::telemetry::{Check, KeyringSlot};
 
@@ -130,7 +112,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn health_readiness_metrics_and_seal_follow_the_state() {
+    async fn health_readiness_and_metrics_follow_the_state_and_seal_is_not_served_here() {
         let metrics = Arc::new(Metrics::new());
         let health = Health::new();
         let slot: KeyringSlot = Arc::default();
@@ -142,31 +124,26 @@ mod tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("keyring: Secret ns/keys not found"), "{body}");
 
-        let seal_request = || {
-            Request::post("/seal")
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(
-                    r#"{"namespace":"team-a","name":"github","values":{"TOKEN":"s3cret"}}"#,
-                ))
-                .unwrap()
-        };
-        let response = app.clone().oneshot(seal_request()).await.unwrap();
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // /seal lives on its own authenticated listener, never next to the probes.
+        let response = app
+            .clone()
+            .oneshot(
+                Request::post("/seal")
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(
+                        r#"{"namespace":"team-a","name":"github","values":{"TOKEN":"s3cret"}}"#,
+                    ))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
 
         health.pass(Check::Crd);
         health.pass(Check::Fly);
         let key = crate::sealing::generate_key();
         *slot.write().unwrap() = Some(Arc::new(KeyRing::parse(&key, "test").unwrap()));
         assert_eq!(get(&app, "/readyz").await, (StatusCode::OK, "ok\n".into()));
-
-        let response = app.clone().oneshot(seal_request()).await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        let sealed: endpoint::SealResponse = serde_json::from_slice(&body).unwrap();
-        assert_eq!(sealed.credentials[0].name, "TOKEN");
-        assert!(!String::from_utf8_lossy(&body).contains("s3cret"));
 
         metrics.set_leader(true);
         let (status, body) = get(&app, "/metrics").await;

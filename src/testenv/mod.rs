@@ -148,15 +148,26 @@ impl ControlPlane {
         self.client_for(Some((user, groups))).await
     }
 
+    /// The admin's client configuration, for building a client with extra layers (e.g. one that records
+    /// traffic).
+    pub async fn config(&self) -> anyhow::Result<kube::Config> {
+        self.config_for(None).await
+    }
+
+    async fn config_for(
+        &self,
+        impersonate: Option<(&str, &[&str])>,
+    ) -> anyhow::Result<kube::Config> {
+        let kubeconfig: Kubeconfig =
+            serde_yaml::from_str(&self.kubeconfig_yaml("admin", impersonate))?;
+        Ok(kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?)
+    }
+
     async fn client_for(
         &self,
         impersonate: Option<(&str, &[&str])>,
     ) -> anyhow::Result<kube::Client> {
-        let kubeconfig: Kubeconfig =
-            serde_yaml::from_str(&self.kubeconfig_yaml("admin", impersonate))?;
-        let config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-        Ok(kube::Client::try_from(config)?)
+        Ok(kube::Client::try_from(self.config_for(impersonate).await?)?)
     }
 
     /// Writes a kubeconfig that impersonates `user` in `groups` (for running a controller process as a
@@ -378,6 +389,49 @@ impl ControlPlane {
                 ));
             }
         }
+        self.kubeconfig_with_user(user, &user_block)
+    }
+
+    /// A bearer token for ServiceAccount `namespace/name` (created if missing), from a TokenRequest: what a
+    /// person or a pod authenticating with a token presents.
+    pub async fn service_account_token(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<String> {
+        use k8s_openapi::api::authentication::v1::TokenRequest;
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let accounts: kube::Api<ServiceAccount> =
+            kube::Api::namespaced(self.client().await?, namespace);
+        let account: ServiceAccount =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+        match accounts.create(&Default::default(), &account).await {
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            other => {
+                other?;
+            }
+        }
+        let request: TokenRequest = serde_json::from_value(serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600},
+        }))?;
+        let issued: TokenRequest = accounts
+            .create_subresource("token", name, &Default::default(), &request)
+            .await?;
+        Ok(issued.status.context("TokenRequest without status")?.token)
+    }
+
+    /// Writes a kubeconfig that authenticates with a bearer `token` (e.g. a ServiceAccount's, from a
+    /// TokenRequest) and returns its path.
+    pub fn write_kubeconfig_with_token(&self, name: &str, token: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join(format!("kubeconfig-token-{name}"));
+        let user_block = format!("    token: {}\n", serde_json::to_string(token)?);
+        std::fs::write(&path, self.kubeconfig_with_user(name, &user_block))?;
+        Ok(path)
+    }
+
+    fn kubeconfig_with_user(&self, user: &str, user_block: &str) -> String {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: testenv\n  cluster:\n    server: {}\n    \
              certificate-authority-data: {}\nusers:\n- name: {user}\n  user:\n{user_block}contexts:\n- name: testenv\n  \

@@ -41,6 +41,8 @@ pub struct StackOptions {
     /// The controller talks to this Fly (e.g. another stack's emulator: two clusters sharing one org) instead
     /// of the stack's own emulator.
     pub fly_api_base_url: Option<String>,
+    /// The controller's Kubernetes client (e.g. one that records its traffic); default: the admin's.
+    pub client: Option<kube::Client>,
 }
 
 impl Default for StackOptions {
@@ -61,6 +63,7 @@ impl Default for StackOptions {
             allowed_app_prefixes: Vec::new(),
             control_plane: None,
             fly_api_base_url: None,
+            client: None,
         }
     }
 }
@@ -83,7 +86,10 @@ impl Stack {
         cp.install_crds().await?;
         cp.create_namespace(namespace).await?;
         let emulator = Emulator::start(options.emulator).await?;
-        let client = cp.client().await?;
+        let client = match &options.client {
+            Some(client) => client.clone(),
+            None => cp.client().await?,
+        };
         if let Some(keys) = &options.keyring {
             let secret: Secret = serde_json::from_value(serde_json::json!({
                 "metadata": {"name": "keyring", "namespace": namespace},

@@ -21,6 +21,8 @@ pub struct ControllerProcess {
     child: Option<Child>,
     pub name: String,
     pub http: String,
+    /// The seal listener's base URL.
+    pub seal: String,
     log: PathBuf,
 }
 
@@ -42,16 +44,20 @@ impl ControllerProcess {
         fly_url: &str,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        let port = free_port();
+        let (port, seal_port) = (free_port(), free_port());
         let log = cp.dir().join(format!("controller-{name}.log"));
         let file = std::fs::File::create(&log)?;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpfly"));
+        // A benchmark may compare another build of the controller (BENCHMARKS.md, "Secrets by metadata").
+        let binary = std::env::var_os("MCPFLY_TEST_CONTROLLER_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_mcpfly").into());
+        let mut cmd = Command::new(binary);
         cmd.arg("controller")
             .env("KUBECONFIG", kubeconfig)
             .env("FLY_API_BASE_URL", fly_url)
             .env("FLY_API_TOKEN", DEFAULT_TOKEN)
             .env("FLY_ORG", DEFAULT_ORG)
             .env("MCPFLY_METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env("MCPFLY_SEAL_ADDR", format!("127.0.0.1:{seal_port}"))
             .env("MCPFLY_LOG_FORMAT", "json")
             .env("MCPFLY_LOG", "info")
             .env("MCPFLY_CLUSTER_NAME", "ops-tests")
@@ -75,6 +81,7 @@ impl ControllerProcess {
             child: Some(child),
             name: name.into(),
             http: format!("http://127.0.0.1:{port}"),
+            seal: format!("http://127.0.0.1:{seal_port}"),
             log,
         })
     }

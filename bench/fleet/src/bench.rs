@@ -645,6 +645,7 @@ impl ControllerProcess {
             .env("FLY_API_TOKEN", DEFAULT_TOKEN)
             .env("FLY_ORG", DEFAULT_ORG)
             .env("MCPFLY_METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env("MCPFLY_SEAL_ADDR", "127.0.0.1:0")
             .env("MCPFLY_LOG", "info")
             .env("MCPFLY_CLUSTER_NAME", format!("bench-{name}"))
             .env(
