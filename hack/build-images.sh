@@ -27,7 +27,8 @@ inputs="$root/hack/images/inputs.lock"
 downloads="$root/target/image-build/downloads"
 mkdir -p "$root/target/image-build"
 work="$(mktemp -d "$root/target/image-build/work.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
+# --one-file-system: an interrupted mmdebstrap may leave /proc, /sys or /dev/pts mounted inside its root.
+trap 'rm -rf --one-file-system "$work"' EXIT
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct)}"
 export LC_ALL=C
 umask 022

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 banner() { echo "======== images: $* ========"; }
 if [ "${MCPFLY_IMAGES:-}" = skip ]; then banner "SKIPPED (MCPFLY_IMAGES=skip)"; exit 0; fi
 if [ "$(id -u)" != 0 ]; then banner "SKIPPED: not root (mmdebstrap and runc need root; CI runs as root)"; exit 0; fi
+# One timestamp for both builds (the commit time), so a commit made meanwhile cannot tell them apart.
+export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct)}"
 start=$SECONDS
 hack/image-tools.sh
 echo "image tools: $((SECONDS - start)) s"

@@ -209,3 +209,44 @@ fn dockerfile_parser_reads_continuations_and_the_final_stage_only() {
     assert_eq!(stage.entrypoint, Some(vec!["/bin/t".into(), "--".into()]));
     assert_eq!(stage.cmd, Some(vec!["run".into()]));
 }
+
+/// The images carry the release binary; `env!("CARGO_MANIFEST_DIR")` in code it compiles would embed the build
+/// folder (so the image digest would depend on the checkout, and test paths would ship). hack/release-binary.sh
+/// checks the built binary; this catches it without a release build. Test-only files are exempt.
+#[test]
+fn code_compiled_into_the_release_binary_does_not_embed_the_build_folder() {
+    fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for dir in ["src", "fly-adapter/src"] {
+        rust_files(&root.join(dir), &mut files);
+    }
+    let test_only = |p: &Path| {
+        let name = p.file_name().unwrap().to_str().unwrap();
+        name == "tests.rs" || name.ends_with("_tests.rs")
+    };
+    let embedding: Vec<String> = files
+        .iter()
+        .filter(|p| !test_only(p))
+        .filter(|p| {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .contains(concat!("env!(\"CARGO_", "MANIFEST_DIR\")"))
+        })
+        .map(|p| p.strip_prefix(root).unwrap().display().to_string())
+        .collect();
+    assert!(files.len() > 20, "found only {} source files", files.len());
+    assert!(
+        embedding.is_empty(),
+        "these files embed the build folder into the release binary: {embedding:?}"
+    );
+}

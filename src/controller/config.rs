@@ -165,6 +165,8 @@ impl ControllerConfig {
             default_org: self.fly_org.clone(),
             runtime_image: self.runtime_image.clone(),
             url_template: self.url_template.clone(),
+            npm_registry: self.resolver.npm_registry.clone(),
+            pypi_index: self.resolver.pypi_index.clone(),
         }
     }
 

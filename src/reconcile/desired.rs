@@ -43,6 +43,9 @@ pub struct Settings {
     pub runtime_image: String,
     /// `{app}` is replaced by the app name, e.g. `https://{app}.fly.dev/mcp`.
     pub url_template: String,
+    /// The npm registry and PyPI index packages are resolved and checked against; machines fetch from the same.
+    pub npm_registry: String,
+    pub pypi_index: String,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -265,9 +268,11 @@ fn base_config(
             secrets_digest(secrets),
         );
     }
+    let mut env = spec.env.clone();
+    env.extend(registry_env(&inputs.resolved.kind, settings));
     MachineConfig {
         image,
-        env: spec.env.clone(),
+        env,
         init,
         guest: Some(GuestConfig {
             cpu_kind: spec.fly.guest.cpu_kind.as_str().to_string(),
@@ -301,6 +306,26 @@ fn base_config(
         }],
         checks: BTreeMap::from([("ready".to_string(), readiness)]),
         ..Default::default()
+    }
+}
+
+/// Points the machine's `npx` / `uvx` at the registry the controller resolved and checked the package against.
+/// Without it they fetch from the public registries, so a private `@acme/x` checked on a mirror would be fetched
+/// from public npm at boot (dependency confusion). Set after `spec.env`, so a deployment cannot point it
+/// elsewhere. Registry credentials are never passed: a machine reaching a private registry needs a credential
+/// scoped for that, delivered as a sealed secret.
+fn registry_env(kind: &ResolvedKind, settings: &Settings) -> Vec<(String, String)> {
+    match kind {
+        ResolvedKind::Npm { .. } => vec![(
+            "npm_config_registry".to_string(),
+            settings.npm_registry.clone(),
+        )],
+        // uv's default index, replacing PyPI (the resolver reads `<index>/simple/<name>/` too).
+        ResolvedKind::Pypi { .. } => vec![(
+            "UV_DEFAULT_INDEX".to_string(),
+            format!("{}/simple", settings.pypi_index.trim_end_matches('/')),
+        )],
+        ResolvedKind::Image { .. } => vec![],
     }
 }
 

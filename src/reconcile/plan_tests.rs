@@ -17,6 +17,8 @@ pub(crate) fn settings() -> Settings {
         default_org: "acme".into(),
         runtime_image: "registry.example/mcpfly-runtime:1".into(),
         url_template: "https://{app}.fly.dev/mcp".into(),
+        npm_registry: "https://npm.internal/".into(),
+        pypi_index: "https://pypi.internal/root/".into(),
     }
 }
 
@@ -497,4 +499,47 @@ fn machine_config_is_ours_and_never_fly_platform() {
         [443, 80]
     );
     assert_eq!(d.url, format!("https://{}.fly.dev/mcp", d.app));
+}
+
+#[test]
+fn machines_fetch_from_the_registry_the_package_was_checked_against() {
+    // npm: a deployment cannot point npx elsewhere (its own npm_config_registry is overridden).
+    let d = want(
+        &format!("{BASE}env: {{npm_config_registry: \"https://registry.npmjs.org\"}}\n"),
+        &[],
+    );
+    let env = &d.machines[0].config.env;
+    assert_eq!(
+        env.get("npm_config_registry").map(String::as_str),
+        Some("https://npm.internal/")
+    );
+    assert!(!env.contains_key("UV_DEFAULT_INDEX"));
+
+    // PyPI: uv's default index is the index's simple API.
+    let spec = spec(
+        "source: {pypi: {package: mcp-server-time, version: \"1.0.0\"}}\nfly: {regions: [iad]}\n",
+    );
+    let resolved = Resolved {
+        kind: ResolvedKind::Pypi {
+            package: "mcp-server-time".into(),
+            version: "1.0.0".into(),
+            command: "mcp-server-time".into(),
+            args: vec![],
+        },
+        integrity: None,
+    };
+    let inputs = Inputs {
+        namespace: "team-a",
+        name: "time",
+        uid: UID,
+        spec: &spec,
+        resolved: &resolved,
+        secrets: BTreeMap::new(),
+    };
+    let env = &desired(&inputs, &settings()).machines[0].config.env;
+    assert_eq!(
+        env.get("UV_DEFAULT_INDEX").map(String::as_str),
+        Some("https://pypi.internal/root/simple")
+    );
+    assert!(!env.contains_key("npm_config_registry"));
 }
