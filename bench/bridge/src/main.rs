@@ -127,6 +127,7 @@ struct Samples {
 
 fn main() -> anyhow::Result<()> {
     let mut cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Runtime::new()?;
     if let Some(Sub::Floor { port }) = cli.command {
         return runtime.block_on(floor(port));
