@@ -326,7 +326,7 @@ async fn bench_controller_memory_with_large_unrelated_secrets() -> anyhow::Resul
     cp.create_namespace("bench-secrets").await?;
     cp.create_namespace("bench-apps").await?;
     let client = cp.client().await?;
-    let emulator = fly_adapter::emulator::Emulator::start(fly_adapter::emulator::EmulatorConfig {
+    let emulator = fly_emulator::Emulator::start(fly_emulator::EmulatorConfig {
         rate_limits: fly_adapter::token_bucket::RateLimits::disabled(),
         ..Default::default()
     })

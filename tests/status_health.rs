@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use fly_adapter::emulator::{Fault, ScriptedFault};
+use fly_emulator::{Fault, ScriptedFault};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, WatchEvent, WatchParams};
 use mcpfly::api::{ConditionType, MCPDeployment, Phase};

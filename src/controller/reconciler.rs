@@ -757,7 +757,7 @@ impl Run<'_> {
                         | Action::UpdateMachine { .. }
                 )
             });
-            if verify(
+            match verify(
                 status,
                 converged,
                 rollout,
@@ -767,10 +767,13 @@ impl Run<'_> {
                 self.generation,
             )
             .await
-                == Handshake::Failed
             {
-                retrying = true;
-                requeue = Next::after(ctx.backoff.failed(&self.uid));
+                Handshake::NotFailed => {}
+                Handshake::Failed => {
+                    retrying = true;
+                    requeue = Next::after(ctx.backoff.failed(&self.uid));
+                }
+                Handshake::Unprotected => requeue = Next::on_change(),
             }
         }
         if !retrying {
@@ -817,6 +820,8 @@ enum Handshake {
     NotFailed,
     /// Recorded in status; retried after the resource's backoff.
     Failed,
+    /// With `auth: bearer` the endpoint answered without the token: stalled until the resource changes.
+    Unprotected,
 }
 
 /// The MCP handshake through the public URL, once per rollout: a rollout in flight resets `Verified` to Unknown,
@@ -854,17 +859,14 @@ async fn verify(
             if token.is_some()
                 && let Some(message) = open_despite_bearer(url).await
             {
-                for type_ in [ConditionType::Verified, ConditionType::Ready] {
-                    status.set_condition(condition(
-                        type_,
-                        false,
-                        reason::ENDPOINT_UNAUTHENTICATED,
-                        &message,
-                        generation,
-                    ));
-                }
-                status.phase = Some(Phase::Degraded);
-                return Some(VERIFY_RETRY);
+                // The image must change: a person's job, so it stalls (GitOps tools then report it).
+                let stall = Stall {
+                    reason: reason::ENDPOINT_UNAUTHENTICATED.into(),
+                    message,
+                    condition: Some(ConditionType::Verified),
+                };
+                mark_stalled(status, &stall, generation);
+                return Handshake::Unprotected;
             }
             let message = format!(
                 "{} {} speaks MCP {} and offers {} tool(s)",
