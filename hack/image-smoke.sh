@@ -41,7 +41,7 @@ cleanup() {
   ip netns del "$ns" 2>/dev/null || true
   ip link del "vh$$" 2>/dev/null || true
   echo "$forward_before" > /proc/sys/net/ipv4/ip_forward
-  rm -rf "$work"
+  rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
 
@@ -59,11 +59,15 @@ iptables -t nat -A POSTROUTING -s 10.213.0.0/30 -j MASQUERADE
 
 host_ca="${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}"
 
-# Unpacks an image into a bundle whose config.json is the image's own (umoci translates user, entrypoint, cmd,
-# env, working dir), then applies what a machine adds at run time.
+# A bundle whose config.json is the image's own (umoci translates user, entrypoint, cmd, env, working dir), plus
+# what a machine adds at run time. Each image is unpacked once; its read-only root is shared by the bundles.
 bundle() {
   local image="$1" tag="$2" dir="$3"
-  umoci unpack --image "$images/$image:$tag" "$dir" >/dev/null
+  if [ ! -d "$work/image-$image" ]; then
+    umoci unpack --image "$images/$image:$tag" "$work/image-$image" >/dev/null
+  fi
+  mkdir -p "$dir"
+  jq --arg root "$work/image-$image/rootfs" '.root.path = $root' "$work/image-$image/config.json" > "$dir/config.json"
   jq --arg ns "/var/run/netns/$ns" --arg token "$TOKEN" --arg ca "$host_ca" '
     .root.readonly = true
     | .process.terminal = false
