@@ -325,7 +325,7 @@ async fn apply(
             .map(|c| (c.name.clone(), c.digest.clone()))
             .collect(),
         leased: ctx.in_flight.leased_machines(&app),
-        unconfirmed_creates: ctx.in_flight.unconfirmed_creates(&app),
+        unconfirmed_creates: ctx.in_flight.unconfirmed_creates(&app, &observed.machines),
     };
     let the_plan = match plan(&want, &observed, &progress, &uid) {
         Ok(p) => p,
