@@ -78,15 +78,22 @@ async fn fleet_bench_small_n() -> anyhow::Result<()> {
     ] {
         assert_eq!(per_create.get(label), Some(&want), "{label}: {summary}");
     }
-    // Reads: one ownership check, then machine listings only while the machine starts (every converge
+    // Reads: one ownership check (and the visibility polls below), then machine listings only while the machine starts (every converge
     // interval: 500 ms here, as long as the start) and when its check's grace period ends. Neither the echoes
     // of the controller's own status writes nor the org-wide listing reporting its own changes cost a look.
-    assert_eq!(per_create.get("apps.get"), Some(&1.0), "{summary}");
-    // Here that is 3 (one look while starting, one once started, one after the grace period), sometimes 4 when a
-    // look lands just before the start completes; each echo reconciled would add one.
+    // Plus the polls while a new app becomes visible (Fly answers 404, then 401, for a moment after the create:
+    // fly-emulator/REALISM.md §1); at most three at Fly's pace of one app GET per second.
+    let app_gets = per_create.get("apps.get").copied().unwrap_or_default();
+    assert!(
+        (2.0..=4.0).contains(&app_gets),
+        "{app_gets} app GETs per create: {summary}"
+    );
+    // Here that is 4 (one look while the image is pulled, one while starting, one once started, one after the
+    // grace period), sometimes 5 when a look lands just before the start completes; each echo reconciled would
+    // add one.
     let listings = per_create.get("machines.list").copied().unwrap_or_default();
     assert!(
-        listings <= 3.5,
+        listings <= 4.5,
         "{listings} machine listings per create: {summary}"
     );
     assert_eq!(report.singles.calls_after_ready, 0.0, "{summary}");

@@ -748,6 +748,9 @@ async fn an_existing_app_is_adopted_only_when_it_is_provably_ours() -> anyhow::R
         },
     )
     .await?;
+    // The premise is a foreign machine Fly lists: wait out the per-app list lag (REALISM.md §5). Until Fly lists
+    // it, only proof of ownership (not an empty listing) may let the controller touch the app.
+    tokio::time::sleep(fly_emulator::Realism::fly().list_lag + Duration::from_millis(200)).await;
     stack.emulator.reset_counters();
     stack.apply(&manifest("foreign", "")).await?;
     assert_eq!(

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use fly_adapter::client::*;
 use fly_adapter::token_bucket::RateLimits;
-use fly_emulator::{Clock, DEFAULT_ORG, EmulatorConfig, Fault, ScriptedFault};
+use fly_emulator::{Clock, DEFAULT_ORG, EmulatorConfig, Fault, Realism, ScriptedFault};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +56,15 @@ async fn error_classes() {
     assert!(matches!(e, FlyError::Precondition { .. }), "{e:?}");
 
     let m = new_machine(&c, "app-errors", "iad-0").await;
+    c.wait_for_state(
+        "app-errors",
+        &m.id,
+        &["started"],
+        None,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("started after the image pull");
     let e = c
         .delete_machine("app-errors", &m.id, false, None)
         .await
@@ -67,9 +76,11 @@ async fn error_classes() {
 
     let mut bad = client_cfg(&emu);
     bad.token = "wrong".to_string().into();
+    // A bad token is found by the start-up check (the org's app list); on `GET /apps/{name}` Fly's 401 means
+    // "someone else's app" (REALISM.md §1).
     let e = FlyClient::new(bad)
         .unwrap()
-        .get_app("app-errors")
+        .list_apps(DEFAULT_ORG)
         .await
         .unwrap_err();
     assert!(matches!(e, FlyError::Unauthorized { .. }), "{e:?}");
@@ -337,9 +348,11 @@ async fn lease_conflict_guard_and_release_on_cancel() {
 
 #[tokio::test]
 async fn lease_expiry_on_manual_clock() {
+    // Nothing advances a manual clock while the client waits for an app: Fly's lags are off here.
     let cfg = EmulatorConfig {
         clock: Clock::manual(),
         rate_limits: RateLimits::disabled(),
+        realism: Realism::off(),
         ..Default::default()
     };
     let emu = emulator(cfg).await;
@@ -682,4 +695,49 @@ async fn ips_metadata_regions_and_org_listing() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(c.get_app("app-misc").await.unwrap_err().is_not_found());
     assert!(c.list_apps(DEFAULT_ORG).await.unwrap().apps.is_empty());
+}
+
+/// REALISM.md §1: Fly answers 404, then 401, for a while after an app is created. The client creates with
+/// `?wait=true`, waits until the app is visible, and then the app is usable at once.
+#[tokio::test]
+async fn create_app_waits_until_the_app_is_visible() {
+    let emu = emulator(EmulatorConfig {
+        realism: Realism {
+            // The client paces app GETs at Fly's 1/s: long enough for both answers to be seen.
+            app_visibility_lag: Duration::from_secs(3),
+            ..Realism::off()
+        },
+        ..Default::default()
+    })
+    .await;
+    let c = client(&emu);
+    new_app(&c, "app-lag").await;
+    // Usable at once: the create returned only when the app was visible.
+    c.list_machines("app-lag", &ListMachinesQuery::default())
+        .await
+        .expect("app usable after create_app returns");
+    let log = emu.event_log();
+    let create = log.iter().find(|e| e.label == "apps.create").unwrap();
+    assert_eq!(create.path, "/v1/apps?wait=true");
+    let gets: Vec<u16> = log
+        .iter()
+        .filter(|e| e.label == "apps.get")
+        .map(|e| e.status)
+        .collect();
+    assert!(
+        gets.contains(&404) && gets.contains(&401),
+        "waited through 404 and 401: {gets:?}"
+    );
+    assert_eq!(gets.last(), Some(&200));
+}
+
+/// REALISM.md §1: a 401 for a name this client never created is someone else's app, not "not yet".
+#[tokio::test]
+async fn a_401_for_a_name_never_created_is_another_orgs_app() {
+    let emu = emulator(EmulatorConfig::default()).await;
+    let c = client(&emu);
+    emu.add_foreign_app("theirs-401", "other-org");
+    let e = c.get_app("theirs-401").await.unwrap_err();
+    assert!(matches!(e, FlyError::OwnedByOtherOrg { .. }), "{e:?}");
+    assert!(!c.recently_created("theirs-401"));
 }

@@ -77,6 +77,73 @@ impl Latencies {
     }
 }
 
+/// Where Fly is less kind than an idealised API (`REALISM.md` in this crate names each fact and its source). Each
+/// switch is independent; [`Realism::fly`] turns on every behaviour with durations scaled for tests, so a
+/// client that ignores one fails a test instead of failing on real Fly.
+#[derive(Debug, Clone, Copy)]
+pub struct Realism {
+    /// §1: after `POST /apps` the app answers 404 for the first half of this window and 401 for the second half,
+    /// to every call naming it (and it is missing from `GET /apps`). Zero: visible at once.
+    pub app_visibility_lag: Duration,
+    /// §2: a new machine (not `skip_launch`) stays `created` this long (the image pull) before `starting`; a start
+    /// meanwhile is refused with 412. Zero: `starting` at once.
+    pub image_pull: Duration,
+    /// §2: a check has no entry in `checks` until its first run (`grace_period` after the machine started).
+    /// Off: an entry from the start (`critical` while not started, `warning` within the grace period).
+    pub checks_after_first_run: bool,
+    /// §2: a passing fake `bg_deployments_compat` check is added to every started machine's `checks`.
+    pub compat_check: bool,
+    /// §5: the app's machine list leaves out a machine for this long after its create (GET by id finds it).
+    pub list_lag: Duration,
+    /// §5: the org-wide listing shows a change only this long after it happened (with its original `updated_at`).
+    pub org_listing_delay: Duration,
+    /// §5: the org-wide listing has whole-second `updated_at`, unsorted pages, and pages shorter than `limit`
+    /// while more remain.
+    pub org_listing_rough: bool,
+    /// §5: every Nth org-wide listing is partial: one region's machines are left out and named in
+    /// `error_regions`. Zero: never.
+    pub org_listing_error_every: u32,
+}
+
+impl Realism {
+    /// Every behaviour on, with windows short enough for tests.
+    pub fn fly() -> Self {
+        Realism {
+            app_visibility_lag: Duration::from_millis(600),
+            image_pull: Duration::from_millis(150),
+            checks_after_first_run: true,
+            compat_check: true,
+            list_lag: Duration::from_secs(1),
+            org_listing_delay: Duration::from_secs(2),
+            org_listing_rough: true,
+            org_listing_error_every: 7,
+        }
+    }
+
+    /// The same behaviours with durations closer to Fly's (seconds), for benchmarks.
+    pub fn fly_timing() -> Self {
+        Realism {
+            app_visibility_lag: Duration::from_secs(3),
+            image_pull: Duration::from_secs(3),
+            ..Self::fly()
+        }
+    }
+
+    /// The idealised API: everything visible and ready at once.
+    pub fn off() -> Self {
+        Realism {
+            app_visibility_lag: Duration::ZERO,
+            image_pull: Duration::ZERO,
+            checks_after_first_run: false,
+            compat_check: false,
+            list_lag: Duration::ZERO,
+            org_listing_delay: Duration::ZERO,
+            org_listing_rough: false,
+            org_listing_error_every: 0,
+        }
+    }
+}
+
 /// What a [`MachineDriver`] is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum DriverAction {
@@ -195,6 +262,8 @@ pub struct EmulatorConfig {
     pub driver: Arc<dyn MachineDriver>,
     /// Events kept (oldest dropped first).
     pub event_log_capacity: usize,
+    /// Fly's eventual consistency and other behaviours a client must cope with; on by default.
+    pub realism: Realism,
 }
 
 impl fmt::Debug for EmulatorConfig {
@@ -220,6 +289,7 @@ impl Default for EmulatorConfig {
             faults: FaultConfig::default(),
             driver: Arc::new(NoopDriver),
             event_log_capacity: 200_000,
+            realism: Realism::fly(),
         }
     }
 }
@@ -521,7 +591,7 @@ impl EmulatorHandle {
             .extend(script);
     }
 
-    /// An app owned by another org: ours get 403 for it, and its name is taken.
+    /// An app owned by another org: ours get 401 for it (as Fly answers), and its name is taken.
     pub fn add_foreign_app(&self, name: &str, org: &str) {
         let now = self.shared.clock.now();
         self.shared

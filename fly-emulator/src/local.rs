@@ -272,13 +272,28 @@ impl MachineDriver for LocalDriver {
     }
 }
 
-/// Check names of a machine config (top-level `checks`).
+/// Check names of a machine config: top-level and service checks (the probe drives them all).
 fn check_names(config: &Value) -> Vec<String> {
-    config
-        .get("checks")
-        .and_then(Value::as_object)
-        .map(|m| m.keys().cloned().collect())
-        .unwrap_or_default()
+    super::state::configured_checks(config)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// Whether Fly's proxy sends a machine traffic: it routes on service checks only (top-level checks do not
+/// affect routing), so a running machine without service checks gets traffic whatever its probe says.
+fn routable(config: &Value, probe_ok: bool) -> bool {
+    let has_service_checks = config
+        .get("services")
+        .and_then(Value::as_array)
+        .is_some_and(|services| {
+            services.iter().any(|s| {
+                s.get("checks")
+                    .and_then(Value::as_array)
+                    .is_some_and(|c| !c.is_empty())
+            })
+        });
+    probe_ok || !has_service_checks
 }
 
 fn service(config: &Value) -> Option<&Value> {
@@ -695,7 +710,7 @@ async fn probe(inner: Weak<Inner>, app: String, id: String, generation: u64, por
                 if let Some(r) = this.machines.lock().expect("poisoned").get_mut(&key)
                     && r.generation == generation
                 {
-                    r.ready = ok;
+                    r.ready = routable(&config, ok);
                 }
                 last = Some(ok);
             }
@@ -855,4 +870,22 @@ async fn forward(inner: Weak<Inner>, app: String, rest: String, req: Request) ->
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::routable;
+    use serde_json::json;
+
+    /// REALISM.md §3: the proxy routes on service checks; a failing top-level check does not keep traffic away.
+    #[test]
+    fn proxy_routes_on_service_checks_only() {
+        let top_level_only = json!({"checks": {"ready": {"type": "http"}},
+                                    "services": [{"internal_port": 8080}]});
+        assert!(routable(&top_level_only, false));
+        let service_check = json!({"services": [{"internal_port": 8080,
+                                                 "checks": [{"type": "http", "path": "/readyz"}]}]});
+        assert!(!routable(&service_check, false));
+        assert!(routable(&service_check, true));
+    }
 }

@@ -135,6 +135,8 @@ struct IpRec {
 #[derive(Debug)]
 struct AppRec {
     id: String,
+    /// When `POST /apps` made it, on the emulator clock (for the visibility lag).
+    created: Duration,
     name: String,
     org: String,
     network: String,
@@ -175,14 +177,27 @@ pub struct State {
     /// Driver notifications collected under the lock, delivered after it is released.
     pub(crate) driver_queue: Vec<MachineChange>,
     launch_faults: Vec<LaunchFaultRule>,
+    /// Org-wide listings answered, for `Realism::org_listing_error_every`.
+    org_listings: u64,
     /// Reference §10.3's optional 404 window after a machine create (zero: off).
     create_lag: Duration,
+}
+
+/// Fly's answer for an app the caller's org cannot see (or cannot see yet).
+fn unauthorized() -> ApiErr {
+    ApiErr::new(401, "unauthorized").code("unauthorized")
 }
 
 fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .unwrap_or_default()
         .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn rfc3339_seconds(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 fn parse_rfc3339_ms(s: &str) -> Option<i64> {
@@ -325,8 +340,8 @@ pub fn echo_config(cfg: Option<&Value>) -> Result<Value, ApiErr> {
     Ok(Value::Object(c))
 }
 
-/// Configured checks of a config: (name, grace period).
-fn configured_checks(config: &Value) -> Vec<(String, Duration)> {
+/// Configured checks of a config: (name, grace period); service checks are named as Fly names them.
+pub(crate) fn configured_checks(config: &Value) -> Vec<(String, Duration)> {
     let grace = |c: &Value| {
         let ns = match c.get("grace_period") {
             Some(Value::String(s)) => parse_go_duration(s).unwrap_or(0),
@@ -368,6 +383,7 @@ impl State {
             wall_origin_ms,
             driver_queue: Vec::new(),
             launch_faults: Vec::new(),
+            org_listings: 0,
             create_lag: Duration::ZERO,
         }
     }
@@ -415,6 +431,13 @@ impl State {
             return;
         }
         let to = m.pending.take().map(|p| p.to).unwrap_or("started");
+        if to == "starting" {
+            // The image pull is over: flyd launches the machine now.
+            let start = self.cfg.latencies.start;
+            self.transition(app, id, at, "starting", "started", start);
+            self.queue_driver(app, id, DriverAction::Start);
+            return;
+        }
         m.state = to;
         let at_ms = self.wall_origin_ms + at.as_millis() as i64;
         let kind = match to {
@@ -585,13 +608,24 @@ impl State {
             .apps
             .get(name)
             .ok_or_else(|| ApiErr::not_found("app"))?;
+        // Fly answers 401 for an app this token's org cannot see (fly-go's AppNameAvailable reads it so).
         if a.org != ctx.org {
-            return Err(
-                ApiErr::new(403, "unauthorized: app belongs to another organization")
-                    .code("unauthorized"),
-            );
+            return Err(unauthorized());
+        }
+        // Just after create Fly does not know the app yet, then knows it without the token's access (§1).
+        let lag = self.cfg.realism.app_visibility_lag;
+        if ctx.now < a.created + lag {
+            return Err(if ctx.now < a.created + lag / 2 {
+                ApiErr::not_found("app")
+            } else {
+                unauthorized()
+            });
         }
         Ok(a)
+    }
+
+    fn app_visible(&self, a: &AppRec, now: Duration) -> bool {
+        now >= a.created + self.cfg.realism.app_visibility_lag
     }
 
     fn app_mut(&mut self, ctx: &Ctx, name: &str) -> Result<&mut AppRec, ApiErr> {
@@ -680,10 +714,15 @@ impl State {
     }
 
     fn render_checks(&self, m: &MachineRec, now: Duration) -> Vec<Value> {
-        configured_checks(&m.config)
+        let realism = &self.cfg.realism;
+        let started = m.started_at.filter(|_| m.state == "started");
+        let mut out: Vec<Value> = configured_checks(&m.config)
             .into_iter()
-            .map(|(name, grace)| {
-                let (status, output) = match m.started_at.filter(|_| m.state == "started") {
+            .filter_map(|(name, grace)| {
+                let (status, output) = match started {
+                    // Fly reports nothing for a check that has not run yet (§2).
+                    None if realism.checks_after_first_run => return None,
+                    Some(t) if now < t + grace && realism.checks_after_first_run => return None,
                     None => ("critical", "machine is not started".to_string()),
                     Some(_) if m.crash.is_some() => ("critical", "emulated check critical: the process keeps exiting".to_string()),
                     Some(t) if now < t + grace => ("warning", "waiting for grace period".to_string()),
@@ -697,24 +736,41 @@ impl State {
                         (st, format!("emulated check {st}"))
                     }
                 };
-                json!({"name": name, "status": status, "output": output, "updated_at": rfc3339(self.wall(now))})
+                Some(json!({"name": name, "status": status, "output": output, "updated_at": rfc3339(self.wall(now))}))
             })
-            .collect()
+            .collect();
+        // Fly's fake compatibility check, which fly-go strips on every read (§2).
+        if realism.compat_check && started.is_some() {
+            out.push(
+                json!({"name": "bg_deployments_compat", "status": "passing", "output": "compat",
+                            "updated_at": rfc3339(self.wall(now))}),
+            );
+        }
+        out
     }
 
     // ------------------------------------------------------------ apps
 
     pub fn add_foreign_app(&mut self, name: &str, org: &str, now: Duration) {
         let ms = self.wall(now);
-        self.insert_app(name, org, "", ms);
+        // Long established: no visibility lag.
+        self.insert_app(name, org, "", ms, Duration::ZERO);
     }
 
-    fn insert_app(&mut self, name: &str, org: &str, network: &str, ms: i64) -> String {
+    fn insert_app(
+        &mut self,
+        name: &str,
+        org: &str,
+        network: &str,
+        ms: i64,
+        created: Duration,
+    ) -> String {
         let id = format!("app_{}", random_hex(12));
         self.apps.insert(
             name.into(),
             AppRec {
                 id: id.clone(),
+                created,
                 name: name.into(),
                 org: org.into(),
                 network: network.into(),
@@ -769,6 +825,7 @@ impl State {
             .into_iter()
             .flatten()
             .filter_map(|n| self.apps.get(n))
+            .filter(|a| self.app_visible(a, ctx.now))
             .map(|a| self.render_app(a))
             .collect();
         Ok((200, json!({"total_apps": apps.len(), "apps": apps})))
@@ -816,7 +873,7 @@ impl State {
             .unwrap_or_default()
             .to_string();
         let ms = self.wall(ctx.now);
-        let id = self.insert_app(name, org, &network, ms);
+        let id = self.insert_app(name, org, &network, ms, ctx.now);
         Ok((201, json!({"id": id, "created_at": ms})))
     }
 
@@ -872,6 +929,8 @@ impl State {
             .values()
             .filter(|m| include_deleted || m.state != "destroyed")
             .filter(|m| !self.not_yet_visible(m, ctx.now))
+            // Fly's per-app list can lag a create (§5); GET by id already answers.
+            .filter(|m| ctx.now >= m.created + self.cfg.realism.list_lag)
             .filter(|m| region.is_none_or(|r| r == m.region))
             .filter(|m| states.is_empty() || states.iter().any(|s| s == m.state))
             .collect();
@@ -979,7 +1038,11 @@ impl State {
             .machines
             .insert(id.clone(), m);
         self.touch(app, &id, ctx.now);
-        if !skip_launch {
+        let pull = self.cfg.realism.image_pull;
+        if !skip_launch && !pull.is_zero() {
+            // Stays `created` while the image is pulled (§2); `fire` launches it afterwards.
+            self.transition_from(app, &id, ctx.now, None, "starting", pull);
+        } else if !skip_launch {
             let lat = self.cfg.latencies.start;
             self.transition(app, &id, ctx.now, "starting", "started", lat);
             self.queue_driver(app, &id, DriverAction::Start);
@@ -1094,9 +1157,9 @@ impl State {
         match action {
             "start" => match state {
                 "started" | "starting" => ok,
-                "created" if ctx.now < m.created + lat.start => Err(ApiErr::precondition(
-                    "machine is still being created (image pull in progress)",
-                )),
+                "created" if m.pending.is_some() || ctx.now < m.created + lat.start => Err(
+                    ApiErr::precondition("machine is still being created (image pull in progress)"),
+                ),
                 "created" | "stopped" | "suspended" | "failed" => {
                     let v = self.apps[app].secrets_version;
                     let m = self.machine_mut(ctx, app, id)?;
@@ -1479,7 +1542,7 @@ impl State {
     // ------------------------------------------------------------ org listing
 
     pub fn org_machines(
-        &self,
+        &mut self,
         ctx: &Ctx,
         org: &str,
         updated_after: Option<&str>,
@@ -1493,6 +1556,13 @@ impl State {
                     .code("unauthorized"),
             );
         }
+        let realism = self.cfg.realism;
+        self.org_listings += 1;
+        let failed_region = (realism.org_listing_error_every > 0
+            && self
+                .org_listings
+                .is_multiple_of(u64::from(realism.org_listing_error_every)))
+        .then(|| self.cfg.default_region.clone());
         let empty = BTreeMap::new();
         let idx = self.org_index.get(org).unwrap_or(&empty);
         let start: (i64, String) = match (cursor, updated_after) {
@@ -1513,11 +1583,21 @@ impl State {
             }
             (None, None) => (i64::MIN, String::new()),
         };
-        let limit = limit.clamp(1, 1000);
+        let mut limit = limit.clamp(1, 1000);
+        if realism.org_listing_rough {
+            // `limit` is advisory: pages may be short while more remain (§5).
+            limit = rand::rng().random_range(1..=limit);
+        }
+        // A change shows up only after it propagated (§5), with its original `updated_at`.
+        let visible_until = self.wall(ctx.now) - realism.org_listing_delay.as_millis() as i64;
         let mut out = Vec::new();
-        let mut next_cursor = None;
+        let mut last_key: Option<(i64, String)> = None;
+        let mut more = false;
         use std::ops::Bound::{Excluded, Unbounded};
         for ((ms, id), app) in idx.range((Excluded(start), Unbounded)) {
+            if *ms > visible_until {
+                break;
+            }
             let Some(a) = self.apps.get(app) else {
                 continue;
             };
@@ -1528,30 +1608,35 @@ impl State {
                 continue;
             }
             if out.len() == limit {
-                next_cursor = Some(format!("{ms}:{id}"));
+                more = true;
                 break;
             }
-            out.push(self.render_machine(a, m, ctx.now, true));
+            last_key = Some((*ms, id.clone()));
+            // A region that did not answer: its machines are missing from this (partial) listing.
+            if failed_region.as_deref() == Some(m.region.as_str()) {
+                continue;
+            }
+            let mut v = self.render_machine(a, m, ctx.now, true);
+            if realism.org_listing_rough {
+                v["updated_at"] = json!(rfc3339_seconds(*ms));
+            }
+            out.push(v);
         }
-        if next_cursor.is_some() {
-            // The cursor must point at the last returned entry, not the first skipped one.
-            let last = out
-                .last()
-                .and_then(|m| m.get("id"))
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            let last_ms = idx
-                .iter()
-                .find(|((_, id), _)| *id == last)
-                .map(|((ms, _), _)| *ms)
-                .unwrap_or(0);
-            next_cursor = Some(format!("{last_ms}:{last}"));
+        // The cursor points at the last entry this page covered.
+        let next_cursor = more
+            .then_some(last_key)
+            .flatten()
+            .map(|(ms, id)| format!("{ms}:{id}"));
+        if realism.org_listing_rough {
+            use rand::seq::SliceRandom;
+            out.shuffle(&mut rand::rng());
         }
         let last_updated_at = idx.keys().next_back().map(|(ms, _)| rfc3339(*ms));
+        let error_regions: Vec<String> = failed_region.into_iter().collect();
         Ok((
             200,
-            json!({"machines": out, "next_cursor": next_cursor, "last_updated_at": last_updated_at}),
+            json!({"machines": out, "next_cursor": next_cursor, "last_updated_at": last_updated_at,
+                   "error_regions": error_regions}),
         ))
     }
 

@@ -4,7 +4,7 @@
 mod common;
 use common::emulator;
 use fly_adapter::token_bucket::RateLimits;
-use fly_emulator::{Clock, DEFAULT_TOKEN, EmulatorConfig, EmulatorHandle};
+use fly_emulator::{Clock, DEFAULT_TOKEN, EmulatorConfig, EmulatorHandle, Realism};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -50,10 +50,12 @@ impl Raw {
     }
 }
 
+/// The idealised API on a manual clock: these tests pin facts other than Fly's lags (REALISM.md has those).
 fn manual() -> EmulatorConfig {
     EmulatorConfig {
         clock: Clock::manual(),
         rate_limits: RateLimits::disabled(),
+        realism: Realism::off(),
         ..Default::default()
     }
 }
@@ -128,7 +130,8 @@ async fn apps_codes_and_bodies() {
     assert_eq!(s, 404);
     assert!(b["error"].as_str().unwrap().starts_with("not_found:"));
     emu.add_foreign_app("theirs", "other");
-    assert_eq!(raw.call("GET", "/apps/theirs", None, None).await.0, 403);
+    // REALISM.md §1: 401 (not 403) for an app of an org this token cannot see.
+    assert_eq!(raw.call("GET", "/apps/theirs", None, None).await.0, 401);
     let (s, b, _) = raw.call("GET", "/apps?org_slug=personal", None, None).await;
     assert_eq!((s, b["total_apps"].as_u64()), (200, Some(1)));
 
@@ -584,7 +587,11 @@ async fn config_echo_and_checks() {
 
 #[tokio::test]
 async fn rate_limits_ips_counters_and_admin() {
-    let emu = emulator(EmulatorConfig::default()).await;
+    let emu = emulator(EmulatorConfig {
+        realism: Realism::off(),
+        ..Default::default()
+    })
+    .await;
     let raw = Raw::new(&emu);
     let m = app_with_machine(&raw, "rl", json!({})).await;
     let p = format!("/apps/rl/machines/{}", m["id"].as_str().unwrap());
@@ -657,4 +664,162 @@ async fn rate_limits_ips_counters_and_admin() {
         && e.machine.as_deref() == m["id"].as_str()));
     emu.reset_counters();
     assert_eq!(emu.total_calls(), 0);
+}
+
+/// REALISM.md §1: after `POST /apps?wait=true` the app answers 404, then 401, to every call naming it, and is
+/// missing from the org's app list, until the lag is over.
+#[tokio::test]
+async fn app_visibility_lag_after_create() {
+    let emu = emulator(EmulatorConfig {
+        realism: Realism {
+            app_visibility_lag: Duration::from_secs(10),
+            ..Realism::off()
+        },
+        ..manual()
+    })
+    .await;
+    let raw = Raw::new(&emu);
+    let body = json!({"name": "lagging", "org_slug": "personal", "network": "lagging"});
+    assert_eq!(
+        raw.call("POST", "/apps?wait=true", Some(body), None)
+            .await
+            .0,
+        201
+    );
+    let seen = |raw: &Raw| {
+        let (http, base) = (raw.http.clone(), raw.base.clone());
+        async move {
+            let raw = Raw { http, base };
+            (
+                raw.call("GET", "/apps/lagging", None, None).await.0,
+                raw.call("GET", "/apps/lagging/machines", None, None)
+                    .await
+                    .0,
+                raw.call("GET", "/apps/lagging/ip_assignments", None, None)
+                    .await
+                    .0,
+                raw.call("GET", "/apps?org_slug=personal", None, None)
+                    .await
+                    .1["total_apps"]
+                    .as_u64(),
+            )
+        }
+    };
+    assert_eq!(seen(&raw).await, (404, 404, 404, Some(0)));
+    emu.clock().advance(Duration::from_secs(6));
+    assert_eq!(seen(&raw).await, (401, 401, 401, Some(0)));
+    emu.clock().advance(Duration::from_secs(5));
+    assert_eq!(seen(&raw).await, (200, 200, 200, Some(1)));
+}
+
+/// REALISM.md §2: a new machine stays `created` through the image pull (a start is refused meanwhile), and its
+/// checks have no entry before their first run; a passing compat check appears once it is started.
+#[tokio::test]
+async fn created_during_image_pull_and_no_check_results_before_first_run() {
+    let emu = emulator(EmulatorConfig {
+        realism: Realism {
+            image_pull: Duration::from_secs(3),
+            checks_after_first_run: true,
+            compat_check: true,
+            ..Realism::off()
+        },
+        ..manual()
+    })
+    .await;
+    let raw = Raw::new(&emu);
+    let cfg = json!({"image": "img:1",
+        "services": [{"protocol": "tcp", "internal_port": 8080,
+                      "checks": [{"type": "http", "port": 8080, "path": "/readyz", "grace_period": "5s"}]}],
+        "checks": {"alive": {"type": "tcp", "port": 8080, "grace_period": "5s"}}});
+    let m = app_with_machine(&raw, "pull", json!({"config": cfg})).await;
+    let id = m["id"].as_str().unwrap().to_string();
+    assert_eq!(m["state"], "created");
+    let p = format!("/apps/pull/machines/{id}");
+    let get = |raw: &Raw| {
+        let (http, base, p) = (raw.http.clone(), raw.base.clone(), p.clone());
+        async move { Raw { http, base }.call("GET", &p, None, None).await.1 }
+    };
+    emu.clock().advance(Duration::from_secs(2));
+    assert_eq!(get(&raw).await["state"], "created", "still pulling");
+    let (s, b, _) = raw.call("POST", &format!("{p}/start"), None, None).await;
+    assert_eq!(s, 412, "start refused while created: {b}");
+    emu.clock().advance(Duration::from_secs(1));
+    assert_eq!(get(&raw).await["state"], "starting");
+    emu.clock().advance(Duration::from_millis(100));
+    let started = get(&raw).await;
+    assert_eq!(started["state"], "started");
+    let names = |m: &Value| -> Vec<String> {
+        m["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        names(&started),
+        ["bg_deployments_compat"],
+        "no result before the first run"
+    );
+    emu.clock().advance(Duration::from_secs(6));
+    let after = get(&raw).await;
+    let mut seen = names(&after);
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "alive",
+            "bg_deployments_compat",
+            "servicecheck-00-http-8080"
+        ]
+    );
+}
+
+/// REALISM.md §5: the app's machine list lags a create (GET by id does not); the org-wide listing shows a change
+/// only after it propagated, with whole-second `updated_at`, and now and then is partial (`error_regions`).
+#[tokio::test]
+async fn listings_are_a_point_in_time() {
+    let emu = emulator(EmulatorConfig {
+        realism: Realism {
+            list_lag: Duration::from_secs(2),
+            org_listing_delay: Duration::from_secs(3),
+            org_listing_rough: true,
+            org_listing_error_every: 2,
+            ..Realism::off()
+        },
+        ..manual()
+    })
+    .await;
+    let raw = Raw::new(&emu);
+    let m = app_with_machine(&raw, "lists", json!({})).await;
+    let id = m["id"].as_str().unwrap();
+    let count = |v: &Value| v.as_array().map(Vec::len);
+    assert_eq!(
+        count(&raw.call("GET", "/apps/lists/machines", None, None).await.1),
+        Some(0)
+    );
+    assert_eq!(
+        raw.call("GET", &format!("/apps/lists/machines/{id}"), None, None)
+            .await
+            .0,
+        200
+    );
+    let org = "/orgs/personal/machines?include_deleted=true";
+    // Call 1: not propagated yet.
+    let (s, b, _) = raw.call("GET", org, None, None).await;
+    assert_eq!((s, count(&b["machines"])), (200, Some(0)), "{b}");
+    emu.clock().advance(Duration::from_secs(5));
+    assert_eq!(
+        count(&raw.call("GET", "/apps/lists/machines", None, None).await.1),
+        Some(1)
+    );
+    // Call 2: partial, the default region (iad, where the machine runs) did not answer.
+    let (_, b, _) = raw.call("GET", org, None, None).await;
+    assert_eq!(b["error_regions"], json!(["iad"]));
+    assert_eq!(count(&b["machines"]), Some(0));
+    // Call 3: complete, with a whole-second timestamp.
+    let (_, b, _) = raw.call("GET", org, None, None).await;
+    assert_eq!(b["error_regions"], json!([]));
+    let updated = b["machines"][0]["updated_at"].as_str().unwrap().to_string();
+    assert!(!updated.contains('.'), "whole seconds: {updated}");
 }

@@ -8,7 +8,7 @@ use common::emulator;
 use fly_adapter::client::types::Machine;
 use fly_adapter::token_bucket::RateLimits;
 use fly_emulator::{
-    CRASH_LOOP_PERIOD, Clock, DEFAULT_TOKEN, EmulatorConfig, EmulatorHandle, LaunchFault,
+    CRASH_LOOP_PERIOD, Clock, DEFAULT_TOKEN, EmulatorConfig, EmulatorHandle, LaunchFault, Realism,
 };
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -86,10 +86,12 @@ impl Raw {
     }
 }
 
+/// The idealised API on a manual clock: these tests pin facts other than Fly's lags (REALISM.md has those).
 fn manual() -> EmulatorConfig {
     EmulatorConfig {
         clock: Clock::manual(),
         rate_limits: RateLimits::disabled(),
+        realism: Realism::off(),
         ..Default::default()
     }
 }

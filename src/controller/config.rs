@@ -69,9 +69,12 @@ pub struct ControllerConfig {
     /// A key-ring file (one Fernet key per line, primary first), e.g. a mounted Secret.
     #[arg(long, env = "MCPFLY_KEYRING_FILE")]
     pub keyring_file: Option<PathBuf>,
-    /// Seconds between full checks of a Ready deployment while fleet-wide change detection works (a safety
-    /// net: changes on Fly are noticed through the org-wide machine listing within --fleet-poll-seconds).
-    #[arg(long, env = "MCPFLY_RESYNC_SECONDS", default_value_t = 7 * 24 * 3600)]
+    /// Seconds between full checks of a Ready deployment while fleet-wide change detection works. Changes on
+    /// Fly are noticed through the org-wide machine listing within --fleet-poll-seconds, but that listing is a
+    /// point in time that can miss a change without saying so; this safety net bounds how long a machine
+    /// destroyed by hand can go unrepaired to two days instead of a week (one machine listing per deployment per
+    /// two days: at most 42/hour for 1,000 deployments, inside the idle budget in BENCHMARKS.md).
+    #[arg(long, env = "MCPFLY_RESYNC_SECONDS", default_value_t = 48 * 3600)]
     pub resync_seconds: u64,
     /// Seconds between org-wide machine listings (one Fly call for the whole fleet); 0 turns fleet-wide
     /// change detection off, so every Ready deployment is polled every --fallback-resync-seconds.

@@ -25,15 +25,16 @@ use crate::api::MCPDeployment;
 
 /// Page size of the org-wide listing.
 const PAGE: u32 = 500;
-/// The cursor is moved back by this much, since timestamps have millisecond resolution and Fly's clock
-/// ordering is not documented; what was already seen is skipped by (machine, updated_at).
-const OVERLAP_MS: i64 = 2_000;
+/// The cursor is moved back by this much: the listing is a point in time, changes reach it late with their
+/// original `updated_at` (Fly: "offset your timestamps to catch late-arriving events"), and timestamps may have
+/// whole-second resolution. What was already seen is skipped by (machine, updated_at, state, version).
+const OVERLAP_MS: i64 = 60_000;
 
 #[derive(Default)]
 pub struct FleetWatch {
     healthy: AtomicBool,
-    /// Per app, each machine's `updated_at` (ms) as the last reconcile observed it.
-    observed: Mutex<HashMap<String, HashMap<String, i64>>>,
+    /// Per app, each machine's (`updated_at` in ms, state, version) as the last reconcile observed it.
+    observed: Mutex<HashMap<String, HashMap<String, Seen>>>,
 }
 
 impl FleetWatch {
@@ -46,7 +47,16 @@ impl FleetWatch {
     pub fn observed(&self, app: &str, machines: &[Machine]) {
         let versions = machines
             .iter()
-            .map(|m| (m.id.clone(), millis(&m.updated_at)))
+            .map(|m| {
+                (
+                    m.id.clone(),
+                    Seen {
+                        updated_ms: millis(&m.updated_at),
+                        state: m.state.clone(),
+                        version: m.instance_id.clone(),
+                    },
+                )
+            })
             .collect();
         self.observed
             .lock()
@@ -63,8 +73,20 @@ impl FleetWatch {
     fn is_news(&self, change: &Change) -> bool {
         let observed = self.observed.lock().unwrap();
         let seen = observed.get(&change.app).and_then(|m| m.get(&change.id));
-        seen.is_none_or(|&seen| change.updated_ms > seen)
+        // Two changes within one whole second share an `updated_at`: state and version tell them apart.
+        seen.is_none_or(|seen| {
+            change.updated_ms > seen.updated_ms
+                || change.state != seen.state
+                || change.version != seen.version
+        })
     }
+}
+
+/// What a look saw of one machine.
+struct Seen {
+    updated_ms: i64,
+    state: String,
+    version: String,
 }
 
 fn millis(rfc3339: &str) -> i64 {
@@ -88,7 +110,7 @@ pub async fn run(
     routes: Vec<Route>,
 ) {
     let mut cursor: Option<i64> = None;
-    let mut seen: HashSet<(String, String)> = HashSet::new();
+    let mut seen: HashSet<(String, String, String, String)> = HashSet::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -127,11 +149,18 @@ struct Change {
     id: String,
     updated_at: String,
     updated_ms: i64,
+    state: String,
+    version: String,
 }
 
 impl Change {
-    fn key(&self) -> (String, String) {
-        (self.id.clone(), self.updated_at.clone())
+    fn key(&self) -> (String, String, String, String) {
+        (
+            self.id.clone(),
+            self.updated_at.clone(),
+            self.state.clone(),
+            self.version.clone(),
+        )
     }
 }
 
@@ -152,6 +181,17 @@ async fn poll(fly: &FlyClient, org: &str, cursor: Option<i64>) -> Result<Vec<Cha
             summary: true,
         };
         let page = fly.list_org_machines(org, &query).await?;
+        // A partial listing cannot prove that nothing changed: a failed poll (per-resource resyncs take over).
+        if !page.error_regions.is_empty() {
+            return Err(FlyError::Transient {
+                status: None,
+                message: format!(
+                    "org-wide machine listing is partial: regions {} did not answer",
+                    page.error_regions.join(", ")
+                ),
+                request_id: None,
+            });
+        }
         for machine in page.machines {
             let Some(app) = machine.app_name.clone().filter(|a| !a.is_empty()) else {
                 continue;
@@ -161,6 +201,8 @@ async fn poll(fly: &FlyClient, org: &str, cursor: Option<i64>) -> Result<Vec<Cha
                 updated_ms: millis(&machine.updated_at),
                 id: machine.id,
                 updated_at: machine.updated_at,
+                state: machine.state,
+                version: machine.instance_id,
             });
         }
         match page.next_cursor.filter(|c| !c.is_empty()) {
@@ -206,6 +248,7 @@ mod tests {
         Machine {
             id: id.into(),
             updated_at: updated_at.into(),
+            state: "started".into(),
             ..Default::default()
         }
     }
@@ -216,7 +259,25 @@ mod tests {
             id: id.into(),
             updated_at: updated_at.into(),
             updated_ms: millis(updated_at),
+            state: "started".into(),
+            version: String::new(),
         }
+    }
+
+    /// REALISM.md §5: the listing may have whole-second timestamps, so a second change within the same second has
+    /// the same `updated_at`; its state (or version) still makes it news.
+    #[test]
+    fn a_change_within_the_same_second_is_news() {
+        let watch = FleetWatch::default();
+        let at = "2026-11-24T10:00:00Z";
+        watch.observed("a", &[machine("m1", at)]);
+        let mut stopped = change("a", "m1", at);
+        stopped.state = "stopped".into();
+        assert!(watch.is_news(&stopped));
+        let mut updated = change("a", "m1", at);
+        updated.version = "v2".into();
+        assert!(watch.is_news(&updated));
+        assert!(!watch.is_news(&change("a", "m1", at)));
     }
 
     #[test]

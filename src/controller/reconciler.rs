@@ -608,7 +608,7 @@ impl Run<'_> {
                 .map(|c| (c.name.clone(), c.digest.clone()))
                 .collect(),
             leased: self.ctx.in_flight.leased_machines(app),
-            unconfirmed_creates: self.ctx.in_flight.unconfirmed_creates(app),
+            unconfirmed_creates: self.ctx.in_flight.unconfirmed_creates(app, &observed.machines),
         };
         plan(want, observed, &progress)
     }

@@ -221,13 +221,15 @@ fn machine_statuses(machines: &[Machine]) -> Vec<MachineStatus> {
         .iter()
         .filter(|m| !matches!(m.state.as_str(), "destroyed" | "destroying"))
         .map(|m| {
-            let passing = m.checks.iter().filter(|c| c.status == "passing").count();
-            let checks = if m.checks.is_empty() {
+            // Against the configured checks: Fly reports none before a check's first run.
+            let counts = crate::reconcile::plan::check_counts(m);
+            let total = counts.configured.max(counts.reported);
+            let checks = if total == 0 {
                 None
-            } else if passing == m.checks.len() {
+            } else if counts.passing == total {
                 Some("passing".to_string())
             } else {
-                Some(format!("{passing}/{} passing", m.checks.len()))
+                Some(format!("{}/{total} passing", counts.passing))
             };
             (
                 m.name.as_str(),

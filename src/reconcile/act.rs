@@ -21,8 +21,13 @@ const LEASE_TTL: Duration = Duration::from_secs(30);
 /// A rolling update gives up holding a machine's lease after this long without it becoming healthy: other
 /// writers may act again, and status says which machine is stuck.
 const LEASE_HOLD_MAX: Duration = Duration::from_secs(600);
-/// Fly's list can lag a create by a moment: within this window an unconfirmed create is looked for, not redone.
+/// Fly's list can lag a create by a moment: within this window a create whose outcome is unknown is looked for,
+/// not redone.
 const CREATE_CONFIRM_WINDOW: Duration = Duration::from_secs(5);
+/// Fly's per-app machine list can lag its writes (REALISM.md §5; flyctl once created duplicates that way): a
+/// machine this process created is remembered this long, so a list that does not show it yet means "wait", not
+/// "create again" (which would make a duplicate, then destroy it).
+const CREATED_REMEMBER_WINDOW: Duration = Duration::from_secs(60);
 
 /// Leases held across reconciles for rolling updates, keyed by (app, machine id), and creates whose outcome
 /// is unknown. Both live in memory: if the process dies, leases expire on Fly by their TTL, and the planner
@@ -30,7 +35,8 @@ const CREATE_CONFIRM_WINDOW: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct InFlight {
     leases: Mutex<HashMap<(String, String), (LeaseGuard, Instant)>>,
-    unconfirmed_creates: Mutex<HashMap<(String, String), Instant>>,
+    /// (app, machine name) → (since, how long to remember): ambiguous creates and successful ones.
+    unconfirmed_creates: Mutex<HashMap<(String, String), (Instant, Duration)>>,
     /// Apps this process has seen in our org (app → the generation whose IPs it confirmed, if any): while an app
     /// is known, observation skips the app GET (a machine listing answers 404 if it is gone) and, for that
     /// generation, the IP listing, so a converging deployment is looked at with one call, not three.
@@ -51,9 +57,17 @@ impl InFlight {
             .collect()
     }
 
-    pub fn unconfirmed_creates(&self, app: &str) -> std::collections::BTreeSet<String> {
+    /// Names of `app`'s machines created (or maybe created) lately that `listed` does not show yet. A create the
+    /// list has shown is forgotten, so a machine destroyed afterwards is recreated at once.
+    pub fn unconfirmed_creates(
+        &self,
+        app: &str,
+        listed: &[fly_adapter::client::types::Machine],
+    ) -> std::collections::BTreeSet<String> {
         let mut creates = self.unconfirmed_creates.lock().unwrap();
-        creates.retain(|_, since| since.elapsed() < CREATE_CONFIRM_WINDOW);
+        creates.retain(|(a, name), (since, window)| {
+            since.elapsed() < *window && !(a == app && listed.iter().any(|m| &m.name == name))
+        });
         creates
             .keys()
             .filter(|(a, _)| a == app)
@@ -130,11 +144,11 @@ impl InFlight {
             .map(|(guard, _)| guard)
     }
 
-    fn mark_unconfirmed(&self, app: &str, name: &str) {
-        self.unconfirmed_creates
-            .lock()
-            .unwrap()
-            .insert((app.to_string(), name.to_string()), Instant::now());
+    fn mark_unconfirmed(&self, app: &str, name: &str, window: Duration) {
+        self.unconfirmed_creates.lock().unwrap().insert(
+            (app.to_string(), name.to_string()),
+            (Instant::now(), window),
+        );
     }
 }
 
@@ -326,15 +340,23 @@ impl Actor<'_> {
                     ..Default::default()
                 };
                 match self.fly.create_machine(app, &request).await {
-                    Ok(created) => outcome.done.push((
-                        "MachineCreated",
-                        format!(
-                            "created machine {} ({}) in {}",
-                            created.id, machine.name, machine.region
-                        ),
-                    )),
+                    Ok(created) => {
+                        self.in_flight.mark_unconfirmed(
+                            app,
+                            &machine.name,
+                            CREATED_REMEMBER_WINDOW,
+                        );
+                        outcome.done.push((
+                            "MachineCreated",
+                            format!(
+                                "created machine {} ({}) in {}",
+                                created.id, machine.name, machine.region
+                            ),
+                        ))
+                    }
                     Err(e @ FlyError::Ambiguous { .. }) => {
-                        self.in_flight.mark_unconfirmed(app, &machine.name);
+                        self.in_flight
+                            .mark_unconfirmed(app, &machine.name, CREATE_CONFIRM_WINDOW);
                         return Err(fail("create machine", e));
                     }
                     Err(e) => return Err(fail("create machine", e)),

@@ -302,9 +302,10 @@ fn base_config(
             autostop: Some(autostop),
             autostart: Some(true),
             min_machines_running: Some(spec.fly.min_machines_running.max(0) as u32),
+            // A service check: Fly's proxy routes on service checks only, so an unready server gets no traffic.
+            checks: vec![readiness],
             ..Default::default()
         }],
-        checks: BTreeMap::from([("ready".to_string(), readiness)]),
         ..Default::default()
     }
 }

@@ -196,12 +196,56 @@ fn plan_secrets(desired: &DesiredDeployment, progress: &Progress, plan: &mut Pla
     }
 }
 
-/// A machine serves (or will on the next request): started with every check passing, or parked by autostop.
+/// A machine serves (or will on the next request): started and healthy, or parked by autostop.
 fn is_available(machine: &Machine, autostop: bool) -> bool {
     match machine.state.as_str() {
-        "started" => machine.checks.iter().all(|c| c.status == "passing"),
+        "started" => is_healthy(machine),
         "stopped" | "suspended" => autostop,
         _ => false,
+    }
+}
+
+/// Fly's fake checks (`bg_deployments_compat*`), which fly-go strips on every read.
+fn is_compat_check(name: &str) -> bool {
+    name.starts_with("bg_deployments_compat")
+}
+
+/// A passing result for every configured check (top-level and service checks). Fly reports no entry for a check
+/// before its first run, so an empty or short list is not healthy (flyctl: `AllPassing()` is vacuously true
+/// when nothing has reported yet); Fly's compat checks do not count.
+pub(crate) fn is_healthy(machine: &Machine) -> bool {
+    let counts = check_counts(machine);
+    machine.config.is_some()
+        && counts.passing == counts.reported
+        && counts.reported >= counts.configured
+}
+
+/// A machine's checks as this controller counts them (Fly's compat checks left out).
+pub struct CheckCounts {
+    /// Top-level checks plus every service's checks in the machine's config.
+    pub configured: usize,
+    /// Results Fly reported (none before a check's first run).
+    pub reported: usize,
+    pub passing: usize,
+}
+
+pub fn check_counts(machine: &Machine) -> CheckCounts {
+    let configured = machine.config.as_ref().map_or(0, |config| {
+        config.checks.len()
+            + config
+                .services
+                .iter()
+                .map(|s| s.checks.len())
+                .sum::<usize>()
+    });
+    let results = machine.checks.iter().filter(|c| !is_compat_check(&c.name));
+    let (reported, passing) = results.fold((0, 0), |(reported, passing), c| {
+        (reported + 1, passing + usize::from(c.status == "passing"))
+    });
+    CheckCounts {
+        configured,
+        reported,
+        passing,
     }
 }
 
@@ -314,8 +358,9 @@ fn plan_machines(
         }
         in_progress += 1;
         match keep.state.as_str() {
-            // Not parked by autostop (autostop is off) or never launched: start it.
-            "stopped" | "suspended" | "created" => plan.actions.push(Action::StartMachine {
+            // Not parked by autostop (autostop is off): start it. A `created` machine is not: Fly is still pulling
+            // its image and refuses a start until it launches it.
+            "stopped" | "suspended" => plan.actions.push(Action::StartMachine {
                 id: keep.id.clone(),
                 name: keep.name.clone(),
             }),
@@ -375,11 +420,15 @@ fn checks_summary(machine: &Machine) -> String {
     let failing: Vec<&str> = machine
         .checks
         .iter()
-        .filter(|c| c.status != "passing")
+        .filter(|c| c.status != "passing" && !is_compat_check(&c.name))
         .map(|c| c.name.as_str())
         .collect();
-    if machine.state == "started" && !failing.is_empty() {
+    if machine.state != "started" {
+        String::new()
+    } else if !failing.is_empty() {
         format!(", checks not passing: {}", failing.join(", "))
+    } else if !is_healthy(machine) {
+        ", waiting for the first check results".to_string()
     } else {
         String::new()
     }

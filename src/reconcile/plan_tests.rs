@@ -68,7 +68,7 @@ pub(crate) fn running(id: &str, machine: &DesiredMachine, state: &str) -> Machin
         instance_id: format!("v-{id}"),
         config: Some(machine.config.clone()),
         checks: vec![CheckStatus {
-            name: "ready".into(),
+            name: "servicecheck-00-http-8080".into(),
             status: "passing".into(),
             ..Default::default()
         }],
@@ -542,4 +542,62 @@ fn machines_fetch_from_the_registry_the_package_was_checked_against() {
         Some("https://pypi.internal/root/simple")
     );
     assert!(!env.contains_key("npm_config_registry"));
+}
+
+/// REALISM.md §2: Fly reports no check result before a check's first run, so a started machine with an empty (or
+/// short) `checks` list is not serving yet; a rolling update must not count it.
+#[test]
+fn a_started_machine_without_check_results_is_not_ready() {
+    let d = want(BASE, &[]);
+    let mut observed = converged_observation(&d);
+    observed.machines[0].checks.clear();
+    let plan = plan(&d, &observed, &applied(&d));
+    assert_eq!(plan.ready_machines, 1, "{plan:?}");
+    assert!(!plan.converged());
+    assert!(
+        plan.waiting
+            .iter()
+            .any(|w| w.contains("waiting for the first check results")),
+        "{:?}",
+        plan.waiting
+    );
+}
+
+/// REALISM.md §2: Fly's fake `bg_deployments_compat` check neither makes a machine healthy nor unhealthy.
+#[test]
+fn compat_checks_do_not_count() {
+    let d = want(BASE, &[]);
+    let mut observed = converged_observation(&d);
+    let compat = |status: &str| CheckStatus {
+        name: "bg_deployments_compat".into(),
+        status: status.into(),
+        ..Default::default()
+    };
+    // Only the compat check reported: not healthy yet.
+    observed.machines[0].checks = vec![compat("passing")];
+    // A failing compat check next to a passing real one: healthy.
+    observed.machines[1].checks.push(compat("critical"));
+    let plan = plan(&d, &observed, &applied(&d));
+    assert_eq!(plan.ready_machines, 1, "{plan:?}");
+    assert!(
+        plan.waiting.iter().any(|w| w.starts_with("iad-0")),
+        "{:?}",
+        plan.waiting
+    );
+}
+
+/// REALISM.md §2: a machine sits in `created` while Fly pulls its image and refuses a start meanwhile: wait.
+#[test]
+fn a_created_machine_is_waited_on_not_started() {
+    let d = want(BASE, &[]);
+    let mut observed = converged_observation(&d);
+    observed.machines[0].state = "created".into();
+    observed.machines[0].checks.clear();
+    let plan = plan(&d, &observed, &applied(&d));
+    assert!(plan.actions.is_empty(), "{:?}", kinds(&plan));
+    assert!(
+        plan.waiting.iter().any(|w| w.starts_with("iad-0: created")),
+        "{:?}",
+        plan.waiting
+    );
 }

@@ -97,9 +97,8 @@ pub fn next_look(
             }
             continue;
         }
-        let pending = machine.state == "started"
-            && !machine.checks.is_empty()
-            && machine.checks.iter().any(|c| c.status != "passing");
+        // Fly reports a check only after its first run: no results yet is pending too.
+        let pending = machine.state == "started" && !super::plan::is_healthy(machine);
         if !pending {
             continue;
         }

@@ -23,7 +23,7 @@ use rand::Rng;
 use reqwest::Method;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -68,6 +68,13 @@ pub mod endpoint {
     pub const REGIONS_LIST: &str = "regions.list";
     pub const ORGS_MACHINES: &str = "orgs.machines";
 }
+
+/// After our own `POST /apps`, Fly answers 404 and then 401 for the app for a while (fly-go's `WaitForApp`
+/// retries both): within this window, until the app first answers, such answers mean "not visible yet", never
+/// "free" or "someone else's".
+pub const APP_VISIBILITY_WINDOW: Duration = Duration::from_secs(120);
+/// How long [`FlyClient::create_app`] waits for the new app to become visible before giving up for now.
+const APP_WAIT: Duration = Duration::from_secs(60);
 
 /// Retries for idempotent calls (reads) and for calls Fly refused before acting (429, connection
 /// refused). Mutations whose outcome is unknown are never retried here.
@@ -209,6 +216,8 @@ struct Inner {
     sem: Semaphore,
     stats: Mutex<ClientStats>,
     observer: Option<Arc<dyn FlyObserver>>,
+    /// Apps this client created, with when: 404/401 for them shortly after is Fly's visibility lag.
+    own_app_creates: Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
 /// The Fly Machines API client. Cheap to clone (shared state behind an `Arc`).
@@ -309,6 +318,7 @@ impl FlyClient {
                 sem: Semaphore::new(cfg.max_concurrency.max(1)),
                 stats: Mutex::new(ClientStats::default()),
                 observer: cfg.observer.clone(),
+                own_app_creates: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -432,6 +442,9 @@ impl FlyClient {
                 Ok((status, body, request_id, retry_after)) => {
                     self.record(r.label, Some(status), elapsed);
                     if (200..300).contains(&status) {
+                        if let Some(app) = r.app {
+                            self.confirm_visible(app);
+                        }
                         if mutating {
                             audit(&r, Some(status), request_id.as_deref(), "ok");
                         }
@@ -441,7 +454,19 @@ impl FlyClient {
                             request_id,
                         });
                     }
-                    let err = classify(status, &body, request_id, retry_after, mutating);
+                    let mut err = classify(status, &body, request_id, retry_after, mutating);
+                    if matches!(status, 401 | 404)
+                        && r.app.is_some_and(|app| self.recently_created(app))
+                    {
+                        err = FlyError::Transient {
+                            status: Some(status),
+                            message: format!(
+                                "app {} is not visible yet after our create: {err}",
+                                r.app.unwrap_or_default()
+                            ),
+                            request_id: err.request_id().map(str::to_string),
+                        };
+                    }
                     // 429 means Fly did nothing: safe to retry any call. 408/5xx only for reads.
                     let retry = status == 429
                         || (r.retry_transient && !mutating && (status == 408 || status >= 500));
@@ -512,20 +537,85 @@ impl FlyClient {
             .await
     }
 
-    /// 404 free, 403 someone else's ([`FlyError::OwnedByOtherOrg`]), 200 ours.
+    /// 200 ours (or visible to us), 404 free, 401 in an org this token cannot see
+    /// ([`FlyError::OwnedByOtherOrg`], as fly-go's `AppNameAvailable` reads it; the token itself is validated at
+    /// start-up). Shortly after our own create, 404 and 401 are [`FlyError::Transient`] instead: not visible yet.
     pub async fn get_app(&self, app: &str) -> Result<App, FlyError> {
-        self.json(Req::new(endpoint::APPS_GET, Method::GET, format!("/apps/{app}")).app(app))
-            .await
+        let result = self
+            .json(Req::new(endpoint::APPS_GET, Method::GET, format!("/apps/{app}")).app(app))
+            .await;
+        match result {
+            Err(FlyError::Unauthorized {
+                message,
+                request_id,
+            }) => Err(FlyError::OwnedByOtherOrg {
+                message,
+                request_id,
+            }),
+            other => other,
+        }
     }
 
-    /// 201 with an id; GET afterwards (which may 404/401 for a short while).
+    /// `app` answered: from now on its 404/401 mean what they say (a vanished machine is not a lagging app).
+    fn confirm_visible(&self, app: &str) {
+        let mut own = self
+            .inner
+            .own_app_creates
+            .lock()
+            .expect("own creates poisoned");
+        if !own.is_empty() {
+            own.remove(app);
+        }
+    }
+
+    /// Whether this client created `app` within [`APP_VISIBILITY_WINDOW`] and has not seen it answer since.
+    pub fn recently_created(&self, app: &str) -> bool {
+        let mut own = self
+            .inner
+            .own_app_creates
+            .lock()
+            .expect("own creates poisoned");
+        own.retain(|_, at| at.elapsed() < APP_VISIBILITY_WINDOW);
+        own.contains_key(app)
+    }
+
+    /// As fly-go's `CreateApp` + `WaitForApp`: `POST /apps?wait=true`, then GET until the app is visible (Fly
+    /// answers 404, then 401, for a while). If it is not visible within a minute the answer is a retryable
+    /// [`FlyError::Transient`]; the create is remembered either way, so later 404/401 are not misread.
     pub async fn create_app(&self, req: &CreateAppRequest) -> Result<CreatedApp, FlyError> {
-        self.json(
-            Req::new(endpoint::APPS_CREATE, Method::POST, "/apps".into())
-                .app(&req.name)
-                .json(req),
-        )
-        .await
+        let created: CreatedApp = self
+            .json(
+                Req::new(endpoint::APPS_CREATE, Method::POST, "/apps".into())
+                    .q("wait", "true")
+                    .app(&req.name)
+                    .json(req),
+            )
+            .await?;
+        self.inner
+            .own_app_creates
+            .lock()
+            .expect("own creates poisoned")
+            .insert(req.name.clone(), tokio::time::Instant::now());
+        self.wait_for_app(&req.name, APP_WAIT).await?;
+        Ok(created)
+    }
+
+    /// GET the app until it answers 200; 404/401 (for an app this client just created) mean "not yet".
+    pub async fn wait_for_app(&self, app: &str, timeout: Duration) -> Result<App, FlyError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.get_app(app).await {
+                Err(e @ FlyError::Transient { .. }) if tokio::time::Instant::now() >= deadline => {
+                    return Err(e);
+                }
+                Err(FlyError::Transient { .. }) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// 202: deletion is asynchronous and destroys the app's machines; `force` stops them first.

@@ -594,6 +594,9 @@ pub struct OrgMachinesResponse {
     pub next_cursor: Option<String>,
     #[serde(default)]
     pub last_updated_at: Option<String>,
+    /// Regions that did not answer: the listing is partial when this is not empty.
+    #[serde(default, deserialize_with = "null_default")]
+    pub error_regions: Vec<String>,
 }
 
 // ---------------------------------------------------------------- secrets
