@@ -151,10 +151,16 @@ async fn recording_client(cp: &ControlPlane, recording: Recording) -> anyhow::Re
         .build())
 }
 
+/// A Secret; the referenced one (`gh`) opts in to being read through `secretKeyRef`, the others do not.
 fn secret(name: &str, value: &str) -> anyhow::Result<Secret> {
+    let labels = if name == "gh" {
+        serde_json::json!({mcpfly::api::ALLOW_REFERENCE_LABEL: "true"})
+    } else {
+        serde_json::json!({})
+    };
     Ok(serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": name, "namespace": NAMESPACE},
+        "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels},
         "stringData": {"token": value},
     }))?)
 }
