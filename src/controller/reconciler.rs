@@ -15,8 +15,8 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::settled::Next;
 use super::backoff::{Verdict, classify};
+use super::settled::Next;
 use super::status::{
     Stall, condition, keep_transition_times, mark_handshake_failed, mark_pending, mark_progress,
     mark_stalled, mark_suspended,
@@ -608,7 +608,10 @@ impl Run<'_> {
                 .map(|c| (c.name.clone(), c.digest.clone()))
                 .collect(),
             leased: self.ctx.in_flight.leased_machines(app),
-            unconfirmed_creates: self.ctx.in_flight.unconfirmed_creates(app, &observed.machines),
+            unconfirmed_creates: self
+                .ctx
+                .in_flight
+                .unconfirmed_creates(app, &observed.machines),
         };
         plan(want, observed, &progress)
     }
