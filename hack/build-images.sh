@@ -15,6 +15,8 @@
 # Reproducible: tar sorted by name with numeric owners, mtimes clamped to SOURCE_DATE_EPOCH (the commit time),
 # `gzip -n`, JSON written canonically; MCPFLY_RELEASE_BINARY names a prebuilt mcpfly instead; building twice gives the same digests (hack/image-smoke.sh checks it).
 # MCPFLY_IMAGES_UPDATE_LOCK=1 rewrites debian.lock from what the archive serves today (review the diff).
+# MCPFLY_IMAGES_LOCK=follow builds from what the archive serves today and prints any drift from the lock as a
+# warning (CI uses it: a Debian security update must not fail every later run; a release build keeps the default).
 # Needs root (mmdebstrap, chown), mmdebstrap, jq, apt-get, dpkg-deb, python3; hack/image-tools.sh installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -135,6 +137,10 @@ check_lock() {
   fi
   if ! diff -u <(grep -E "^$image " "$lock" | cut -d' ' -f2- | sort) "$actual" > "$work/lock.diff"; then
     cat "$work/lock.diff" >&2
+    if [ "${MCPFLY_IMAGES_LOCK:-}" = follow ]; then
+      log "WARNING: $image: the Debian archive moved past $lock (diff above); following it (MCPFLY_IMAGES_LOCK=follow)"
+      return
+    fi
     die "$image: the Debian archive no longer serves the package versions in $lock (a point or security \
 update moved it; '+' lines are what it serves now). Review the update, then rerun with MCPFLY_IMAGES_UPDATE_LOCK=1."
   fi
@@ -200,7 +206,7 @@ build_controller() {
   mkdir -p "$rootfs" "$debs"
   local specs=() p v
   for p in "${CONTROLLER_PACKAGES[@]}"; do
-    if [ "${MCPFLY_IMAGES_UPDATE_LOCK:-}" = 1 ]; then
+    if [ "${MCPFLY_IMAGES_UPDATE_LOCK:-}" = 1 ] || [ "${MCPFLY_IMAGES_LOCK:-}" = follow ]; then
       specs+=("$p")
     else
       v="$(awk -v p="$p" '$1 == "controller" && $2 == p {print $3}' "$lock")"
