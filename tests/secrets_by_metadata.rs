@@ -285,7 +285,7 @@ async fn the_controller_receives_no_secret_data_it_does_not_need() -> anyhow::Re
     for read in &named_reads {
         let path = target(read);
         assert!(
-            needed.iter().any(|n| *n == path),
+            needed.contains(&path),
             "a Secret read that no resource needs: {read:#?}"
         );
     }
