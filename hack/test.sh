@@ -9,6 +9,7 @@ need() { command -v "$1" >/dev/null || { echo "missing prerequisite: $1 ($2)" >&
 need cargo "Rust 1.89 or newer, https://rustup.rs"
 need go "Go 1.26 or newer, to build kube-apiserver, etcd, kubectl, helm and the health checker (or set KUBEBUILDER_ASSETS)"
 need python3 "Python 3.10 or newer with venv, for the official MCP Python SDK client tests"
+need npm "Node.js 20 or newer with npm, for the official TypeScript MCP client tests"
 
 start=$SECONDS
 bins="$(hack/control-plane-bins.sh)"
@@ -27,6 +28,8 @@ echo "GitOps health checker: $checker"
 
 # The official Python MCP SDK, for the bridge's client-compatibility tests (a venv under target/).
 echo "python MCP SDK: $(hack/python-mcp-env.sh)"
+# Both official TypeScript MCP clients (1.x and 2.x), for the same tests (a node_modules under target/).
+echo "TypeScript MCP clients: $(hack/ts-mcp-env.sh)"
 
 cargo test --workspace --locked "$@"
 

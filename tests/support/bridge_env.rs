@@ -136,3 +136,24 @@ pub fn python() -> PathBuf {
     })
     .clone()
 }
+
+/// The directory whose `node_modules` holds both official TypeScript MCP clients (`@modelcontextprotocol/sdk`
+/// 1.x and `@modelcontextprotocol/client` 2.x); fails loudly when node or npm is missing. Run a client script
+/// from this directory (or with `NODE_PATH=<dir>/node_modules`) so its imports resolve.
+pub fn ts_clients() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = std::process::Command::new("bash")
+            .arg(workspace().join("hack/ts-mcp-env.sh"))
+            .output()
+            .expect("running hack/ts-mcp-env.sh");
+        assert!(
+            out.status.success(),
+            "hack/ts-mcp-env.sh failed (node 20+ with npm, and npm registry access, are required for the \
+             bridge's TypeScript client tests):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
+}
