@@ -2,7 +2,8 @@
 //!
 //! - [`http`]: the endpoint (auth, Origin/CORS, limits, both protocol eras, health and readiness).
 //! - [`session`]: handshake-era sessions, one child each (or the shared one with `--session-isolation shared`);
-//!   [`warm`]: children started ahead of sessions; [`modern`]: the 2026-07-28 envelope on a shared child.
+//!   [`warm`]: children started ahead of sessions; [`modern`]: the 2026-07-28 envelope on a shared child;
+//!   [`input_required`]: the shared child's questions to its client, as 2026-07-28 `input_required` rounds.
 //! - [`child`]: the stdio process and JSON-RPC multiplexing; [`auth`], [`ratelimit`], [`audit`]: cross-cutting.
 //! - [`verify`]: the MCP client the controller uses to check a deployment through its public URL.
 
@@ -10,6 +11,7 @@ pub mod audit;
 pub mod auth;
 pub mod child;
 pub mod http;
+pub mod input_required;
 pub mod modern;
 pub mod ratelimit;
 pub mod session;
@@ -95,6 +97,10 @@ pub struct BridgeArgs {
     /// change notifications are not relayed).
     #[arg(long, value_enum, default_value_t = SessionIsolation::PerSession)]
     pub session_isolation: SessionIsolation,
+    /// How long, in seconds, a 2026-07-28 request that returned `input_required` waits for its client to retry
+    /// with `inputResponses`; after that the server's question gets an error and its request is cancelled.
+    #[arg(long, default_value_t = 300)]
+    pub input_timeout_secs: u64,
     /// On SIGTERM, how long in-flight requests may finish, in seconds, before servers are stopped.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -168,6 +174,10 @@ impl Bridge {
         self.state.warm.len()
     }
 
+    /// 2026-07-28 requests waiting for their client's `inputResponses`.
+    pub fn held_for_input(&self) -> usize {
+        self.state.held.len()
+    }
     /// Audit lines shed so far because the log sink fell behind.
     pub fn audit_lines_shed(&self) -> u64 {
         self.state.audit.shed()
