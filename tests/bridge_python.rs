@@ -1,5 +1,7 @@
 //! The bridge driven by the official MCP Python SDK (from PyPI, in a venv prepared by hack/python-mcp-env.sh):
-//! its default mode must land on 2026-07-28 (not silently fall back), and `legacy` on the handshake.
+//! its default mode must land on 2026-07-28 (not silently fall back), and `legacy` on the handshake. The
+//! 2026-07-28 feature tests run one Python server (tests/support/py_feature_server.py) behind the bridge and
+//! under the SDK's own HTTP server, and drive both with the official Python and TypeScript clients.
 
 #[path = "support/bridge_env.rs"]
 mod support;
@@ -158,6 +160,57 @@ async fn python_sdk_2026_07_28_gets_every_feature_the_sdk_server_gives() {
         assert_eq!(through_bridge, reference, "mode {mode}");
     }
     assert_eq!(bridge.held_for_input(), 0);
+    bridge.shutdown().await.unwrap();
+}
+
+async fn run_ts_feature_client(url: &str, token: &str) -> Value {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support/ts_feature_client.mjs");
+    let output = tokio::process::Command::new("node")
+        .arg(script)
+        .arg(ts_clients())
+        .args([url, token])
+        .output()
+        .await
+        .expect("running the TypeScript feature client");
+    assert!(
+        output.status.success(),
+        "TypeScript feature client ({url}) failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    serde_json::from_str(stdout.trim().lines().last().unwrap())
+        .expect("JSON from the TypeScript feature client")
+}
+
+/// The same comparison with the official TypeScript client `@modelcontextprotocol/client` 2.4 pinned to
+/// 2026-07-28 (its `input_required` auto-fulfilment, `listen()`, `_meta` log opt-in and abort signal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typescript_client_2026_07_28_gets_every_feature_the_sdk_server_gives() {
+    let (_reference, reference_url) = reference_server().await;
+    let python = python().to_string_lossy().into_owned();
+    let bridge = start_bridge_cmd(
+        &[],
+        Auth::bearer(TOKEN.into()),
+        &[&python, &feature_server(), "stdio"],
+    )
+    .await;
+    wait_ready(&bridge).await;
+    let reference = run_ts_feature_client(&reference_url, "-").await;
+    eprintln!("reference: {reference}");
+    assert_eq!(reference["sample"], "llm said: forty-two");
+    assert_eq!(reference["greet"], "hello Ada");
+    assert_eq!(reference["roots"], "file:///work/project");
+    assert_eq!(reference["progress"], serde_json::json!([1, 2, 3]));
+    assert_eq!(
+        reference["logs"],
+        serde_json::json!(["warning:warning line"])
+    );
+    assert_eq!(reference["cancelled"], true);
+    assert_eq!(reference["list_changed"], "ToolsListChanged");
+    let through_bridge = run_ts_feature_client(&url(&bridge), TOKEN).await;
+    eprintln!("bridge: {through_bridge}");
+    assert_eq!(through_bridge, reference);
     bridge.shutdown().await.unwrap();
 }
 

@@ -30,6 +30,23 @@ use tokio::sync::watch;
 
 pub use verify::{ServerInfo, VerifyError, unauthenticated_status, verify};
 
+/// What works in which protocol era, for `mcpfly bridge --help` (the README's table says the same).
+pub const FEATURES_BY_ERA: &str = "\
+Features by protocol era:
+  Handshake era (2024-11-05 .. 2025-11-25), --session-isolation per-session (default): everything the server
+    does reaches the session's client: progress, sampling, elicitation, roots, logs (logging/setLevel),
+    list_changed and resources/updated. JSON-RPC batches are refused (400).
+  Handshake era, --session-isolation shared: calls and progress; the server's requests get an error and its
+    notifications are not relayed.
+  2026-07-28 (one shared server process for every request):
+    progress and logs (with the request's logLevel) on the request's SSE stream; sampling, elicitation and
+    roots as input_required rounds (requestState HMAC-protected, single use, --input-timeout-secs), refused
+    with -32021 when the request did not declare the capability; list_changed and resources/updated on
+    subscriptions/listen; Mcp-Name and Mcp-Param-* headers validated (-32020); closing the stream cancels.
+    Limit: stdio does not say which request a server's question or log belongs to, so they reach a client
+    only while its request is the one the server is running; with several running, a question is answered
+    with an error and a log dropped.";
+
 /// Arguments of `mcpfly bridge [OPTIONS] -- CMD ARGS...`.
 #[derive(Args, Debug, Clone)]
 pub struct BridgeArgs {
@@ -92,9 +109,9 @@ pub struct BridgeArgs {
     #[arg(long, default_value_t = 1)]
     pub warm_sessions: usize,
     /// `per-session`: each handshake-era session runs its own server process (no state shared between
-    /// clients). `shared`: every session and every 2026-07-28 request is served by one process — for servers
-    /// known to be stateless; the server then cannot reach a client (sampling, elicitation, roots, log and
-    /// change notifications are not relayed).
+    /// clients). `shared`: every handshake-era session is served by the one process that also serves 2026-07-28
+    /// requests — for servers known to be stateless; the server then cannot reach a handshake-era client
+    /// (sampling, elicitation, roots, log and change notifications are not relayed to sessions).
     #[arg(long, value_enum, default_value_t = SessionIsolation::PerSession)]
     pub session_isolation: SessionIsolation,
     /// How long, in seconds, a 2026-07-28 request that returned `input_required` waits for its client to retry
