@@ -789,4 +789,57 @@ mod tests {
         assert_eq!(discover["capabilities"], json!({"tools": {}}));
         assert_eq!(discover["_meta"][META_SERVER_INFO]["version"], "1");
     }
+
+    #[test]
+    fn param_headers_follow_x_mcp_header_annotations() {
+        let schema = json!({"type": "object", "properties": {
+            "region": {"type": "string", "x-mcp-header": "Region"},
+            "count": {"type": "integer", "x-mcp-header": "Count"},
+            "target": {"type": "object", "properties": {"zone": {"type": "string", "x-mcp-header": "Zone"}}},
+            "plain": {"type": "string"},
+        }});
+        let args = json!({"region": "ams", "count": 42, "target": {"zone": "z1"}, "plain": "p"});
+        let ok = headers(&[
+            ("mcp-param-region", "ams"),
+            ("mcp-param-count", "42.0"),
+            ("mcp-param-zone", "=?base64?ejE=?="),
+        ]);
+        assert_eq!(check_param_headers(&schema, &args, &ok), Ok(()));
+        for bad in [
+            // Wrong value, missing header, fractional integer, duplicated header.
+            headers(&[
+                ("mcp-param-region", "fra"),
+                ("mcp-param-count", "42"),
+                ("mcp-param-zone", "z1"),
+            ]),
+            headers(&[("mcp-param-count", "42"), ("mcp-param-zone", "z1")]),
+            headers(&[
+                ("mcp-param-region", "ams"),
+                ("mcp-param-count", "42.5"),
+                ("mcp-param-zone", "z1"),
+            ]),
+            headers(&[
+                ("mcp-param-region", "ams"),
+                ("mcp-param-region", "ams"),
+                ("mcp-param-count", "42"),
+                ("mcp-param-zone", "z1"),
+            ]),
+        ] {
+            assert_eq!(
+                check_param_headers(&schema, &args, &bad).unwrap_err().code,
+                HEADER_MISMATCH
+            );
+        }
+        // A header for an absent argument is refused; no header and no argument is fine.
+        let absent = json!({"count": 1});
+        let stray = headers(&[("mcp-param-count", "1"), ("mcp-param-region", "x")]);
+        assert_eq!(
+            check_param_headers(&schema, &absent, &stray)
+                .unwrap_err()
+                .code,
+            HEADER_MISMATCH
+        );
+        let fine = headers(&[("mcp-param-count", "1")]);
+        assert_eq!(check_param_headers(&schema, &absent, &fine), Ok(()));
+    }
 }
