@@ -75,6 +75,22 @@ async fn python_sdk_default_mode_negotiates_2026_07_28_and_legacy_the_handshake(
     bridge.shutdown().await.unwrap();
 }
 
+/// Like `wait_ready`, with room for a Python server's import time on a loaded machine.
+async fn wait_python_ready(bridge: &mcpfly::bridge::Bridge) {
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/readyz", bridge.addr());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(r) = client.get(&url).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the bridge's Python server never became ready");
+}
+
 fn feature_server() -> String {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/support/py_feature_server.py")
@@ -113,14 +129,16 @@ async fn reference_server() -> (tokio::process::Child, String) {
         .kill_on_drop(true)
         .spawn()
         .expect("starting the reference server");
-    for _ in 0..200 {
+    // Generous: importing the SDK takes seconds on a loaded CI machine.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
         {
             return (child, format!("http://127.0.0.1:{port}/mcp"));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!("the reference server never listened");
 }
@@ -138,7 +156,7 @@ async fn python_sdk_2026_07_28_gets_every_feature_the_sdk_server_gives() {
         &[&python, &feature_server(), "stdio"],
     )
     .await;
-    wait_ready(&bridge).await;
+    wait_python_ready(&bridge).await;
     let reference = run_feature_client(&reference_url, "-", "2026-07-28").await;
     eprintln!("reference: {reference}");
     // The reference itself shows each feature working, so equality below is not two equal failures.
@@ -155,6 +173,9 @@ async fn python_sdk_2026_07_28_gets_every_feature_the_sdk_server_gives() {
     assert_eq!(reference["cancelled"], true);
     assert_eq!(reference["list_changed"], "ToolsListChanged");
     for mode in ["2026-07-28", "auto"] {
+        // The previous run ended by cancelling a call, which keeps the server's questions unattributable for a
+        // few seconds: wait until one is attributed again.
+        questions_attributed(&url(&bridge)).await;
         let through_bridge = run_feature_client(&url(&bridge), TOKEN, mode).await;
         eprintln!("bridge ({mode}): {through_bridge}");
         assert_eq!(through_bridge, reference, "mode {mode}");
@@ -195,7 +216,7 @@ async fn typescript_client_2026_07_28_gets_every_feature_the_sdk_server_gives() 
         &[&python, &feature_server(), "stdio"],
     )
     .await;
-    wait_ready(&bridge).await;
+    wait_python_ready(&bridge).await;
     let reference = run_ts_feature_client(&reference_url, "-").await;
     eprintln!("reference: {reference}");
     assert_eq!(reference["sample"], "llm said: forty-two");
@@ -240,6 +261,43 @@ async fn modern_call(
     (status, response.json().await.unwrap())
 }
 
+/// Waits until the bridge hands the server's question to a request again (a `roots` call comes back
+/// `input_required`), and completes that call so nothing stays held.
+async fn questions_attributed(url: &str) {
+    let meta = envelope(serde_json::json!({"roots": {}}));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, asked) = modern_call(
+            url,
+            90,
+            "roots",
+            serde_json::json!({"arguments": {}, "_meta": meta}),
+            &[],
+        )
+        .await;
+        if asked["result"]["resultType"] == "input_required" {
+            let key = asked["result"]["inputRequests"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .next()
+                .unwrap()
+                .clone();
+            let retry = serde_json::json!({"arguments": {}, "_meta": meta,
+                "requestState": asked["result"]["requestState"],
+                "inputResponses": {key: {"roots": []}}});
+            let (_, done) = modern_call(url, 91, "roots", retry, &[]).await;
+            assert_eq!(done["result"]["resultType"], "complete", "{done}");
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "questions never attributed: {asked}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 fn envelope(capabilities: Value) -> Value {
     serde_json::json!({
         "io.modelcontextprotocol/protocolVersion": "2026-07-28",
@@ -259,7 +317,7 @@ async fn input_required_is_bound_checked_single_use_and_bounded() {
         &[&python, &feature_server(), "stdio"],
     )
     .await;
-    wait_ready(&bridge).await;
+    wait_python_ready(&bridge).await;
     let url = url(&bridge);
     let sampling = envelope(serde_json::json!({"sampling": {}}));
     let ask = |meta: &Value| serde_json::json!({"arguments": {"question": "q"}, "_meta": meta});

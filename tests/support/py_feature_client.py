@@ -64,13 +64,6 @@ async def main(url: str, token: str, mode: str) -> None:
         await asyncio.sleep(0.2)
         out["logs"] = logs
         out["routed"] = (await client.call_tool("routed", {"region": "ams"})).content[0].text
-        try:
-            await asyncio.wait_for(client.call_tool("hang", {}), 0.5)
-            out["cancelled"] = False
-        except (asyncio.TimeoutError, TimeoutError):
-            out["cancelled"] = True
-        # Still usable after a cancelled call.
-        out["after_cancel"] = (await client.call_tool("slow", {"steps": 1})).content[0].text
         if client.protocol_version == "2026-07-28":
             async with client.listen(tools_list_changed=True) as sub:
                 out["listen_honored"] = bool(sub.honored.tools_list_changed)
@@ -82,6 +75,14 @@ async def main(url: str, token: str, mode: str) -> None:
             await asyncio.wait_for(changed.wait(), 10)
             out["list_changed"] = "ToolsListChanged"
         out["tools_after"] = "added" in [t.name for t in (await client.list_tools(cache_mode="refresh")).tools]
+        # Cancellation last: a cancelled call keeps the bridge from attributing the server's questions briefly.
+        try:
+            await asyncio.wait_for(client.call_tool("hang", {}), 0.5)
+            out["cancelled"] = False
+        except (asyncio.TimeoutError, TimeoutError):
+            out["cancelled"] = True
+        # Still usable after a cancelled call.
+        out["after_cancel"] = (await client.call_tool("slow", {"steps": 1})).content[0].text
     print(json.dumps(out))
 
 
