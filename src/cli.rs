@@ -47,6 +47,7 @@ pub enum Command {
     /// Check that every sealed value in manifests unseals for its resource; prints nothing secret.
     Unseal(crate::cli_sealing::UnsealArgs),
     /// Serve a stdio MCP server over MCP Streamable HTTP (runs inside each Fly machine): `mcpfly bridge -- CMD ARGS...`.
+    #[command(after_help = mcpfly::bridge::FEATURES_BY_ERA)]
     Bridge(mcpfly::bridge::BridgeArgs),
     /// Serve the Fly Machines API emulator (for local runs and benchmarks; API under /v1, admin under /__emulator/).
     Emulator(EmulatorArgs),

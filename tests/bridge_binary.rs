@@ -84,3 +84,25 @@ async fn mcpfly_bridge_process_serves_and_stops_on_sigterm() {
         .unwrap();
     assert!(leftover.stdout.is_empty(), "children left behind");
 }
+
+#[test]
+fn bridge_help_says_which_features_work_in_which_era() {
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_mcpfly"))
+        .args(["bridge", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    for needle in [
+        "Features by protocol era",
+        "input_required",
+        "subscriptions/listen",
+        "Mcp-Param-*",
+        "--input-timeout-secs",
+    ] {
+        assert!(
+            help.contains(needle),
+            "`mcpfly bridge --help` lacks {needle}:\n{help}"
+        );
+    }
+}

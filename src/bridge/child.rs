@@ -55,6 +55,7 @@ pub struct ChildSpec {
 }
 
 struct Pending {
+    origin: Origin,
     client_id: Value,
     client_key: Option<String>,
     progress_token: Option<String>,
@@ -66,9 +67,28 @@ struct Progress {
     tx: mpsc::UnboundedSender<Value>,
 }
 
+/// Who sent a request to the child, for attributing what the child sends back on its own.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The bridge's own calls (`initialize`, subscriptions): they never ask the client anything.
+    Bridge,
+    /// A handshake-era client's request.
+    Session,
+    /// A 2026-07-28 request on the shared child.
+    Modern,
+}
+
+/// How long a cancelled request still counts as running for attribution: a server may go on (and ask the client
+/// something) shortly after being told to cancel, and that question must not be taken for another request's.
+/// Servers do not answer a cancelled request, so this is a time bound: long enough for a server to notice the
+/// cancellation, short enough that one client's disconnect does not refuse everyone's questions for long.
+const CANCELLED_LINGER: Duration = Duration::from_secs(5);
+
 #[derive(Default)]
 struct Routes {
     pending: HashMap<u64, Pending>,
+    /// Requests cancelled by the bridge whose answer has not come back yet, and when they were cancelled.
+    cancelled: HashMap<u64, tokio::time::Instant>,
     progress: HashMap<String, Progress>,
     /// Client id (serialized) → bridge id, so a session's `notifications/cancelled` can be translated.
     by_client: HashMap<String, u64>,
@@ -218,8 +238,23 @@ impl Child {
     /// can be translated; the scope keeps equal ids of different sessions on a shared child apart.
     pub fn request(
         &self,
+        message: Value,
+        client_scope: Option<&str>,
+    ) -> Result<RequestHandle, ChildError> {
+        self.send_request(message, client_scope, Origin::Session)
+    }
+
+    /// Sends a 2026-07-28 request: like [`Child::request`], and a request or log message the child sends while
+    /// this is the only request it is serving is routed to this handle (see [`Child::attribute`]).
+    pub fn request_modern(&self, message: Value) -> Result<RequestHandle, ChildError> {
+        self.send_request(message, None, Origin::Modern)
+    }
+
+    fn send_request(
+        &self,
         mut message: Value,
         client_scope: Option<&str>,
+        origin: Origin,
     ) -> Result<RequestHandle, ChildError> {
         let bridge_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let client_id = message.get("id").cloned().unwrap_or(Value::Null);
@@ -252,6 +287,7 @@ impl Child {
             routes.pending.insert(
                 bridge_id,
                 Pending {
+                    origin,
                     client_id,
                     client_key,
                     progress_token,
@@ -290,6 +326,13 @@ impl Child {
     /// Cancels a request the bridge sent (the caller went away): tells the child and drops what it still sends.
     pub fn cancel(&self, bridge_id: u64, reason: &str) {
         if self.forget(bridge_id) {
+            let mut routes = self.routes.lock().unwrap();
+            let now = tokio::time::Instant::now();
+            routes
+                .cancelled
+                .retain(|_, at| now.duration_since(*at) < CANCELLED_LINGER);
+            routes.cancelled.insert(bridge_id, now);
+            drop(routes);
             let _ = self.write(&json!({
                 "jsonrpc": "2.0",
                 "method": "notifications/cancelled",
@@ -314,9 +357,33 @@ impl Child {
         }
     }
 
+    /// Routes a message the child sent on its own (a request to its client, or a log message) to the one
+    /// 2026-07-28 request it can belong to: stdio carries no link between a server's request and the client
+    /// request that caused it, so it is attributed only when exactly one client request (counting ones cancelled
+    /// within [`CANCELLED_LINGER`]) is running and that one is modern. Anything else is ambiguous, and guessing
+    /// could show one client's data to another: the message is handed back.
+    pub fn attribute(&self, message: Value) -> Result<(), Value> {
+        let mut routes = self.routes.lock().unwrap();
+        let now = tokio::time::Instant::now();
+        routes
+            .cancelled
+            .retain(|_, at| now.duration_since(*at) < CANCELLED_LINGER);
+        let mut running = routes
+            .pending
+            .values()
+            .filter(|p| p.origin != Origin::Bridge);
+        let (Some(only), None) = (running.next(), running.next()) else {
+            return Err(message);
+        };
+        if only.origin != Origin::Modern || !routes.cancelled.is_empty() {
+            return Err(message);
+        }
+        only.tx.send(message).map_err(|e| e.0)
+    }
+
     /// Sends a request and waits for its response (progress is ignored).
     pub async fn call(&self, message: Value, timeout: Duration) -> Result<Value, ChildError> {
-        let mut handle = self.request(message, None)?;
+        let mut handle = self.send_request(message, None, Origin::Bridge)?;
         let wait = async {
             while let Some(message) = handle.rx.recv().await {
                 if is_response(&message) {
@@ -343,7 +410,7 @@ impl Child {
                     "jsonrpc": "2.0", "id": 0, "method": "initialize",
                     "params": {
                         "protocolVersion": CHILD_PROTOCOL_VERSION,
-                        "capabilities": {},
+                        "capabilities": super::input_required::child_capabilities(),
                         "clientInfo": {"name": "mcpfly-bridge", "version": env!("CARGO_PKG_VERSION")},
                     },
                 }),
@@ -407,6 +474,7 @@ fn route(routes: &Mutex<Routes>, mut message: Value, unsolicited: &mpsc::Unbound
         let pending = {
             let mut routes = routes.lock().unwrap();
             let pending = routes.pending.remove(&bridge_id);
+            routes.cancelled.remove(&bridge_id);
             if let Some(pending) = &pending {
                 if let Some(token) = &pending.progress_token {
                     routes.progress.remove(token);

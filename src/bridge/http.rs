@@ -30,6 +30,7 @@ use super::auth::Auth;
 use super::child::{
     CHILD_PROTOCOL_VERSION, Child, ChildSpec, HANDSHAKE_VERSIONS, error_response, is_response,
 };
+use super::input_required::{self, Caller, Exchange, HeldTable};
 use super::modern::{self, Primary};
 use super::ratelimit::{Limiter, Rate};
 use super::session::Sessions;
@@ -60,6 +61,8 @@ pub struct State {
     pub sessions: Arc<Sessions>,
     pub warm: Arc<WarmPool>,
     pub audit: Auditor,
+    /// 2026-07-28 requests waiting for their client's `inputResponses`.
+    pub held: Arc<HeldTable>,
     per_token: Limiter,
     per_client: Limiter,
     shutdown: watch::Receiver<bool>,
@@ -96,6 +99,7 @@ impl State {
             sessions: Sessions::new(args.max_sessions),
             warm,
             audit,
+            held: HeldTable::new(Duration::from_secs(args.input_timeout_secs)),
             per_token: Limiter::new(Rate {
                 per_minute: args.rate_per_token,
                 burst: args.rate_token_burst,
@@ -773,11 +777,7 @@ async fn modern_post(
         );
     };
     if let Err(rejection) = modern::validate(headers, &message) {
-        audit.rpc_error = Some(rejection.code);
-        return json_response(
-            modern::http_status(rejection.code),
-            &rejection.to_response(id),
-        );
+        return modern_rejection(audit, &rejection, id);
     }
     if modern::not_served(&method) {
         return rpc_error(audit, 404, id, modern::METHOD_NOT_FOUND, "Method not found");
@@ -798,71 +798,89 @@ async fn modern_post(
             &json!({"jsonrpc": "2.0", "id": id, "result": modern::discover_result(&ready.init)}),
         );
     }
-    let wants_stream = message.pointer("/params/_meta/progressToken").is_some()
-        && accepts(headers, "text/event-stream");
-    let handle = match ready.child.request(modern::to_child(message), None) {
-        Ok(handle) => handle,
-        Err(_) => return rpc_error(audit, 503, id, -32603, "the MCP server is not ready"),
+    if method == "subscriptions/listen" {
+        return listen(state, &ready, id, &message).await;
+    }
+    if method == "tools/call"
+        && let Err(rejection) = check_param_headers(state, &ready, headers, &message).await
+    {
+        return modern_rejection(audit, &rejection, id);
+    }
+    let caller = Caller::from_request(&message);
+    let binding = input_required::binding(&method, message.get("params"));
+    let exchange = match message
+        .pointer("/params/requestState")
+        .and_then(Value::as_str)
+    {
+        // A retry after `input_required`: the held request goes on; nothing new is sent to the child.
+        Some(token) => {
+            let responses = message
+                .pointer("/params/inputResponses")
+                .and_then(Value::as_object);
+            match state.held.resume(token, &binding, responses) {
+                Ok(exchange) => exchange,
+                Err(_) => {
+                    audit.note = Some("requestState refused");
+                    return rpc_error(
+                        audit,
+                        400,
+                        id,
+                        modern::INVALID_PARAMS,
+                        "requestState is invalid, expired, already used, or not for this request; send the \
+                         request again without it",
+                    );
+                }
+            }
+        }
+        None => match ready.child.request_modern(modern::to_child(message)) {
+            Ok(handle) => Exchange {
+                child: ready.child.clone(),
+                bridge_id: handle.bridge_id,
+                rx: handle.rx,
+                method,
+                binding,
+            },
+            Err(_) => return rpc_error(audit, 503, id, -32603, "the MCP server is not ready"),
+        },
     };
     let mut guard = CancelOnDrop {
-        child: ready.child.clone(),
-        bridge_id: handle.bridge_id,
+        child: exchange.child.clone(),
+        bridge_id: exchange.bridge_id,
         armed: true,
     };
     let timeout = state.config.request_timeout;
+    let held = state.held.clone();
     let init = ready.init.clone();
+    // Progress and logs need a stream; without either, the answer is plain JSON.
+    let wants_stream = (caller.progress_token.is_some() || caller.log_level.is_some())
+        && accepts(headers, "text/event-stream");
     if !wants_stream {
-        let mut rx = handle.rx;
-        let answer = tokio::time::timeout(timeout, async {
-            while let Some(m) = rx.recv().await {
-                if is_response(&m) {
-                    return Some(m);
-                }
-            }
-            None
-        })
+        let answer = tokio::time::timeout(
+            timeout,
+            input_required::drive(exchange, &caller, &held, &init, &mut |_| {}),
+        )
         .await;
         return match answer {
-            Ok(Some(response)) => {
+            Ok(response) => {
                 guard.armed = false;
-                let response = modern::from_child(response, &method, &init);
                 let code = response.pointer("/error/code").and_then(Value::as_i64);
                 audit.rpc_error = code;
                 json_response(code.map(modern::http_status).unwrap_or(200), &response)
-            }
-            Ok(None) => {
-                guard.armed = false;
-                rpc_error(
-                    audit,
-                    200,
-                    id,
-                    -32603,
-                    "the MCP server exited before answering",
-                )
             }
             Err(_) => rpc_error(audit, 200, id, -32603, "request timed out"),
         };
     }
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut own = handle.rx;
     tokio::spawn(async move {
-        let result = tokio::time::timeout(timeout, async {
-            while let Some(m) = own.recv().await {
-                let last = is_response(&m);
-                let m = if last {
-                    modern::from_child(m, &method, &init)
-                } else {
-                    m
-                };
-                if tx.send(m).is_err() || last {
-                    return;
-                }
-            }
-        })
+        let progress = tx.clone();
+        let answer = tokio::time::timeout(
+            timeout,
+            input_required::drive(exchange, &caller, &held, &init, &mut |m| {
+                let _ = progress.send(m);
+            }),
+        )
         .await;
-        if result.is_err() {
-            let _ = tx.send(error_response(id, -32603, "request timed out"));
-        }
+        let _ = tx.send(answer.unwrap_or_else(|_| error_response(id, -32603, "request timed out")));
     });
     sse(
         None,
@@ -873,6 +891,81 @@ async fn modern_post(
         None,
         Some(guard),
     )
+}
+
+fn modern_rejection(audit: &mut AuditRecord, rejection: &modern::Rejection, id: Value) -> Response {
+    audit.rpc_error = Some(rejection.code);
+    json_response(
+        modern::http_status(rejection.code),
+        &rejection.to_response(id),
+    )
+}
+
+/// `Mcp-Param-*` headers of a `tools/call` against the tool's `x-mcp-header` annotations. Skipped (as the SDKs
+/// do) when nothing could disagree or the tool's schema is unknown.
+async fn check_param_headers(
+    state: &State,
+    ready: &modern::Ready,
+    headers: &HeaderMap,
+    message: &Value,
+) -> Result<(), modern::Rejection> {
+    let arguments = message
+        .pointer("/params/arguments")
+        .cloned()
+        .unwrap_or_else(|| json!({}));
+    let has_param_headers = headers.keys().any(|k| k.as_str().starts_with("mcp-param-"));
+    if !has_param_headers && arguments.as_object().is_none_or(|a| a.is_empty()) {
+        return Ok(());
+    }
+    let Some(name) = message.pointer("/params/name").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    match ready
+        .tool_schema(name, state.config.init_timeout.min(Duration::from_secs(10)))
+        .await
+    {
+        Some(schema) => modern::check_param_headers(&schema, &arguments, headers),
+        None => Ok(()),
+    }
+}
+
+/// `subscriptions/listen`: an SSE stream acknowledging what the bridge honours, then the child's matching change
+/// notifications, until the client closes it or the bridge shuts down.
+async fn listen(state: &State, ready: &modern::Ready, id: Value, message: &Value) -> Response {
+    let requested = message
+        .pointer("/params/notifications")
+        .cloned()
+        .unwrap_or_else(|| json!({}));
+    // Subscribed before the child is asked, so nothing sent in between is missed.
+    let mut events = ready.events.subscribe();
+    let honoured = ready
+        .honour_listen(
+            &requested,
+            state.config.init_timeout.min(Duration::from_secs(10)),
+        )
+        .await;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let _ = tx.send(modern::listen_acknowledgement(&honoured, &id));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Ok(event) => {
+                        if let Some(frame) = modern::listen_frame(&event, &honoured, &id)
+                            && tx.send(frame).is_err()
+                        {
+                            return;
+                        }
+                    }
+                    // A listener that fell behind missed level triggers; the next one still says "refetch".
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    sse(None, rx, None, false, state.shutdown.clone(), None, None)
 }
 
 /// An SSE response relaying `first`, then `rx`, until a response message (or shutdown). Event ids are per

@@ -2,7 +2,8 @@
 //!
 //! - [`http`]: the endpoint (auth, Origin/CORS, limits, both protocol eras, health and readiness).
 //! - [`session`]: handshake-era sessions, one child each (or the shared one with `--session-isolation shared`);
-//!   [`warm`]: children started ahead of sessions; [`modern`]: the 2026-07-28 envelope on a shared child.
+//!   [`warm`]: children started ahead of sessions; [`modern`]: the 2026-07-28 envelope on a shared child;
+//!   [`input_required`]: the shared child's questions to its client, as 2026-07-28 `input_required` rounds.
 //! - [`child`]: the stdio process and JSON-RPC multiplexing; [`auth`], [`ratelimit`], [`audit`]: cross-cutting.
 //! - [`verify`]: the MCP client the controller uses to check a deployment through its public URL.
 
@@ -10,6 +11,7 @@ pub mod audit;
 pub mod auth;
 pub mod child;
 pub mod http;
+pub mod input_required;
 pub mod modern;
 pub mod ratelimit;
 pub mod session;
@@ -27,6 +29,23 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use verify::{ServerInfo, VerifyError, unauthenticated_status, verify};
+
+/// What works in which protocol era, for `mcpfly bridge --help` (the README's table says the same).
+pub const FEATURES_BY_ERA: &str = "\
+Features by protocol era:
+  Handshake era (2024-11-05 .. 2025-11-25), --session-isolation per-session (default): everything the server
+    does reaches the session's client: progress, sampling, elicitation, roots, logs (logging/setLevel),
+    list_changed and resources/updated. JSON-RPC batches are refused (400).
+  Handshake era, --session-isolation shared: calls and progress; the server's requests get an error and its
+    notifications are not relayed.
+  2026-07-28 (one shared server process for every request):
+    progress and logs (with the request's logLevel) on the request's SSE stream; sampling, elicitation and
+    roots as input_required rounds (requestState HMAC-protected, single use, --input-timeout-secs), refused
+    with -32021 when the request did not declare the capability; list_changed and resources/updated on
+    subscriptions/listen; Mcp-Name and Mcp-Param-* headers validated (-32020); closing the stream cancels.
+    Limit: stdio does not say which request a server's question or log belongs to, so they reach a client
+    only while its request is the one the server is running; with several running, a question is answered
+    with an error and a log dropped.";
 
 /// Arguments of `mcpfly bridge [OPTIONS] -- CMD ARGS...`.
 #[derive(Args, Debug, Clone)]
@@ -90,11 +109,15 @@ pub struct BridgeArgs {
     #[arg(long, default_value_t = 1)]
     pub warm_sessions: usize,
     /// `per-session`: each handshake-era session runs its own server process (no state shared between
-    /// clients). `shared`: every session and every 2026-07-28 request is served by one process — for servers
-    /// known to be stateless; the server then cannot reach a client (sampling, elicitation, roots, log and
-    /// change notifications are not relayed).
+    /// clients). `shared`: every handshake-era session is served by the one process that also serves 2026-07-28
+    /// requests — for servers known to be stateless; the server then cannot reach a handshake-era client
+    /// (sampling, elicitation, roots, log and change notifications are not relayed to sessions).
     #[arg(long, value_enum, default_value_t = SessionIsolation::PerSession)]
     pub session_isolation: SessionIsolation,
+    /// How long, in seconds, a 2026-07-28 request that returned `input_required` waits for its client to retry
+    /// with `inputResponses`; after that the server's question gets an error and its request is cancelled.
+    #[arg(long, default_value_t = 300)]
+    pub input_timeout_secs: u64,
     /// On SIGTERM, how long in-flight requests may finish, in seconds, before servers are stopped.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -168,6 +191,10 @@ impl Bridge {
         self.state.warm.len()
     }
 
+    /// 2026-07-28 requests waiting for their client's `inputResponses`.
+    pub fn held_for_input(&self) -> usize {
+        self.state.held.len()
+    }
     /// Audit lines shed so far because the log sink fell behind.
     pub fn audit_lines_shed(&self) -> u64 {
         self.state.audit.shed()

@@ -5,22 +5,27 @@
 //! concurrently and each gets only its own progress and response. A pool of children would add memory (one node
 //! process each, on 256 MB machines) without adding isolation a stateless protocol promises.
 //!
-//! What the bridge does for a modern request: validates the envelope (headers against `_meta`, version),
-//! answers `server/discover` itself from the child's cached `InitializeResult`, strips the
-//! `io.modelcontextprotocol/*` `_meta` keys, forwards, and rewrites the result (`resultType`, `ttlMs`,
-//! `cacheScope`, serverInfo in `_meta`, `-32002` → `-32602`).
+//! What the bridge does for a modern request: validates the envelope (headers against `_meta`, version,
+//! `Mcp-Param-*` against the tool's `x-mcp-header` annotations), answers `server/discover` itself from the
+//! child's cached `InitializeResult`, strips the `io.modelcontextprotocol/*` `_meta` keys, forwards, and rewrites
+//! the result (`resultType`, `ttlMs`, `cacheScope`, serverInfo in `_meta`, `-32002` → `-32602`).
 //!
-//! Server-to-client requests from the shared child (sampling, elicitation, roots) cannot be attributed to one
-//! modern request on stdio, so the bridge answers them itself with an error (`-32601`) rather than translating
-//! them into `input_required`; the tool sees a client without that capability, which is what the modern request
-//! declared unless it said otherwise. Notifications the child sends on its own (logs, `list_changed`) are
-//! dropped: modern clients receive those only on `subscriptions/listen`, which the bridge does not offer (404).
+//! What the shared child sends on its own: its requests to the client (sampling, elicitation, roots) and its log
+//! messages carry no link to the client request that caused them on stdio, so they go to a modern request only
+//! when it is the one request the child is running ([`super::child::Child::attribute`]); the requests then
+//! become `input_required` rounds ([`super::input_required`]) and the logs go on that request's stream if it set
+//! `logLevel`. Otherwise (several requests in flight) a request is refused with an error and a log dropped:
+//! guessing could show one client's data to another. `list_changed` and `resources/updated` go to every open
+//! `subscriptions/listen` stream that asked for them.
 
 use std::time::Duration;
 
 use http::HeaderMap;
 use serde_json::{Map, Value, json};
-use tokio::sync::{mpsc, watch};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{broadcast, mpsc, watch};
 
 use super::child::{Child, ChildSpec, error_response};
 
@@ -28,6 +33,8 @@ pub const MODERN_VERSION: &str = "2026-07-28";
 pub const META_PROTOCOL_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 pub const META_CLIENT_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
 pub const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
+pub const META_LOG_LEVEL: &str = "io.modelcontextprotocol/logLevel";
+pub const META_SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
 const META_PREFIX: &str = "io.modelcontextprotocol/";
 
 pub const HEADER_MISMATCH: i64 = -32020;
@@ -36,15 +43,24 @@ pub const INVALID_PARAMS: i64 = -32602;
 pub const INVALID_REQUEST: i64 = -32600;
 pub const METHOD_NOT_FOUND: i64 = -32601;
 
-/// Methods that 2026-07-28 removed, and the one it added that the bridge does not offer.
-const NOT_SERVED: [&str; 6] = [
+/// Methods that 2026-07-28 removed.
+const NOT_SERVED: [&str; 5] = [
     "initialize",
     "ping",
     "logging/setLevel",
     "resources/subscribe",
     "resources/unsubscribe",
-    "subscriptions/listen",
 ];
+/// The child's notifications that 2026-07-28 delivers on `subscriptions/listen` streams.
+const LISTEN_METHODS: [&str; 4] = [
+    "notifications/tools/list_changed",
+    "notifications/prompts/list_changed",
+    "notifications/resources/list_changed",
+    "notifications/resources/updated",
+];
+/// Most resource URIs the bridge subscribes the shared child to (it never unsubscribes: listeners come and go,
+/// and the child's subscription is shared by all of them).
+const MAX_RESOURCE_SUBSCRIPTIONS: usize = 256;
 /// Results that carry cache hints in 2026-07-28.
 const CACHEABLE: [&str; 6] = [
     "tools/list",
@@ -214,7 +230,7 @@ pub fn discover_result(init: &Value) -> Value {
     result
 }
 
-fn server_info(init: &Value) -> Value {
+pub fn server_info(init: &Value) -> Value {
     init.get("serverInfo")
         .cloned()
         .unwrap_or_else(|| json!({"name": "unknown", "version": "0"}))
@@ -230,6 +246,9 @@ pub fn to_child(mut message: Value) -> Value {
                 params.remove("_meta");
             }
         }
+        // The 2026-07-28 retry fields are the bridge's business (see `input_required`), never the child's.
+        params.remove("inputResponses");
+        params.remove("requestState");
         if params.is_empty() {
             message.as_object_mut().unwrap().remove("params");
         }
@@ -269,10 +288,19 @@ pub struct Primary {
     state: watch::Receiver<Option<Ready>>,
 }
 
+/// Tool input schemas by tool name.
+type ToolSchemas = HashMap<String, Value>;
+
 #[derive(Clone)]
 pub struct Ready {
     pub child: std::sync::Arc<Child>,
     pub init: Value,
+    /// `list_changed` and `resources/updated` from the child, for `subscriptions/listen` streams.
+    pub events: broadcast::Sender<Value>,
+    /// Tool input schemas by name, for `Mcp-Param-*` validation; emptied when the child's tool list changes.
+    tool_schemas: Arc<Mutex<Option<Arc<ToolSchemas>>>>,
+    /// Resource URIs the child has been subscribed to.
+    subscribed: Arc<Mutex<HashSet<String>>>,
 }
 
 pub struct Backoff {
@@ -308,11 +336,15 @@ impl Primary {
                                     .unwrap_or("-"),
                                 "MCP server initialized; ready"
                             );
-                            tokio::spawn(answer_unsolicited(child.clone(), unsolicited));
-                            let _ = tx.send(Some(Ready {
+                            let ready = Ready {
                                 child: child.clone(),
                                 init,
-                            }));
+                                events: broadcast::channel(64).0,
+                                tool_schemas: Arc::default(),
+                                subscribed: Arc::default(),
+                            };
+                            tokio::spawn(dispatch_unsolicited(ready.clone(), unsolicited));
+                            let _ = tx.send(Some(ready));
                             tokio::select! {
                                 _ = child.wait_exit() => {
                                     tracing::warn!("MCP server exited; not ready until it is restarted");
@@ -369,25 +401,276 @@ pub async fn until_shutdown(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
-/// Requests the shared child makes of "its client" are answered by the bridge (see the module docs); its own
-/// notifications are dropped.
-async fn answer_unsolicited(
-    child: std::sync::Arc<Child>,
-    mut unsolicited: mpsc::UnboundedReceiver<Value>,
-) {
+/// What the shared child sends on its own (see the module docs): change notifications to the listen streams,
+/// its requests and logs to the one modern request they can belong to. A request that cannot be attributed is
+/// answered with an error at once, so the tool fails instead of waiting for an answer that never comes.
+async fn dispatch_unsolicited(ready: Ready, mut unsolicited: mpsc::UnboundedReceiver<Value>) {
     while let Some(message) = unsolicited.recv().await {
-        if message.get("method").is_some()
-            && let Some(id) = message.get("id")
+        let method = message.get("method").and_then(Value::as_str).unwrap_or("");
+        if LISTEN_METHODS.contains(&method) {
+            if method == "notifications/tools/list_changed" {
+                *ready.tool_schemas.lock().unwrap() = None;
+            }
+            let _ = ready.events.send(message);
+            continue;
+        }
+        let id = message.get("id").cloned();
+        if method.is_empty() || (id.is_none() && method != "notifications/message") {
+            continue;
+        }
+        if ready.child.attribute(message).is_err()
+            && let Some(id) = id
         {
-            let _ = child.send_from_client(
+            let _ = ready.child.send_from_client(
                 error_response(
-                    id.clone(),
-                    METHOD_NOT_FOUND,
-                    "server-to-client requests are not available to clients of a shared MCP server",
+                    id,
+                    -32603,
+                    "the bridge cannot tell which client this request is for: the shared MCP server is serving \
+                     several requests at once",
                 ),
                 "",
             );
         }
+    }
+}
+
+impl Ready {
+    /// The input schema of tool `name`, from the child's `tools/list` (cached until its list changes). `None` when
+    /// the child does not list it or cannot be asked: validation is then skipped, as the SDKs do.
+    pub async fn tool_schema(&self, name: &str, timeout: Duration) -> Option<Value> {
+        let cached = self.tool_schemas.lock().unwrap().clone();
+        let schemas = match cached {
+            Some(schemas) => schemas,
+            None => {
+                let schemas = Arc::new(self.list_tool_schemas(timeout).await?);
+                *self.tool_schemas.lock().unwrap() = Some(schemas.clone());
+                schemas
+            }
+        };
+        schemas.get(name).cloned()
+    }
+
+    async fn list_tool_schemas(&self, timeout: Duration) -> Option<ToolSchemas> {
+        let mut schemas = HashMap::new();
+        let mut cursor: Option<Value> = None;
+        // A bound on pages: a server returning a cursor cycle must not hold a request forever.
+        for _ in 0..100 {
+            let mut request = json!({"jsonrpc": "2.0", "id": 0, "method": "tools/list"});
+            if let Some(cursor) = &cursor {
+                request["params"] = json!({"cursor": cursor});
+            }
+            let response = self.child.call(request, timeout).await.ok()?;
+            let result = response.get("result")?;
+            for tool in result.get("tools").and_then(Value::as_array)? {
+                if let Some(name) = tool.get("name").and_then(Value::as_str) {
+                    schemas.insert(
+                        name.to_string(),
+                        tool.get("inputSchema").cloned().unwrap_or(Value::Null),
+                    );
+                }
+            }
+            match result.get("nextCursor").filter(|c| !c.is_null()) {
+                Some(next) => cursor = Some(next.clone()),
+                None => return Some(schemas),
+            }
+        }
+        None
+    }
+
+    /// What of a `subscriptions/listen` filter the bridge honours: change notifications of every kind of thing
+    /// the child serves (servers send `list_changed` whether or not they declare `listChanged`, and the bridge
+    /// relays whatever comes), and resource subscriptions when the child supports them (subscribing it to each
+    /// URI first).
+    pub async fn honour_listen(&self, requested: &Value, timeout: Duration) -> Value {
+        let caps = self.init.get("capabilities").cloned().unwrap_or_default();
+        let mut honoured = Map::new();
+        for (key, capability) in [
+            ("toolsListChanged", "tools"),
+            ("promptsListChanged", "prompts"),
+            ("resourcesListChanged", "resources"),
+        ] {
+            if requested.get(key) == Some(&json!(true)) && caps.get(capability).is_some() {
+                honoured.insert(key.into(), json!(true));
+            }
+        }
+        let uris: Vec<&str> = requested
+            .get("resourceSubscriptions")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if caps.pointer("/resources/subscribe") == Some(&json!(true)) && !uris.is_empty() {
+            let mut accepted = Vec::new();
+            for uri in uris {
+                let new = {
+                    let subscribed = self.subscribed.lock().unwrap();
+                    if subscribed.contains(uri) {
+                        false
+                    } else if subscribed.len() >= MAX_RESOURCE_SUBSCRIPTIONS {
+                        continue;
+                    } else {
+                        true
+                    }
+                };
+                if new {
+                    let request = json!({"jsonrpc": "2.0", "id": 0, "method": "resources/subscribe",
+                        "params": {"uri": uri}});
+                    match self.child.call(request, timeout).await {
+                        Ok(response) if response.get("result").is_some() => {
+                            self.subscribed.lock().unwrap().insert(uri.to_string());
+                        }
+                        _ => continue,
+                    }
+                }
+                accepted.push(json!(uri));
+            }
+            honoured.insert("resourceSubscriptions".into(), Value::Array(accepted));
+        }
+        Value::Object(honoured)
+    }
+}
+
+/// A child notification as a frame of the listen stream `subscription_id`, if the honoured filter covers it.
+pub fn listen_frame(event: &Value, honoured: &Value, subscription_id: &Value) -> Option<Value> {
+    let method = event.get("method").and_then(Value::as_str)?;
+    let wanted = match method {
+        "notifications/tools/list_changed" => {
+            honoured.get("toolsListChanged") == Some(&json!(true))
+        }
+        "notifications/prompts/list_changed" => {
+            honoured.get("promptsListChanged") == Some(&json!(true))
+        }
+        "notifications/resources/list_changed" => {
+            honoured.get("resourcesListChanged") == Some(&json!(true))
+        }
+        "notifications/resources/updated" => {
+            let uri = event.pointer("/params/uri")?;
+            honoured
+                .get("resourceSubscriptions")
+                .and_then(Value::as_array)
+                .is_some_and(|uris| uris.contains(uri))
+        }
+        _ => false,
+    };
+    if !wanted {
+        return None;
+    }
+    let mut frame = json!({"jsonrpc": "2.0", "method": method, "params": event.get("params").cloned().unwrap_or_else(|| json!({}))});
+    frame["params"]["_meta"] = json!({META_SUBSCRIPTION_ID: subscription_id});
+    Some(frame)
+}
+
+/// The first frame of a listen stream: what the bridge honours of what was asked.
+pub fn listen_acknowledgement(honoured: &Value, subscription_id: &Value) -> Value {
+    json!({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged", "params": {
+        "notifications": honoured, "_meta": {META_SUBSCRIPTION_ID: subscription_id}}})
+}
+
+/// `Mcp-Param-{Name}` headers against a `tools/call`'s arguments, for every property the tool's input schema
+/// annotates with `x-mcp-header` (reached through `properties` only, as the SDKs walk it): present together
+/// and equal, or absent together; duplicates refused. `-32020` on the first disagreement.
+pub fn check_param_headers(
+    schema: &Value,
+    arguments: &Value,
+    headers: &HeaderMap,
+) -> Result<(), Rejection> {
+    let mut annotated = Vec::new();
+    annotated_properties(schema, &mut Vec::new(), &mut annotated, 0);
+    for (path, token, property) in annotated {
+        let name = format!("Mcp-Param-{token}");
+        let mut raws = headers.get_all(name.to_ascii_lowercase().as_str()).iter();
+        let raw = raws.next().map(|v| v.to_str().unwrap_or("\u{fffd}"));
+        if raws.next().is_some() {
+            return Err(rejection(
+                HEADER_MISMATCH,
+                &format!("{name} header appears more than once"),
+            ));
+        }
+        let argument = path.join(".");
+        let value = path
+            .iter()
+            .try_fold(arguments, |node, key| node.get(key))
+            .filter(|v| !v.is_null());
+        let rendered = value.and_then(|v| match v {
+            Value::Bool(b) => Some(b.to_string()),
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        });
+        match (raw, value, rendered) {
+            (None, None, _) | (None, Some(_), None) => {}
+            (Some(_), None, _) => {
+                return Err(rejection(
+                    HEADER_MISMATCH,
+                    &format!(
+                        "{name} header is present but the request's {argument:?} argument is absent"
+                    ),
+                ));
+            }
+            (None, Some(_), Some(_)) => {
+                return Err(rejection(
+                    HEADER_MISMATCH,
+                    &format!(
+                        "{name} header is missing but the request's {argument:?} argument is present"
+                    ),
+                ));
+            }
+            (Some(raw), Some(value), rendered) => {
+                let decoded = decode_header_value(raw);
+                let matches = rendered.as_deref() == Some(decoded.as_str())
+                    || (property.get("type") == Some(&json!("integer"))
+                        && same_integer(value, &decoded));
+                if !matches {
+                    return Err(rejection(
+                        HEADER_MISMATCH,
+                        &format!(
+                            "{name} header does not match the request's {argument:?} argument"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn annotated_properties<'s>(
+    schema: &'s Value,
+    path: &mut Vec<String>,
+    out: &mut Vec<(Vec<String>, String, &'s Value)>,
+    depth: usize,
+) {
+    // Schemas are client-visible data of an untrusted server: bound the walk.
+    if depth > 32 {
+        return;
+    }
+    let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
+        return;
+    };
+    for (name, property) in properties {
+        path.push(name.clone());
+        if let Some(token) = property.get("x-mcp-header").and_then(Value::as_str) {
+            out.push((path.clone(), token.to_string(), property));
+        }
+        annotated_properties(property, path, out, depth + 1);
+        path.pop();
+    }
+}
+
+/// An integer argument against a header written as a plain decimal (`42` and `42.0` agree), as the spec says
+/// integers SHOULD compare.
+fn same_integer(value: &Value, header: &str) -> bool {
+    let (whole, fraction) = header.split_once('.').unwrap_or((header, ""));
+    if !fraction.chars().all(|c| c == '0') || whole.is_empty() {
+        return false;
+    }
+    let Ok(header) = whole.parse::<i128>() else {
+        return false;
+    };
+    match (value.as_i64(), value.as_u64(), value.as_f64()) {
+        (Some(i), _, _) => i128::from(i) == header,
+        (_, Some(u), _) => i128::from(u) == header,
+        (_, _, Some(f)) => f.fract() == 0.0 && f == header as f64,
+        _ => false,
     }
 }
 
@@ -505,5 +788,58 @@ mod tests {
         assert_eq!(discover["supportedVersions"], json!([MODERN_VERSION]));
         assert_eq!(discover["capabilities"], json!({"tools": {}}));
         assert_eq!(discover["_meta"][META_SERVER_INFO]["version"], "1");
+    }
+
+    #[test]
+    fn param_headers_follow_x_mcp_header_annotations() {
+        let schema = json!({"type": "object", "properties": {
+            "region": {"type": "string", "x-mcp-header": "Region"},
+            "count": {"type": "integer", "x-mcp-header": "Count"},
+            "target": {"type": "object", "properties": {"zone": {"type": "string", "x-mcp-header": "Zone"}}},
+            "plain": {"type": "string"},
+        }});
+        let args = json!({"region": "ams", "count": 42, "target": {"zone": "z1"}, "plain": "p"});
+        let ok = headers(&[
+            ("mcp-param-region", "ams"),
+            ("mcp-param-count", "42.0"),
+            ("mcp-param-zone", "=?base64?ejE=?="),
+        ]);
+        assert_eq!(check_param_headers(&schema, &args, &ok), Ok(()));
+        for bad in [
+            // Wrong value, missing header, fractional integer, duplicated header.
+            headers(&[
+                ("mcp-param-region", "fra"),
+                ("mcp-param-count", "42"),
+                ("mcp-param-zone", "z1"),
+            ]),
+            headers(&[("mcp-param-count", "42"), ("mcp-param-zone", "z1")]),
+            headers(&[
+                ("mcp-param-region", "ams"),
+                ("mcp-param-count", "42.5"),
+                ("mcp-param-zone", "z1"),
+            ]),
+            headers(&[
+                ("mcp-param-region", "ams"),
+                ("mcp-param-region", "ams"),
+                ("mcp-param-count", "42"),
+                ("mcp-param-zone", "z1"),
+            ]),
+        ] {
+            assert_eq!(
+                check_param_headers(&schema, &args, &bad).unwrap_err().code,
+                HEADER_MISMATCH
+            );
+        }
+        // A header for an absent argument is refused; no header and no argument is fine.
+        let absent = json!({"count": 1});
+        let stray = headers(&[("mcp-param-count", "1"), ("mcp-param-region", "x")]);
+        assert_eq!(
+            check_param_headers(&schema, &absent, &stray)
+                .unwrap_err()
+                .code,
+            HEADER_MISMATCH
+        );
+        let fine = headers(&[("mcp-param-count", "1")]);
+        assert_eq!(check_param_headers(&schema, &absent, &fine), Ok(()));
     }
 }
