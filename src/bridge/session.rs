@@ -23,6 +23,10 @@ use super::child::Child;
 
 /// Messages kept for a session while no stream is open to take them.
 const BACKLOG: usize = 1000;
+/// Events kept per session for `Last-Event-ID` resumption (the newest; older ones cannot be replayed).
+const HISTORY: usize = 1000;
+/// The stream id of a session's GET stream in event ids; POST response streams are numbered from 1.
+pub const GET_STREAM: u64 = 0;
 
 pub struct Session {
     pub id: String,
@@ -38,41 +42,54 @@ pub struct Session {
 
 #[derive(Default)]
 struct Outbound {
-    /// The session's GET stream, if one is open.
+    /// The session's GET stream, if one is open, and which opening it was (a resumed stream replaces it).
     get: Option<mpsc::UnboundedSender<Value>>,
+    get_opened: u64,
     /// POST response streams still open: the fallback for server-initiated messages when no GET stream is, since
     /// a stdio child does not say which request a message relates to.
     posts: Vec<(u64, mpsc::UnboundedSender<Value>)>,
     backlog: VecDeque<Value>,
+    /// Events sent on the session's streams, newest last: `(stream, event number, message)`.
+    history: VecDeque<(u64, u64, Value)>,
 }
 
-/// Claim on the session's single GET stream; dropping it frees the slot.
-pub struct GetStream {
-    pub rx: mpsc::UnboundedReceiver<Value>,
+/// A session's claim on one of its SSE streams (the GET stream or a POST response stream). Dropping it
+/// unregisters the stream at once, so a closed GET stream frees its slot (a reopened one is not refused).
+pub struct StreamClaim {
+    stream: u64,
+    /// For the GET stream: which opening this is, so a replaced stream does not free its successor's slot.
+    opened: u64,
     session: Arc<Session>,
 }
 
-impl Drop for GetStream {
-    fn drop(&mut self) {
-        self.session.outbound.lock().unwrap().get = None;
+impl StreamClaim {
+    /// The stream's number in its event ids.
+    pub fn stream(&self) -> u64 {
+        self.stream
     }
 }
 
-/// Registration of a POST response stream as a fallback target; dropping it unregisters.
-pub struct PostStream {
-    id: u64,
-    session: Arc<Session>,
+impl Drop for StreamClaim {
+    fn drop(&mut self) {
+        let mut out = self.session.outbound.lock().unwrap();
+        if self.stream == GET_STREAM {
+            if out.get_opened == self.opened {
+                out.get = None;
+            }
+        } else {
+            out.posts.retain(|(id, _)| *id != self.stream);
+        }
+    }
 }
 
-impl Drop for PostStream {
-    fn drop(&mut self) {
-        self.session
-            .outbound
-            .lock()
-            .unwrap()
-            .posts
-            .retain(|(id, _)| *id != self.id);
-    }
+/// An event id: the stream and a number unique in the session, so `Last-Event-ID` names both.
+pub fn event_id(stream: u64, event: u64) -> String {
+    format!("{stream}_{event}")
+}
+
+fn parse_event_id(id: &str) -> Option<(u64, u64)> {
+    let (stream, event) = id.trim().split_once('_')?;
+    Some((stream.parse().ok()?, event.parse().ok()?))
 }
 
 impl Session {
@@ -80,14 +97,48 @@ impl Session {
         *self.last_seen.lock().unwrap() = Instant::now();
     }
 
-    pub fn next_event_id(&self) -> String {
-        self.next_event.fetch_add(1, Ordering::Relaxed).to_string()
+    /// Records a message sent on `stream` for resumption; returns its event id.
+    pub fn record(&self, stream: u64, message: &Value) -> String {
+        let event = self.next_event.fetch_add(1, Ordering::Relaxed);
+        let mut out = self.outbound.lock().unwrap();
+        if out.history.len() >= HISTORY {
+            out.history.pop_front();
+        }
+        out.history.push_back((stream, event, message.clone()));
+        event_id(stream, event)
     }
 
-    /// Opens the GET stream; `None` if one is already open (→ 409). Backlogged messages come first.
-    pub fn open_get(self: &Arc<Self>) -> Option<GetStream> {
+    /// An event id for an event that carries no message (SSE priming).
+    pub fn priming_id(&self, stream: u64) -> String {
+        event_id(stream, self.next_event.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// What a client that saw `last_event_id` missed of that stream: `(stream, [(event id, message)])`; `None`
+    /// when the id is not one of this session's.
+    pub fn missed(&self, last_event_id: &str) -> Option<(u64, Vec<(String, Value)>)> {
+        let (stream, after) = parse_event_id(last_event_id)?;
+        if after >= self.next_event.load(Ordering::Relaxed) {
+            return None;
+        }
+        let out = self.outbound.lock().unwrap();
+        let missed = out
+            .history
+            .iter()
+            .filter(|(s, e, _)| *s == stream && *e > after)
+            .map(|(s, e, m)| (event_id(*s, *e), m.clone()))
+            .collect();
+        Some((stream, missed))
+    }
+
+    /// Opens the GET stream; `None` if one is already open (→ 409), unless `resumed`: a client resuming with
+    /// `Last-Event-ID` has lost its stream, whether or not the bridge noticed yet, so the new one replaces it.
+    /// Backlogged messages come first.
+    pub fn open_get(
+        self: &Arc<Self>,
+        resumed: bool,
+    ) -> Option<(mpsc::UnboundedReceiver<Value>, StreamClaim)> {
         let mut out = self.outbound.lock().unwrap();
-        if out.get.as_ref().is_some_and(|tx| !tx.is_closed()) {
+        if !resumed && out.get.as_ref().is_some_and(|tx| !tx.is_closed()) {
             return None;
         }
         let (tx, rx) = mpsc::unbounded_channel();
@@ -95,18 +146,32 @@ impl Session {
             let _ = tx.send(message);
         }
         out.get = Some(tx);
-        Some(GetStream {
-            rx,
+        out.get_opened += 1;
+        let claim = StreamClaim {
+            stream: GET_STREAM,
+            opened: out.get_opened,
             session: self.clone(),
-        })
+        };
+        Some((rx, claim))
     }
 
-    pub fn register_post(self: &Arc<Self>, tx: mpsc::UnboundedSender<Value>) -> PostStream {
-        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        self.outbound.lock().unwrap().posts.push((id, tx));
-        PostStream {
-            id,
+    pub fn register_post(self: &Arc<Self>, tx: mpsc::UnboundedSender<Value>) -> StreamClaim {
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        self.outbound.lock().unwrap().posts.push((stream, tx));
+        StreamClaim {
+            stream,
+            opened: 0,
             session: self.clone(),
+        }
+    }
+
+    /// Takes back what a closing stream had received but not sent: `claim` is dropped first, so nothing new is
+    /// routed to it, then the rest is delivered again (another stream, or the backlog until one opens).
+    pub fn reclaim(&self, claim: StreamClaim, rx: &mut mpsc::UnboundedReceiver<Value>) {
+        drop(claim);
+        rx.close();
+        while let Ok(message) = rx.try_recv() {
+            self.deliver(message);
         }
     }
 
@@ -187,11 +252,11 @@ impl Sessions {
     /// child), the session is gone once that child has exited (see [`Sessions::get`]).
     pub fn insert(
         self: &Arc<Self>,
+        id: String,
         child: Arc<Child>,
         unsolicited: Option<mpsc::UnboundedReceiver<Value>>,
         protocol_version: String,
     ) -> Arc<Session> {
-        let id = hex::encode(rand::random::<[u8; 16]>());
         let session = Arc::new(Session {
             id: id.clone(),
             child,
