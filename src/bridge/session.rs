@@ -23,8 +23,10 @@ use super::child::Child;
 
 /// Messages kept for a session while no stream is open to take them.
 const BACKLOG: usize = 1000;
-/// Events kept per session for `Last-Event-ID` resumption (the newest; older ones cannot be replayed).
+/// Events kept per session for `Last-Event-ID` resumption: the newest, at most this many and this many bytes
+/// (a tool may answer with megabytes); older ones cannot be replayed.
 const HISTORY: usize = 1000;
+const HISTORY_BYTES: usize = 4 * 1024 * 1024;
 /// The stream id of a session's GET stream in event ids; POST response streams are numbered from 1.
 pub const GET_STREAM: u64 = 0;
 
@@ -49,8 +51,39 @@ struct Outbound {
     /// a stdio child does not say which request a message relates to.
     posts: Vec<(u64, mpsc::UnboundedSender<Value>)>,
     backlog: VecDeque<Value>,
-    /// Events sent on the session's streams, newest last: `(stream, event number, message)`.
-    history: VecDeque<(u64, u64, Value)>,
+    history: History,
+}
+
+/// Events sent on a session's streams, newest last, within [`HISTORY`] events and [`HISTORY_BYTES`].
+#[derive(Default)]
+struct History {
+    /// `(stream, event number, message, its size)`
+    events: VecDeque<(u64, u64, Value, usize)>,
+    bytes: usize,
+}
+
+impl History {
+    fn push(&mut self, stream: u64, event: u64, message: &Value) {
+        let size = message.to_string().len();
+        self.events
+            .push_back((stream, event, message.clone(), size));
+        self.bytes += size;
+        while self.events.len() > HISTORY || self.bytes > HISTORY_BYTES {
+            let Some((_, _, _, dropped)) = self.events.pop_front() else {
+                break;
+            };
+            self.bytes -= dropped;
+        }
+    }
+
+    /// `(event id, message)` of `stream`'s events after event number `after`.
+    fn after(&self, stream: u64, after: u64) -> Vec<(String, Value)> {
+        self.events
+            .iter()
+            .filter(|(s, e, _, _)| *s == stream && *e > after)
+            .map(|(s, e, m, _)| (event_id(*s, *e), m.clone()))
+            .collect()
+    }
 }
 
 /// A session's claim on one of its SSE streams (the GET stream or a POST response stream). Dropping it
@@ -101,10 +134,7 @@ impl Session {
     pub fn record(&self, stream: u64, message: &Value) -> String {
         let event = self.next_event.fetch_add(1, Ordering::Relaxed);
         let mut out = self.outbound.lock().unwrap();
-        if out.history.len() >= HISTORY {
-            out.history.pop_front();
-        }
-        out.history.push_back((stream, event, message.clone()));
+        out.history.push(stream, event, message);
         event_id(stream, event)
     }
 
@@ -120,13 +150,7 @@ impl Session {
         if after >= self.next_event.load(Ordering::Relaxed) {
             return None;
         }
-        let out = self.outbound.lock().unwrap();
-        let missed = out
-            .history
-            .iter()
-            .filter(|(s, e, _)| *s == stream && *e > after)
-            .map(|(s, e, m)| (event_id(*s, *e), m.clone()))
-            .collect();
+        let missed = self.outbound.lock().unwrap().history.after(stream, after);
         Some((stream, missed))
     }
 
@@ -341,5 +365,35 @@ impl Sessions {
             tracing::info!(session = %id, "ending idle session");
             self.end(&id, grace).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_replays_one_stream_and_stays_within_its_bounds() {
+        let mut history = History::default();
+        for event in 1..=4 {
+            history.push(event % 2, event, &serde_json::json!({"n": event}));
+        }
+        let odd = history.after(1, 1);
+        assert_eq!(odd, vec![("1_3".to_string(), serde_json::json!({"n": 3}))]);
+        assert_eq!(parse_event_id("1_3"), Some((1, 3)));
+        assert_eq!(parse_event_id("x"), None);
+
+        // A few large answers push older events out: the byte budget holds.
+        let big = serde_json::json!("x".repeat(HISTORY_BYTES / 3));
+        for event in 5..=9 {
+            history.push(0, event, &big);
+        }
+        assert!(history.bytes <= HISTORY_BYTES, "{}", history.bytes);
+        assert!(history.after(0, 0).len() <= 3);
+        assert!(history.after(0, 8).len() == 1, "the newest is kept");
+        for event in 10..(10 + HISTORY as u64 + 5) {
+            history.push(0, event, &serde_json::json!(1));
+        }
+        assert_eq!(history.events.len(), HISTORY);
     }
 }
