@@ -416,3 +416,71 @@ async fn a_session_of_another_machine_is_replayed_there_once() {
     assert!(r.headers().get("fly-replay").is_none());
     bridge.shutdown().await.unwrap();
 }
+
+async fn tool_text(c: &reqwest::Client, url: &str, session: &str, id: u64, tool: &str) -> String {
+    let mut events = call(c, url, session, id, tool, json!({})).await;
+    let answer = events.until(Duration::from_secs(10), is_answer(id)).await;
+    let (_, answer) = answer.last().expect("an answer");
+    answer["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Before the fix, a server request that found no stream waited in the backlog forever, and the tool that made
+/// it hung until the request timeout (600 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_request_with_no_client_stream_waits_bounded_then_fails_instead_of_hanging() {
+    let bridge = start_bridge(
+        &["--server-request-wait-secs", "1"],
+        Auth::bearer(TOKEN.into()),
+    )
+    .await;
+    let (c, u) = (http(), url(&bridge));
+
+    // Positive control: with a GET stream open, the request reaches the client and its answer the server.
+    let session = open_session(&c, &u).await;
+    let mut stream = Events::new(get(&c, &u, &session, &[]).await);
+    stream.next(Duration::from_secs(5)).await.expect("priming");
+    assert_eq!(
+        tool_text(&c, &u, &session, 2, "roots_later").await,
+        "asking later"
+    );
+    let asked = stream
+        .until(Duration::from_secs(5), |m| m["method"] == "roots/list")
+        .await;
+    let (_, request) = asked.last().expect("roots/list on the GET stream");
+    assert_eq!(request["method"], "roots/list");
+    let answered = c
+        .post(&u)
+        .bearer_auth(TOKEN)
+        .header("accept", ACCEPT)
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", VERSION)
+        .json(&json!({"jsonrpc": "2.0", "id": request["id"], "result": {"roots": []}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), StatusCode::ACCEPTED);
+    let mut outcome = String::new();
+    for n in 0..50 {
+        outcome = tool_text(&c, &u, &session, 10 + n, "roots_later_outcome").await;
+        if outcome != "<pending>" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(outcome, "0 roots");
+
+    // No stream at all while the server asks: after the wait (1 s here) the server gets an error. The first look
+    // comes after 3 s, since a look is a POST whose stream would carry the request.
+    let session = open_session(&c, &u).await;
+    assert_eq!(
+        tool_text(&c, &u, &session, 2, "roots_later").await,
+        "asking later"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let outcome = tool_text(&c, &u, &session, 3, "roots_later_outcome").await;
+    assert!(outcome.starts_with("roots failed"), "{outcome}");
+    bridge.shutdown().await.unwrap();
+}

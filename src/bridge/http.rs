@@ -95,7 +95,10 @@ impl State {
             auth,
             spec,
             primary,
-            sessions: Sessions::new(args.max_sessions),
+            sessions: Sessions::new(
+                args.max_sessions,
+                Duration::from_secs(args.server_request_wait_secs),
+            ),
             warm,
             audit,
             affinity: Affinity::new(args.machine_id.as_deref()),

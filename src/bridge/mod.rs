@@ -97,6 +97,11 @@ pub struct BridgeArgs {
     /// change notifications are not relayed).
     #[arg(long, value_enum, default_value_t = SessionIsolation::PerSession)]
     pub session_isolation: SessionIsolation,
+    /// How long a request from the server (sampling, elicitation, roots) waits, in seconds, for a client stream
+    /// to carry it when the session has none open; then the server is answered with an error, so its tool fails
+    /// instead of hanging until `--request-timeout-secs`.
+    #[arg(long, default_value_t = 30)]
+    pub server_request_wait_secs: u64,
     /// This machine's id, for session affinity when several machines serve one app (Fly sets
     /// `FLY_MACHINE_ID`): handshake-era session ids name their machine, and a request for another machine's
     /// session is answered with `fly-replay` so Fly's proxy sends it there (404 when that machine is gone).

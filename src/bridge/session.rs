@@ -13,13 +13,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::child::Child;
+use super::child::{Child, error_response};
 
 /// Messages kept for a session while no stream is open to take them.
 const BACKLOG: usize = 1000;
@@ -40,6 +40,9 @@ pub struct Session {
     next_event: AtomicU64,
     next_stream: AtomicU64,
     last_seen: Mutex<Instant>,
+    /// How long a server request may wait in the backlog (`--server-request-wait-secs`).
+    request_wait: Duration,
+    me: Weak<Session>,
 }
 
 #[derive(Default)]
@@ -227,7 +230,32 @@ impl Session {
         if out.backlog.len() >= BACKLOG {
             out.backlog.pop_front();
         }
-        out.backlog.push_back(message);
+        let request_id = message.get("method").and(message.get("id")).cloned();
+        out.backlog.push_back(message.clone());
+        if let Some(id) = request_id {
+            // A server request waits for a stream only so long: its tool must not hang on a client that went away.
+            let (session, wait) = (self.me.clone(), self.request_wait);
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let Some(session) = session.upgrade() else {
+                    return;
+                };
+                let expired = {
+                    let mut out = session.outbound.lock().unwrap();
+                    let at = out.backlog.iter().position(|m| *m == message);
+                    at.and_then(|at| out.backlog.remove(at)).is_some()
+                };
+                if expired {
+                    tracing::info!(session = %session.id, "server request found no client stream; answered with an error");
+                    let answer = error_response(
+                        id,
+                        -32603,
+                        "the client has no stream open to receive this request",
+                    );
+                    let _ = session.child.send_from_client(answer, &session.id);
+                }
+            });
+        }
     }
 }
 
@@ -235,6 +263,7 @@ impl Session {
 pub struct Sessions {
     map: Mutex<HashMap<String, Arc<Session>>>,
     max: usize,
+    request_wait: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -242,10 +271,11 @@ pub struct Sessions {
 pub struct TooMany(pub usize);
 
 impl Sessions {
-    pub fn new(max: usize) -> Arc<Self> {
+    pub fn new(max: usize, request_wait: Duration) -> Arc<Self> {
         Arc::new(Self {
             map: Mutex::new(HashMap::new()),
             max,
+            request_wait,
         })
     }
 
@@ -281,7 +311,7 @@ impl Sessions {
         unsolicited: Option<mpsc::UnboundedReceiver<Value>>,
         protocol_version: String,
     ) -> Arc<Session> {
-        let session = Arc::new(Session {
+        let session = Arc::new_cyclic(|me| Session {
             id: id.clone(),
             child,
             owns_child: unsolicited.is_some(),
@@ -290,6 +320,8 @@ impl Sessions {
             next_event: AtomicU64::new(1),
             next_stream: AtomicU64::new(1),
             last_seen: Mutex::new(Instant::now()),
+            request_wait: self.request_wait,
+            me: me.clone(),
         });
         self.map.lock().unwrap().insert(id.clone(), session.clone());
         let Some(mut unsolicited) = unsolicited else {
