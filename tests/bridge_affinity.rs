@@ -93,11 +93,15 @@ impl Fleet {
     }
 
     async fn add_machine(&self) -> String {
-        // A service check on /readyz, so the proxy routes to a machine only once its bridge is ready.
+        // A service check on /readyz, so the proxy routes to a machine only once its bridge is ready. Without
+        // auth every request is limited per client address, and here every client is 127.0.0.1 (the emulator's
+        // proxy sets no Fly-Client-IP): 40 sessions' calls, some counted twice by a replay, would exceed the
+        // per-address burst of 100, which is not what this test is about.
         let config = json!({
             "image": IMAGE,
             "init": {"cmd": ["mcpfly", "bridge", "--port", "8080", "--path", "/mcp", "--no-auth",
-                             "--warm-sessions", "2", "--", "mcpfly", "example-server"]},
+                             "--rate-per-client", "0", "--warm-sessions", "2",
+                             "--", "mcpfly", "example-server"]},
             "services": [{"internal_port": 8080, "autostop": "off", "min_machines_running": 0,
                           "checks": [{"type": "http", "path": "/readyz", "interval": "1s"}]}],
         });
