@@ -47,6 +47,10 @@ pub enum Command {
     /// Check that every sealed value in manifests unseals for its resource; prints nothing secret.
     Unseal(crate::cli_sealing::UnsealArgs),
     /// Serve a stdio MCP server over MCP Streamable HTTP (runs inside each Fly machine): `mcpfly bridge -- CMD ARGS...`.
+    ///
+    /// Handshake era (2024-11-05 to 2025-11-25): `Mcp-Session-Id` sessions, one GET stream each (resumable with
+    /// `Last-Event-ID`), server requests and notifications relayed; with several machines, a request for another
+    /// machine's session is sent there with `fly-replay` (see `--machine-id`).
     #[command(after_help = mcpfly::bridge::FEATURES_BY_ERA)]
     Bridge(mcpfly::bridge::BridgeArgs),
     /// Serve the Fly Machines API emulator (for local runs and benchmarks; API under /v1, admin under /__emulator/).

@@ -12,7 +12,9 @@
 //! Lifecycle follows the emulator's state machine: start spawns (or resumes), stop and destroy terminate,
 //! suspend freezes the process (SIGSTOP: memory kept, so resume is instant), update restarts it with the new
 //! config. Checks are driven by the real process: `passing` only while its `/readyz` answers 200. Like Fly's
-//! proxy, a request for an app with no running machine starts one (autostart) and waits for it to be ready;
+//! proxy, each request goes to one of the app's ready machines (load-balanced), `fly-replay` response headers and
+//! the client's `fly-force-instance-id` steer it (REALISM.md §4), and a request for an app with no running
+//! machine starts one (autostart) and waits for it to be ready;
 //! after `idle_timeout` without traffic, machines above the service's `min_machines_running` are stopped or
 //! suspended per the service's `autostop`.
 //!
@@ -36,6 +38,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{DriverAction, EmulatorControl, MachineChange, MachineDriver};
+
+mod replay;
 
 /// Starts processes; the returned handle stops its process when dropped.
 pub trait ProcessSpawner: Send + Sync + 'static {
@@ -573,18 +577,48 @@ impl Inner {
         }
     }
 
-    /// A ready local process of `app`: `(port)`.
-    fn ready_target(&self, app: &str) -> Option<u16> {
+    /// Where the proxy sends a request of `app` now: `(machine id, port, region)` of a ready local process.
+    fn pick(&self, app: &str, route: &Route) -> Option<(String, u16, String)> {
         let m = self.machines.lock().expect("poisoned");
-        let mut ready: Vec<(&String, u16)> = m
+        let mut ready: Vec<(String, u16, String)> = m
             .iter()
             .filter(|((a, _), r)| a == app && r.ready && !r.suspended && r.process.is_some())
-            .map(|((_, id), r)| (id, r.port))
+            .map(|((_, id), r)| {
+                let region = r.env.get("FLY_REGION").cloned().unwrap_or_default();
+                (id.clone(), r.port, region)
+            })
             .collect();
         ready.sort();
-        // Spread requests over ready machines.
+        let (only, exclude, regions): (Option<&str>, Option<&str>, &[String]) = match route {
+            Route::Only(id) => (Some(id.as_str()), None, &[]),
+            Route::Prefer { id, exclude } => {
+                if let Some(hit) = ready.iter().find(|(m, _, _)| m == id) {
+                    return Some(hit.clone());
+                }
+                (None, exclude.as_deref(), &[])
+            }
+            Route::Balance { exclude, regions } => (None, exclude.as_deref(), regions.as_slice()),
+        };
+        if let Some(id) = only {
+            return ready.into_iter().find(|(m, _, _)| m == id);
+        }
+        ready.retain(|(m, _, _)| Some(m.as_str()) != exclude);
+        // `region=` lists regions in order of preference; `any` (or no list) falls back to every region.
+        for region in regions {
+            if region == "any" {
+                break;
+            }
+            let here: Vec<_> = ready.iter().filter(|(_, _, r)| r == region).collect();
+            if !here.is_empty() {
+                return Some(here[rand::random_range(0..here.len())].clone());
+            }
+        }
+        if !regions.is_empty() && !regions.iter().any(|r| r == "any") {
+            return None;
+        }
+        // Spread requests over the ready machines, as Fly's proxy load-balances each request.
         let n = ready.len();
-        (n > 0).then(|| ready[rand::random_range(0..n)].1)
+        (n > 0).then(|| ready.swap_remove(rand::random_range(0..n)))
     }
 
     /// Starts a stopped or suspended machine of `app` (Fly proxy autostart), if none is on its way.
@@ -802,13 +836,52 @@ fn text(status: StatusCode, body: &str) -> Response {
     (status, body.to_string()).into_response()
 }
 
+/// Which machines may take a request (Fly's proxy routing, REALISM.md §4).
+enum Route {
+    /// `fly-force-instance-id`, or `fly-replay: instance=`: this machine or an error.
+    Only(String),
+    /// `fly-replay: prefer_instance=`: this machine if ready, else load-balanced.
+    Prefer { id: String, exclude: Option<String> },
+    /// Load-balanced over ready machines (`elsewhere=true` excludes the responder; `region=` prefers regions).
+    Balance {
+        exclude: Option<String>,
+        regions: Vec<String>,
+    },
+}
+
+/// Fly documents no limit on chained replays; the emulator stops a loop after this many, with a 502.
+const MAX_REPLAYS: usize = 8;
+/// Docs: "Requests larger than 1MB cannot be replayed".
+const MAX_REPLAY_BODY: usize = 1024 * 1024;
+const FORCE_INSTANCE: &str = "fly-force-instance-id";
+const REPLAY: &str = "fly-replay";
+const REPLAY_SRC: &str = "fly-replay-src";
+
 async fn forward(inner: Weak<Inner>, app: String, rest: String, req: Request) -> Response {
     let Some(inner) = inner.upgrade() else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "emulator stopping\n");
     };
     let guard = InFlight::new(&inner, &app);
-    let port = match inner.ready_target(&app) {
-        Some(p) => p,
+    let forced = req
+        .headers()
+        .get(FORCE_INSTANCE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_string());
+    let mut route = match forced {
+        Some(id) => Route::Only(id),
+        None => Route::Balance {
+            exclude: None,
+            regions: Vec::new(),
+        },
+    };
+    let mut target = match inner.pick(&app, &route) {
+        Some(t) => t,
+        None if matches!(route, Route::Only(_)) => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "fly-force-instance-id: that machine is not running\n",
+            );
+        }
         None => {
             if inner.control().is_none_or(|c| c.machines(&app).is_empty()) {
                 return text(StatusCode::NOT_FOUND, "no such app or no machines\n");
@@ -816,8 +889,8 @@ async fn forward(inner: Weak<Inner>, app: String, rest: String, req: Request) ->
             inner.autostart(&app);
             let deadline = Instant::now() + inner.cfg.autostart_timeout;
             loop {
-                if let Some(p) = inner.ready_target(&app) {
-                    break p;
+                if let Some(t) = inner.pick(&app, &route) {
+                    break t;
                 }
                 if Instant::now() > deadline {
                     return text(
@@ -834,26 +907,81 @@ async fn forward(inner: Weak<Inner>, app: String, rest: String, req: Request) ->
         Ok(b) => b,
         Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
     };
-    let mut url = format!("http://127.0.0.1:{port}/{rest}");
+    let mut url = format!("/{rest}");
     if let Some(q) = parts.uri.query() {
         url.push('?');
         url.push_str(q);
     }
-    let upstream = inner
-        .http
-        .request(parts.method.clone(), &url)
-        .headers(copy_headers(&parts.headers))
-        .body(body)
-        .send()
-        .await;
-    let upstream = match upstream {
-        Ok(r) => r,
-        Err(e) => {
+    // The client's own headers go to the first machine as sent; a replay carries the proxy's `fly-replay-src`.
+    let mut headers = copy_headers(&parts.headers);
+    let mut replays = 0;
+    let upstream = loop {
+        let (id, port, region) = &target;
+        let sent = inner
+            .http
+            .request(
+                parts.method.clone(),
+                format!("http://127.0.0.1:{port}{url}"),
+            )
+            .headers(headers.clone())
+            .body(body.clone())
+            .send()
+            .await;
+        let upstream = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("machine did not answer: {e}\n"),
+                );
+            }
+        };
+        let Some(asked) = upstream.headers().get(REPLAY) else {
+            break upstream;
+        };
+        let asked = replay::parse(asked.to_str().unwrap_or_default());
+        replays += 1;
+        if replays > MAX_REPLAYS {
+            return text(StatusCode::BAD_GATEWAY, "fly-replay: too many replays\n");
+        }
+        if body.len() > MAX_REPLAY_BODY {
             return text(
                 StatusCode::BAD_GATEWAY,
-                &format!("machine did not answer: {e}\n"),
+                "fly-replay: requests larger than 1MB cannot be replayed\n",
             );
         }
+        if asked.app.as_ref().is_some_and(|a| *a != app) {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "fly-replay: replays to another app are not modelled by the emulator\n",
+            );
+        }
+        let exclude = asked.elsewhere.then(|| id.clone());
+        route = match (asked.instance, asked.prefer_instance) {
+            (Some(only), _) => Route::Only(only),
+            (None, Some(preferred)) => Route::Prefer {
+                id: preferred,
+                exclude,
+            },
+            (None, None) => Route::Balance {
+                exclude,
+                regions: asked.regions,
+            },
+        };
+        let source = replay::source(id, region, asked.state.as_deref());
+        headers.insert(
+            REPLAY_SRC,
+            http::HeaderValue::from_str(&source).unwrap_or(http::HeaderValue::from_static("")),
+        );
+        target = match inner.pick(&app, &route) {
+            Some(t) => t,
+            None => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "fly-replay: no running machine matches the replay\n",
+                );
+            }
+        };
     };
     let status = upstream.status();
     let headers = copy_headers(upstream.headers());

@@ -592,6 +592,10 @@ impl State {
         for (k, s) in &a.secrets {
             env.insert(k.clone(), s.value.clone());
         }
+        // What Fly's init sets in every machine (REALISM.md §4), over anything the config says.
+        env.insert("FLY_MACHINE_ID".into(), id.into());
+        env.insert("FLY_APP_NAME".into(), app.into());
+        env.insert("FLY_REGION".into(), m.region.clone());
         self.driver_queue.push(MachineChange {
             action,
             app: app.into(),

@@ -19,12 +19,13 @@ use axum::extract::{ConnectInfo, Request, State as AxumState};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
+use super::affinity::{self, Affinity};
 use super::audit::{AuditRecord, Auditor};
 use super::auth::Auth;
 use super::child::{
@@ -63,6 +64,7 @@ pub struct State {
     pub audit: Auditor,
     /// 2026-07-28 requests waiting for their client's `inputResponses`.
     pub held: Arc<HeldTable>,
+    pub affinity: Affinity,
     per_token: Limiter,
     per_client: Limiter,
     shutdown: watch::Receiver<bool>,
@@ -96,10 +98,14 @@ impl State {
             auth,
             spec,
             primary,
-            sessions: Sessions::new(args.max_sessions),
+            sessions: Sessions::new(
+                args.max_sessions,
+                Duration::from_secs(args.server_request_wait_secs),
+            ),
             warm,
             audit,
             held: HeldTable::new(Duration::from_secs(args.input_timeout_secs)),
+            affinity: Affinity::new(args.machine_id.as_deref()),
             per_token: Limiter::new(Rate {
                 per_minute: args.rate_per_token,
                 burst: args.rate_token_burst,
@@ -412,6 +418,9 @@ async fn post(
             "Mcp-Session-Id header is required",
         );
     };
+    if let Some(replay) = replay_elsewhere(state, audit, headers, &session_id) {
+        return replay;
+    }
     let Some(session) = state.sessions.get(&session_id) else {
         audit.note = Some("unknown session");
         return rpc_error(
@@ -423,17 +432,8 @@ async fn post(
         );
     };
     audit.protocol_version = Some(session.protocol_version.clone());
-    if let Some(version) = header_str(headers, VERSION_HEADER)
-        && !HANDSHAKE_VERSIONS.contains(&version)
-    {
-        audit.note = Some("protocol version header");
-        return rpc_error(
-            audit,
-            400,
-            id.unwrap_or(Value::Null),
-            -32600,
-            "Unsupported MCP-Protocol-Version",
-        );
+    if let Some(rejected) = unsupported_version(audit, headers, id.clone().unwrap_or(Value::Null)) {
+        return rejected;
     }
     let (Some(method), Some(id)) = (method, id) else {
         // A notification or a response (to a request the child made): forward, 202. A shared child is not told
@@ -501,11 +501,8 @@ async fn post(
         );
     };
     if is_response(&first) {
-        // Unregistered first, so nothing new is routed here; whatever already was goes back to the session.
-        drop(registration);
-        while let Ok(m) = rx.try_recv() {
-            session.deliver(m);
-        }
+        // Whatever was routed here besides the answer goes back to the session.
+        session.reclaim(registration, &mut rx);
         audit.rpc_error = first.pointer("/error/code").and_then(Value::as_i64);
         return json_response(200, &first);
     }
@@ -599,9 +596,12 @@ async fn initialize(state: &Arc<State>, audit: &mut AuditRecord, mut message: Va
         child.shutdown(Duration::from_secs(2)).await;
         return json_response(200, &response);
     };
-    let session = state
-        .sessions
-        .insert(child, Some(unsolicited), version.clone());
+    let session = state.sessions.insert(
+        state.affinity.new_session_id(),
+        child,
+        Some(unsolicited),
+        version.clone(),
+    );
     session_started(audit, &session, &response)
 }
 
@@ -624,9 +624,12 @@ async fn initialize_shared(
     };
     let mut result = ready.init.clone();
     result["protocolVersion"] = json!(version);
-    let session = state
-        .sessions
-        .insert(ready.child, None, version.to_string());
+    let session = state.sessions.insert(
+        state.affinity.new_session_id(),
+        ready.child,
+        None,
+        version.to_string(),
+    );
     session_started(
         audit,
         &session,
@@ -644,7 +647,7 @@ fn session_started(
     let mut http_response = json_response(200, response);
     http_response.headers_mut().insert(
         SESSION_HEADER,
-        HeaderValue::from_str(&session.id).expect("hex session id"),
+        HeaderValue::from_str(&session.id).expect("session ids are ASCII letters, digits and -"),
     );
     http_response
 }
@@ -667,32 +670,97 @@ fn get_stream(
     };
     audit.era = "handshake";
     audit.method = Some("(get stream)".into());
+    if let Some(replay) = replay_elsewhere(state, audit, headers, &session_id) {
+        return replay;
+    }
     let Some(session) = state.sessions.get(&session_id) else {
         audit.note = Some("unknown session");
         return plain(StatusCode::NOT_FOUND, "Session not found");
     };
     audit.protocol_version = Some(session.protocol_version.clone());
-    let Some(stream) = session.open_get() else {
+    if let Some(rejected) = unsupported_version(audit, headers, Value::Null) {
+        return rejected;
+    }
+    // Resumption: what the client missed of the stream its `Last-Event-ID` names comes first. The resumed GET
+    // then carries on as the session's GET stream (for a POST stream too: the rest of that request's messages
+    // reach the session's GET stream once the POST stream is gone).
+    let missed = header_str(headers, "last-event-id").and_then(|id| session.missed(id));
+    let replayed: Vec<Event> = missed
+        .iter()
+        .flat_map(|(_, events)| events)
+        .map(|(id, message)| message_event(message).id(id.clone()))
+        .collect();
+    let resumed_get = missed
+        .as_ref()
+        .is_some_and(|(stream, _)| *stream == super::session::GET_STREAM);
+    if missed.is_some() {
+        audit.note = Some("resumed");
+    }
+    let Some((rx, claim)) = session.open_get(resumed_get) else {
+        if missed.is_some() {
+            // A POST stream resumed while the GET stream is open: what it missed, then the end.
+            return sse_response(futures::stream::iter(
+                replayed.into_iter().map(Ok::<Event, Infallible>),
+            ));
+        }
         audit.note = Some("second GET stream");
         return plain(
             StatusCode::CONFLICT,
             "a GET stream is already open for this session",
         );
     };
-    let priming = session.protocol_version.as_str() >= "2025-11-25";
-    let shutdown = state.shutdown.clone();
-    // The GET stream owns its receiver through the claim, which frees the slot when the stream is dropped.
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut claim = stream;
-    tokio::spawn(async move {
-        while let Some(m) = claim.rx.recv().await {
-            if tx.send(m).is_err() {
-                break;
-            }
-        }
-        drop(claim);
-    });
-    sse(None, rx, Some(session), priming, shutdown, None, None)
+    // No priming event on a resumed stream: the client already has an event id to resume from.
+    let priming = missed.is_none() && session.protocol_version.as_str() >= "2025-11-25";
+    let live = sse_events(
+        None,
+        rx,
+        Some(session),
+        priming,
+        state.shutdown.clone(),
+        Some(claim),
+        None,
+    );
+    sse_response(
+        futures::stream::iter(replayed.into_iter().map(Ok::<Event, Infallible>)).chain(live),
+    )
+}
+
+/// `MCP-Protocol-Version`, when present, must be a handshake revision the bridge speaks (400 otherwise), on
+/// every handshake-era request: POST, GET and DELETE.
+fn unsupported_version(
+    audit: &mut AuditRecord,
+    headers: &HeaderMap,
+    id: Value,
+) -> Option<Response> {
+    let version = header_str(headers, VERSION_HEADER)?;
+    if HANDSHAKE_VERSIONS.contains(&version) {
+        return None;
+    }
+    audit.note = Some("protocol version header");
+    Some(rpc_error(
+        audit,
+        400,
+        id,
+        -32600,
+        "Unsupported MCP-Protocol-Version",
+    ))
+}
+
+/// A session of another machine: 404 with `fly-replay`, which Fly's proxy consumes and replays the request to
+/// that machine (see [`affinity`]); where nothing acts on it, the client sees "session gone".
+fn replay_elsewhere(
+    state: &State,
+    audit: &mut AuditRecord,
+    headers: &HeaderMap,
+    session_id: &str,
+) -> Option<Response> {
+    let machine = state.affinity.replay_target(headers, session_id)?;
+    audit.note = Some("replayed to its machine");
+    let mut response = plain(StatusCode::NOT_FOUND, "Session not found on this machine");
+    response
+        .headers_mut()
+        .insert(affinity::REPLAY, affinity::replay_header(machine));
+    Some(response)
 }
 
 /// Without a session id: the modern era has no GET/DELETE (405, `Allow: POST`); the handshake era needs one (400).
@@ -723,6 +791,12 @@ async fn delete(
     };
     audit.era = "handshake";
     audit.method = Some("(end session)".into());
+    if let Some(replay) = replay_elsewhere(state, audit, headers, &session_id) {
+        return replay;
+    }
+    if let Some(rejected) = unsupported_version(audit, headers, Value::Null) {
+        return rejected;
+    }
     if state
         .sessions
         .end(&session_id, Duration::from_secs(3))
@@ -968,17 +1042,43 @@ async fn listen(state: &State, ready: &modern::Ready, id: Value, message: &Value
     sse(None, rx, None, false, state.shutdown.clone(), None, None)
 }
 
-/// An SSE response relaying `first`, then `rx`, until a response message (or shutdown). Event ids are per
-/// session.
+/// An SSE response relaying `first`, then `rx`, until a response message (or shutdown).
 fn sse(
     first: Option<Value>,
     rx: mpsc::UnboundedReceiver<Value>,
     session: Option<Arc<super::session::Session>>,
     priming: bool,
     shutdown: watch::Receiver<bool>,
-    registration: Option<super::session::PostStream>,
+    registration: Option<super::session::StreamClaim>,
     cancel: Option<CancelOnDrop>,
 ) -> Response {
+    sse_response(sse_events(
+        first,
+        rx,
+        session,
+        priming,
+        shutdown,
+        registration,
+        cancel,
+    ))
+}
+
+fn message_event(message: &Value) -> Event {
+    Event::default().event("message").data(message.to_string())
+}
+
+/// The events of [`sse`]. On a session's stream (`session` and `registration`), every event is recorded with an
+/// id naming the stream, for `Last-Event-ID`; and when the stream ends (the client went away, or the request was
+/// answered), what it had received but not sent goes back to the session instead of being lost.
+fn sse_events(
+    first: Option<Value>,
+    rx: mpsc::UnboundedReceiver<Value>,
+    session: Option<Arc<super::session::Session>>,
+    priming: bool,
+    shutdown: watch::Receiver<bool>,
+    registration: Option<super::session::StreamClaim>,
+    cancel: Option<CancelOnDrop>,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
     struct StreamState {
         first: Option<Value>,
         rx: mpsc::UnboundedReceiver<Value>,
@@ -986,8 +1086,15 @@ fn sse(
         priming: bool,
         shutdown: watch::Receiver<bool>,
         done: bool,
-        _registration: Option<super::session::PostStream>,
+        registration: Option<super::session::StreamClaim>,
         cancel: Option<CancelOnDrop>,
+    }
+    impl Drop for StreamState {
+        fn drop(&mut self) {
+            if let (Some(session), Some(claim)) = (&self.session, self.registration.take()) {
+                session.reclaim(claim, &mut self.rx);
+            }
+        }
     }
     let st = StreamState {
         first,
@@ -996,21 +1103,21 @@ fn sse(
         priming,
         shutdown,
         done: false,
-        _registration: registration,
+        registration,
         cancel,
     };
-    let stream = futures::stream::unfold(st, |mut st| async move {
+    futures::stream::unfold(st, |mut st| async move {
         if st.done {
             return None;
         }
+        let stream = st.registration.as_ref().map(|c| c.stream());
         if st.priming {
             // 2025-11-25 SSE priming: an event with an id and empty data, so the client can resume from it.
             st.priming = false;
-            let id = st
-                .session
-                .as_ref()
-                .map(|s| s.next_event_id())
-                .unwrap_or_default();
+            let id = match (&st.session, stream) {
+                (Some(session), Some(stream)) => session.priming_id(stream),
+                _ => String::new(),
+            };
             return Some((Ok::<_, Infallible>(Event::default().id(id).data("")), st));
         }
         let message = match st.first.take() {
@@ -1021,20 +1128,22 @@ fn sse(
             },
         };
         let message = message?;
-        if is_response(&message) && message.get("method").is_none() {
-            // The end of a request stream (a GET stream never carries responses of its own).
+        if is_response(&message)
+            && message.get("method").is_none()
+            && stream != Some(super::session::GET_STREAM)
+        {
+            // The end of a request stream (a GET stream carries responses only when it resumes a POST stream's).
             st.done = true;
             if let Some(cancel) = &mut st.cancel {
                 cancel.armed = false;
             }
         }
-        let mut event = Event::default().event("message").data(message.to_string());
-        if let Some(session) = &st.session {
-            event = event.id(session.next_event_id());
+        let mut event = message_event(&message);
+        if let (Some(session), Some(stream)) = (&st.session, stream) {
+            event = event.id(session.record(stream, &message));
         }
         Some((Ok(event), st))
-    });
-    sse_response(stream)
+    })
 }
 
 fn sse_response<S>(stream: S) -> Response

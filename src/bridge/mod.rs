@@ -2,11 +2,13 @@
 //!
 //! - [`http`]: the endpoint (auth, Origin/CORS, limits, both protocol eras, health and readiness).
 //! - [`session`]: handshake-era sessions, one child each (or the shared one with `--session-isolation shared`);
+//!   [`affinity`]: which machine a session lives on, and `fly-replay` to reach it;
 //!   [`warm`]: children started ahead of sessions; [`modern`]: the 2026-07-28 envelope on a shared child;
 //!   [`input_required`]: the shared child's questions to its client, as 2026-07-28 `input_required` rounds.
 //! - [`child`]: the stdio process and JSON-RPC multiplexing; [`auth`], [`ratelimit`], [`audit`]: cross-cutting.
 //! - [`verify`]: the MCP client the controller uses to check a deployment through its public URL.
 
+pub mod affinity;
 pub mod audit;
 pub mod auth;
 pub mod child;
@@ -118,6 +120,16 @@ pub struct BridgeArgs {
     /// with `inputResponses`; after that the server's question gets an error and its request is cancelled.
     #[arg(long, default_value_t = 300)]
     pub input_timeout_secs: u64,
+    /// How long a request from the server (sampling, elicitation, roots) waits, in seconds, for a client stream
+    /// to carry it when the session has none open; then the server is answered with an error, so its tool fails
+    /// instead of hanging until `--request-timeout-secs`.
+    #[arg(long, default_value_t = 30)]
+    pub server_request_wait_secs: u64,
+    /// This machine's id, for session affinity when several machines serve one app (Fly sets
+    /// `FLY_MACHINE_ID`): handshake-era session ids name their machine, and a request for another machine's
+    /// session is answered with `fly-replay` so Fly's proxy sends it there (404 when that machine is gone).
+    #[arg(long, env = "FLY_MACHINE_ID")]
+    pub machine_id: Option<String>,
     /// On SIGTERM, how long in-flight requests may finish, in seconds, before servers are stopped.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,

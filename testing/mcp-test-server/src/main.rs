@@ -5,7 +5,7 @@
 //! per-process state so tests can tell children apart.
 
 use std::borrow::Cow;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rmcp::handler::server::tool::ToolRouter;
@@ -48,6 +48,8 @@ struct TestServer {
     tool_router: ToolRouter<Self>,
     /// Per-process state: a bridge that shared one child between sessions would leak it.
     remembered: Mutex<Option<String>>,
+    /// What `roots_later`'s request got, once it got something.
+    late_roots: Arc<Mutex<Option<String>>>,
 }
 
 #[tool_router]
@@ -126,6 +128,31 @@ impl TestServer {
         }
     }
 
+    #[tool(
+        description = "Answer now, then ask the client for its roots (a server request while no call is open)"
+    )]
+    async fn roots_later(&self, peer: Peer<RoleServer>) -> String {
+        let late = self.late_roots.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let outcome = match peer.list_roots().await {
+                Ok(result) => format!("{} roots", result.roots.len()),
+                Err(error) => format!("roots failed: {error}"),
+            };
+            *late.lock().unwrap() = Some(outcome);
+        });
+        "asking later".into()
+    }
+
+    #[tool(description = "What roots_later's request got, or <pending>")]
+    async fn roots_later_outcome(&self) -> String {
+        self.late_roots
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| "<pending>".into())
+    }
+
     #[tool(description = "Exit the process (a crash, as the bridge sees it)")]
     async fn crash(&self) -> String {
         std::process::exit(3)
@@ -164,6 +191,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = TestServer {
         tool_router: TestServer::tool_router(),
         remembered: Mutex::new(None),
+        late_roots: Arc::default(),
     };
     let service = server.serve(rmcp::transport::stdio()).await?;
     service.waiting().await?;
