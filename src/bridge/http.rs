@@ -33,6 +33,7 @@ use super::child::{
 use super::modern::{self, Primary};
 use super::ratelimit::{Limiter, Rate};
 use super::session::Sessions;
+use super::tools_policy::{Admission, ToolsPolicy};
 use super::warm::WarmPool;
 use super::{BridgeArgs, SessionIsolation};
 
@@ -60,6 +61,8 @@ pub struct State {
     pub sessions: Arc<Sessions>,
     pub warm: Arc<WarmPool>,
     pub audit: Auditor,
+    /// Set from `--tools-policy` by [`super::start`].
+    pub tools: ToolsPolicy,
     per_token: Limiter,
     per_client: Limiter,
     shutdown: watch::Receiver<bool>,
@@ -96,6 +99,7 @@ impl State {
             sessions: Sessions::new(args.max_sessions),
             warm,
             audit,
+            tools: ToolsPolicy::default(),
             per_token: Limiter::new(Rate {
                 per_minute: args.rate_per_token,
                 burst: args.rate_token_burst,
@@ -448,6 +452,11 @@ async fn post(
         // One client must not change the log level every other client of the shared child gets.
         return json_response(200, &json!({"jsonrpc": "2.0", "id": id, "result": {}}));
     }
+    let mut message = message;
+    if let Admission::Answer(answer) = state.tools.admit(&mut message, &session.child).await {
+        return json_response(200, &answer);
+    }
+    let lists_tools = method == "tools/list";
     let handle = match session.child.request(message, Some(&session.id)) {
         Ok(handle) => handle,
         Err(_) => return rpc_error(audit, 404, id, -32001, "Session not found"),
@@ -461,11 +470,15 @@ async fn post(
     let relay_session = session.clone();
     let bridge_id = handle.bridge_id;
     let timeout = state.config.request_timeout;
+    let list_state = state.clone();
     tokio::spawn(async move {
         let mut own = handle.rx;
         let result = tokio::time::timeout(timeout, async {
-            while let Some(m) = own.recv().await {
+            while let Some(mut m) = own.recv().await {
                 let last = is_response(&m);
+                if last && lists_tools {
+                    list_state.tools.rewrite_list(&mut m);
+                }
                 if let Err(mpsc::error::SendError(m)) = tx.send(m) {
                     relay_session.deliver(m);
                 }
@@ -798,6 +811,12 @@ async fn modern_post(
             &json!({"jsonrpc": "2.0", "id": id, "result": modern::discover_result(&ready.init)}),
         );
     }
+    let mut message = message;
+    if let Admission::Answer(answer) = state.tools.admit(&mut message, &ready.child).await {
+        let answer = modern::from_child(answer, &method, &ready.init);
+        let code = answer.pointer("/error/code").and_then(Value::as_i64);
+        return json_response(code.map(modern::http_status).unwrap_or(200), &answer);
+    }
     let wants_stream = message.pointer("/params/_meta/progressToken").is_some()
         && accepts(headers, "text/event-stream");
     let handle = match ready.child.request(modern::to_child(message), None) {
@@ -823,8 +842,11 @@ async fn modern_post(
         })
         .await;
         return match answer {
-            Ok(Some(response)) => {
+            Ok(Some(mut response)) => {
                 guard.armed = false;
+                if method == "tools/list" {
+                    state.tools.rewrite_list(&mut response);
+                }
                 let response = modern::from_child(response, &method, &init);
                 let code = response.pointer("/error/code").and_then(Value::as_i64);
                 audit.rpc_error = code;
@@ -845,10 +867,14 @@ async fn modern_post(
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let mut own = handle.rx;
+    let list_state = state.clone();
     tokio::spawn(async move {
         let result = tokio::time::timeout(timeout, async {
-            while let Some(m) = own.recv().await {
+            while let Some(mut m) = own.recv().await {
                 let last = is_response(&m);
+                if last && method == "tools/list" {
+                    list_state.tools.rewrite_list(&mut m);
+                }
                 let m = if last {
                     modern::from_child(m, &method, &init)
                 } else {

@@ -4,6 +4,7 @@
 //! - [`session`]: handshake-era sessions, one child each (or the shared one with `--session-isolation shared`);
 //!   [`warm`]: children started ahead of sessions; [`modern`]: the 2026-07-28 envelope on a shared child.
 //! - [`child`]: the stdio process and JSON-RPC multiplexing; [`auth`], [`ratelimit`], [`audit`]: cross-cutting.
+//! - [`tools_policy`]: tool filters, renames, digests and `block` (both eras).
 //! - [`verify`]: the MCP client the controller uses to check a deployment through its public URL.
 
 pub mod audit;
@@ -13,6 +14,7 @@ pub mod http;
 pub mod modern;
 pub mod ratelimit;
 pub mod session;
+pub mod tools_policy;
 pub mod verify;
 pub mod warm;
 
@@ -95,6 +97,10 @@ pub struct BridgeArgs {
     /// change notifications are not relayed).
     #[arg(long, value_enum, default_value_t = SessionIsolation::PerSession)]
     pub session_isolation: SessionIsolation,
+    /// Tool filters, renames and approved digests as JSON (see `tools_policy`); set by the controller from
+    /// `spec.tools`. Unset: every tool as the server offers it.
+    #[arg(long, env = tools_policy::POLICY_ENV, hide_env_values = true)]
+    pub tools_policy: Option<String>,
     /// On SIGTERM, how long in-flight requests may finish, in seconds, before servers are stopped.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -187,6 +193,7 @@ pub async fn start(
     listener: TcpListener,
 ) -> anyhow::Result<Bridge> {
     let addr = listener.local_addr()?;
+    let tools = tools_policy::ToolsPolicy::parse(args.tools_policy.as_deref().unwrap_or(""))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let spec = child::ChildSpec {
         program: args.command[0].clone(),
@@ -211,7 +218,7 @@ pub async fn start(
         },
     );
     warm.fill(args.max_sessions);
-    let state = Arc::new(http::State::new(
+    let mut state = http::State::new(
         &args,
         auth,
         spec,
@@ -219,7 +226,9 @@ pub async fn start(
         warm,
         auditor,
         shutdown_rx.clone(),
-    ));
+    );
+    state.tools = tools;
+    let state = Arc::new(state);
     let bridge_state = state.clone();
     let reaper_state = state.clone();
     let mut reaper_shutdown = shutdown_rx.clone();

@@ -19,6 +19,7 @@ pub(crate) fn settings() -> Settings {
         url_template: "https://{app}.fly.dev/mcp".into(),
         npm_registry: "https://npm.internal/".into(),
         pypi_index: "https://pypi.internal/root/".into(),
+        tools_policy: Default::default(),
     }
 }
 
@@ -53,6 +54,7 @@ pub(crate) fn want(yaml: &str, secrets: &[(&str, &str)]) -> DesiredDeployment {
             spec: &spec,
             resolved: &resolved,
             secrets,
+            approved_tools: None,
         },
         &settings(),
     )
@@ -535,6 +537,7 @@ fn machines_fetch_from_the_registry_the_package_was_checked_against() {
         spec: &spec,
         resolved: &resolved,
         secrets: BTreeMap::new(),
+        approved_tools: None,
     };
     let env = &desired(&inputs, &settings()).machines[0].config.env;
     assert_eq!(

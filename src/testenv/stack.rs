@@ -43,6 +43,8 @@ pub struct StackOptions {
     pub fly_api_base_url: Option<String>,
     /// The controller's Kubernetes client (e.g. one that records its traffic); default: the admin's.
     pub client: Option<kube::Client>,
+    /// `--tools-policy`.
+    pub tools_policy: crate::api::ToolsPolicy,
 }
 
 impl Default for StackOptions {
@@ -64,6 +66,7 @@ impl Default for StackOptions {
             control_plane: None,
             fly_api_base_url: None,
             client: None,
+            tools_policy: Default::default(),
         }
     }
 }
@@ -135,6 +138,7 @@ impl Stack {
             resolver: Default::default(),
             // Emulated machines run nothing unless the stack has a machine driver, so there is no endpoint.
             verify: options.verify,
+            tools_policy: options.tools_policy,
         };
         let run_config = config.clone();
         let resolver = options.resolver.clone();
