@@ -811,7 +811,8 @@ async fn modern_post(
             &json!({"jsonrpc": "2.0", "id": id, "result": modern::discover_result(&ready.init)}),
         );
     }
-    let mut message = message;
+    // Decided on what the child would get: the envelope's `_meta` keys are not for it.
+    let mut message = modern::to_child(message);
     if let Admission::Answer(answer) = state.tools.admit(&mut message, &ready.child).await {
         let answer = modern::from_child(answer, &method, &ready.init);
         let code = answer.pointer("/error/code").and_then(Value::as_i64);
@@ -819,7 +820,7 @@ async fn modern_post(
     }
     let wants_stream = message.pointer("/params/_meta/progressToken").is_some()
         && accepts(headers, "text/event-stream");
-    let handle = match ready.child.request(modern::to_child(message), None) {
+    let handle = match ready.child.request(message, None) {
         Ok(handle) => handle,
         Err(_) => return rpc_error(audit, 503, id, -32603, "the MCP server is not ready"),
     };
