@@ -806,13 +806,19 @@ impl Run<'_> {
         if let Some(now) = status.condition(ConditionType::ToolsChanged)
             && before.is_none_or(|b| b.status != now.status || b.message != now.message)
         {
-            let (type_, reason) = if now.is_true() {
-                (EventType::Warning, reason::TOOLS_CHANGED)
+            let type_ = if now.is_true() {
+                EventType::Warning
             } else {
-                (EventType::Normal, reason::TOOLS_APPROVED)
+                EventType::Normal
             };
+            // One event per tool set seen: the set's digest is the action (see `publish_action`).
+            let action = status
+                .tools
+                .as_ref()
+                .map(|t| format!("ReviewTools {}", t.observed.digest))
+                .unwrap_or_default();
             self.ctx
-                .publish(self.obj, type_, reason, &now.message)
+                .publish_action(self.obj, type_, &now.reason, &action, &now.message)
                 .await;
         }
     }
@@ -1060,11 +1066,26 @@ impl Context {
         reason: &str,
         note: &str,
     ) {
+        self.publish_action(obj, type_, reason, "Reconcile", note)
+            .await
+    }
+
+    /// [`Self::publish`] with its own action. The recorder folds events of equal type, reason and action into
+    /// one series that keeps the first note, so events whose note is the news (a new tool diff) need an action
+    /// of their own.
+    pub(super) async fn publish_action(
+        &self,
+        obj: &MCPDeployment,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
         let event = Event {
             type_,
             reason: reason.into(),
             note: Some(note.into()),
-            action: "Reconcile".into(),
+            action: action.into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {

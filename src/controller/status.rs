@@ -197,7 +197,9 @@ pub fn review_tools(
                 ConditionStatus::True,
                 reason,
                 format!(
-                    "the server's tools differ from {against}: {listed}. Review status.tools, then approve with                      `kubectl annotate mcpdeployment {resource} {}={} --overwrite` or set spec.tools.pinned to                      that digest; {consequence}",
+                    "the server's tools differ from {against}: {listed}. Review status.tools, then approve with \
+                     `kubectl annotate mcpdeployment {resource} {}={} --overwrite` or set spec.tools.pinned to \
+                     that digest; {consequence}",
                     crate::api::APPROVE_TOOLS_ANNOTATION,
                     observed.digest
                 ),

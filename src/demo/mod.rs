@@ -9,7 +9,7 @@
 //! - [`example_server`]: `mcpfly example-server`, the stdio MCP server the offline example runs.
 
 pub mod example_server;
-mod processes;
+pub mod processes;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

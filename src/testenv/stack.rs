@@ -25,7 +25,8 @@ pub struct StackOptions {
     pub converge_interval: Duration,
     /// Handshake through each deployment's URL once Ready (needs machines that really run).
     pub verify: bool,
-    /// Each deployment's public URL, `{app}` replaced by the app name.
+    /// Each deployment's public URL, `{app}` replaced by the app name and `{emulator}` by the emulator's address
+    /// (whose proxy serves apps whose machines a local driver runs).
     pub url_template: String,
     /// Reconcile only MCPDeployments matching this label selector (sharding).
     pub label_selector: Option<String>,
@@ -119,7 +120,9 @@ impl Stack {
             allowed_networks: options.allowed_networks.clone(),
             allowed_app_prefixes: options.allowed_app_prefixes.clone(),
             runtime_image: "registry.example/mcpfly-runtime:test".into(),
-            url_template: options.url_template.clone(),
+            url_template: options
+                .url_template
+                .replace("{emulator}", &emulator.addr().to_string()),
             namespaces: vec![namespace.to_string()],
             label_selector: options.label_selector.clone(),
             keyring_secret: options
