@@ -78,6 +78,10 @@ use super::validation::{self as v, limits};
     validation = Rule::new("!has(self.credentials) || !has(self.env) || self.credentials.all(c, !(c.name in self.env))")
         .message("a credential and an env entry share a name; the Fly secret would silently win, so rename or remove one of them")
 )]
+#[x_kube(
+    validation = Rule::new("!has(self.source.image) || !has(self.tools) || ((!has(self.tools.allow) || size(self.tools.allow) == 0) && (!has(self.tools.deny) || size(self.tools.deny) == 0) && (!has(self.tools.overrides) || size(self.tools.overrides) == 0) && (!has(self.tools.policy) || self.tools.policy != 'block'))")
+        .message("tools.allow, tools.deny, tools.overrides and tools.policy: block are enforced by mcpfly's bridge, which an image source does not run; with an image use tools.pinned and policy warn only")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct MCPDeploymentSpec {
     /// The MCP server to run: exactly one of `npm`, `pypi` or `image`.
@@ -106,6 +110,11 @@ pub struct MCPDeploymentSpec {
     /// How the bridge runs the server (npm and PyPI sources; an image serves HTTP itself and ignores this).
     #[serde(default, skip_serializing_if = "RuntimeSpec::is_default")]
     pub runtime: RuntimeSpec,
+
+    /// Which tools clients see and may call, under which names, and the reviewed set of tools the server is
+    /// expected to offer (see the README's "Tool review").
+    #[serde(default, skip_serializing_if = "ToolsSpec::is_default")]
+    pub tools: ToolsSpec,
 
     /// How changes reach running machines.
     #[serde(default)]
@@ -555,6 +564,85 @@ pub enum Auth {
     #[default]
     Bearer,
     None,
+}
+
+/// Tool governance: a filter and renames applied by the bridge, and the reviewed tool set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolsSpec {
+    /// Globs (`*` any run of characters, `?` one character) over the server's own tool names: when set, only
+    /// matching tools are listed and callable. Unset: every tool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = limits::TOOL_GLOBS_MAX), inner(length(min = 1, max = limits::TOOL_NAME_MAX), pattern(v::TOOL_GLOB_PATTERN)))]
+    pub allow: Vec<String>,
+    /// Globs over the server's own tool names that are never listed nor callable; wins over `allow`. A hidden
+    /// tool looks exactly like one the server does not have.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = limits::TOOL_GLOBS_MAX), inner(length(min = 1, max = limits::TOOL_NAME_MAX), pattern(v::TOOL_GLOB_PATTERN)))]
+    pub deny: Vec<String>,
+    /// Per server tool name: the name and/or description clients see instead. Clients call the new name; the
+    /// old one is then absent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = limits::TOOL_OVERRIDES_MAX))]
+    #[x_kube(
+        validation = Rule::new("self.all(k, size(k) <= 128 && k.matches('^[A-Za-z0-9_.-]+$'))")
+            .message("tools.overrides keys are the server's tool names: 1 to 128 of A-Z a-z 0-9 _ - .")
+    )]
+    pub overrides: BTreeMap<String, ToolOverride>,
+    /// The approved tool set: the `status.tools.digest` a person reviewed (`sha256:<64 hex>`). The annotation
+    /// `mcpfly.dev/approve-tools` approves the same way. A server offering another set gets `ToolsChanged`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 71), pattern(v::TOOLS_DIGEST_PATTERN))]
+    pub pinned: Option<String>,
+    /// What a changed or new tool means: `warn` keeps serving it (condition, Event, metric); `block` has the
+    /// bridge refuse calls to it until the set is approved. Unset: the controller's `--tools-policy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<ToolsPolicy>,
+}
+
+impl ToolsSpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// What clients see of one server tool instead of what the server says.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("has(self.name) || has(self.description)")
+        .message("a tools.overrides entry must set name, description or both")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolOverride {
+    /// The name clients see and call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = limits::TOOL_NAME_MAX), pattern(v::TOOL_NAME_PATTERN))]
+    pub name: Option<String>,
+    /// The description clients (and their models) see.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = limits::TOOL_DESCRIPTION_MAX))]
+    pub description: Option<String>,
+}
+
+/// See [`ToolsSpec::policy`].
+#[derive(
+    JsonSchema,
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolsPolicy {
+    #[default]
+    Warn,
+    Block,
 }
 
 /// How changes reach running machines.

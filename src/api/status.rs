@@ -63,6 +63,10 @@ pub struct MCPDeploymentStatus {
     /// What the server said about itself in an MCP handshake through the public URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<ServerInfo>,
+    /// The tools the server offers through the endpoint (after `spec.tools` filters and renames), by digest, and
+    /// the set last approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<ToolsStatus>,
     /// The last value of the `mcpfly.dev/reconcile-requested-at` annotation the controller acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_reconcile_at: Option<String>,
@@ -70,7 +74,7 @@ pub struct MCPDeploymentStatus {
     /// annotation to a new value replaces the endpoint token (connection Secret, Fly secret, machines).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_rotation: Option<String>,
-    /// kstatus conditions: Ready, Reconciling, Stalled, SourceResolved, CredentialsReady, Verified.
+    /// kstatus conditions: Ready, Reconciling, Stalled, SourceResolved, CredentialsReady, Verified, ToolsChanged.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
@@ -195,6 +199,45 @@ pub struct ServerInfo {
     pub tools: Vec<String>,
 }
 
+/// The tool set seen at the last verification, and the one approved.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolsStatus {
+    /// The set the server offers now: what to review, and to approve (`spec.tools.pinned` or the
+    /// `mcpfly.dev/approve-tools` annotation).
+    #[serde(flatten)]
+    pub observed: ToolSet,
+    /// The set last approved: recorded when an approval matched what the server offered. With `policy: block`
+    /// the bridge serves only tools whose digest is in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<ToolSet>,
+}
+
+/// A set of tools by digest.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolSet {
+    /// `sha256:<hex>` over every tool's name and digest.
+    pub digest: String,
+    /// Per tool, sorted by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<ToolDigest>,
+}
+
+/// One tool by digest: of the whole definition, and of the parts a change report names.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolDigest {
+    /// The name clients see.
+    pub name: String,
+    /// `sha256:<hex>` of the canonical JSON of name, title, description, inputSchema, outputSchema and annotations.
+    pub digest: String,
+    /// Short digest of title and description.
+    pub description: String,
+    /// Short digest of inputSchema and outputSchema.
+    pub schema: String,
+}
+
 /// A kstatus-style condition.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -267,16 +310,20 @@ pub enum ConditionType {
     CredentialsReady,
     /// An MCP handshake through the public URL succeeded.
     Verified,
+    /// The server offers tools that differ from the approved set (`spec.tools.pinned`, the
+    /// `mcpfly.dev/approve-tools` annotation). Present only while tool review is in use.
+    ToolsChanged,
 }
 
 impl ConditionType {
-    pub const ALL: [ConditionType; 6] = [
+    pub const ALL: [ConditionType; 7] = [
         ConditionType::Ready,
         ConditionType::Reconciling,
         ConditionType::Stalled,
         ConditionType::SourceResolved,
         ConditionType::CredentialsReady,
         ConditionType::Verified,
+        ConditionType::ToolsChanged,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -287,6 +334,7 @@ impl ConditionType {
             ConditionType::SourceResolved => "SourceResolved",
             ConditionType::CredentialsReady => "CredentialsReady",
             ConditionType::Verified => "Verified",
+            ConditionType::ToolsChanged => "ToolsChanged",
         }
     }
 }
@@ -304,6 +352,10 @@ pub mod reason {
     pub const UNSEALED: &str = "Unsealed";
     pub const VERIFICATION_PENDING: &str = "Pending";
     pub const HANDSHAKE_SUCCEEDED: &str = "HandshakeSucceeded";
+    // ToolsChanged.
+    pub const TOOLS_APPROVED: &str = "ToolsApproved";
+    pub const TOOLS_CHANGED: &str = "ToolsChanged";
+    pub const TOOLS_NOT_APPROVED: &str = "ToolsNotApproved";
     /// The machines run but the endpoint does not answer MCP (phase Degraded; `Reconciling`, retried).
     pub const HANDSHAKE_FAILED: &str = "HandshakeFailed";
     /// `spec.suspend` is true: nothing is changed on Fly (`Ready=False`, neither `Reconciling` nor `Stalled`).

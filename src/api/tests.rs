@@ -191,6 +191,9 @@ fn schema_patterns_are_the_shared_constants() {
         validation::SECRET_KEY_PATTERN,
         validation::SEALED_PATTERN,
         validation::NO_NUL_PATTERN,
+        validation::TOOL_NAME_PATTERN,
+        validation::TOOL_GLOB_PATTERN,
+        validation::TOOLS_DIGEST_PATTERN,
     ];
     assert!(patterns.len() >= known.len());
     for p in &patterns {

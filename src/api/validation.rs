@@ -57,10 +57,20 @@ pub const SEALED_PATTERN: &str = "^[A-Za-z0-9_-]+={0,2}$";
 /// Arguments and env values: anything but NUL, which an argv vector or an environment cannot carry.
 pub const NO_NUL_PATTERN: &str = "^[^\\x00]*$";
 
+/// MCP tool names (2025-11-25: 1 to 128 of `A-Z a-z 0-9 _ - .`), and globs over them (`*`, `?`).
+pub const TOOL_NAME_PATTERN: &str = "^[A-Za-z0-9_.-]+$";
+pub const TOOL_GLOB_PATTERN: &str = "^[A-Za-z0-9_.*?-]+$";
+/// `status.tools.digest` as a person copies it into `spec.tools.pinned` or the approval annotation.
+pub const TOOLS_DIGEST_PATTERN: &str = "^sha256:[0-9a-f]{64}$";
+
 /// Bounds. Every list, map and string in the spec is bounded, both to keep the object small and because the
 /// apiserver refuses CEL rules whose estimated cost is unbounded.
 pub mod limits {
     pub const NAME_MAX: u32 = 128;
+    pub const TOOL_NAME_MAX: u32 = 128;
+    pub const TOOL_GLOBS_MAX: u32 = 64;
+    pub const TOOL_OVERRIDES_MAX: u32 = 64;
+    pub const TOOL_DESCRIPTION_MAX: u32 = 4096;
     pub const ENV_MAX: u32 = 64;
     pub const ENV_VALUE_MAX: u32 = 4096;
     pub const CREDENTIALS_MAX: u32 = 64;

@@ -35,6 +35,7 @@ use super::input_required::{self, Caller, Exchange, HeldTable};
 use super::modern::{self, Primary};
 use super::ratelimit::{Limiter, Rate};
 use super::session::Sessions;
+use super::tools_policy::{Admission, ToolsPolicy};
 use super::warm::WarmPool;
 use super::{BridgeArgs, SessionIsolation};
 
@@ -65,6 +66,8 @@ pub struct State {
     /// 2026-07-28 requests waiting for their client's `inputResponses`.
     pub held: Arc<HeldTable>,
     pub affinity: Affinity,
+    /// Set from `--tools-policy` by [`super::start`].
+    pub tools: ToolsPolicy,
     per_token: Limiter,
     per_client: Limiter,
     shutdown: watch::Receiver<bool>,
@@ -106,6 +109,7 @@ impl State {
             audit,
             held: HeldTable::new(Duration::from_secs(args.input_timeout_secs)),
             affinity: Affinity::new(args.machine_id.as_deref()),
+            tools: ToolsPolicy::default(),
             per_token: Limiter::new(Rate {
                 per_minute: args.rate_per_token,
                 burst: args.rate_token_burst,
@@ -452,6 +456,11 @@ async fn post(
         // One client must not change the log level every other client of the shared child gets.
         return json_response(200, &json!({"jsonrpc": "2.0", "id": id, "result": {}}));
     }
+    let mut message = message;
+    if let Admission::Answer(answer) = state.tools.admit(&mut message, &session.child).await {
+        return json_response(200, &answer);
+    }
+    let lists_tools = method == "tools/list";
     let handle = match session.child.request(message, Some(&session.id)) {
         Ok(handle) => handle,
         Err(_) => return rpc_error(audit, 404, id, -32001, "Session not found"),
@@ -465,11 +474,15 @@ async fn post(
     let relay_session = session.clone();
     let bridge_id = handle.bridge_id;
     let timeout = state.config.request_timeout;
+    let list_state = state.clone();
     tokio::spawn(async move {
         let mut own = handle.rx;
         let result = tokio::time::timeout(timeout, async {
-            while let Some(m) = own.recv().await {
+            while let Some(mut m) = own.recv().await {
                 let last = is_response(&m);
+                if last && lists_tools {
+                    list_state.tools.rewrite_list(&mut m);
+                }
                 if let Err(mpsc::error::SendError(m)) = tx.send(m) {
                     relay_session.deliver(m);
                 }
@@ -875,11 +888,6 @@ async fn modern_post(
     if method == "subscriptions/listen" {
         return listen(state, &ready, id, &message).await;
     }
-    if method == "tools/call"
-        && let Err(rejection) = check_param_headers(state, &ready, headers, &message).await
-    {
-        return modern_rejection(audit, &rejection, id);
-    }
     let caller = Caller::from_request(&message);
     let binding = input_required::binding(&method, message.get("params"));
     let exchange = match message
@@ -906,17 +914,34 @@ async fn modern_post(
                 }
             }
         }
-        None => match ready.child.request_modern(modern::to_child(message)) {
-            Ok(handle) => Exchange {
-                child: ready.child.clone(),
-                bridge_id: handle.bridge_id,
-                rx: handle.rx,
-                method,
-                binding,
-            },
-            Err(_) => return rpc_error(audit, 503, id, -32603, "the MCP server is not ready"),
-        },
+        None => {
+            // Decided on what the child would get: the envelope's `_meta` keys are not for it, and a renamed
+            // tool's parameters are checked against the child's own schema.
+            let mut message = modern::to_child(message);
+            if let Admission::Answer(answer) = state.tools.admit(&mut message, &ready.child).await {
+                let answer = modern::from_child(answer, &method, &ready.init);
+                let code = answer.pointer("/error/code").and_then(Value::as_i64);
+                audit.rpc_error = code;
+                return json_response(code.map(modern::http_status).unwrap_or(200), &answer);
+            }
+            if method == "tools/call"
+                && let Err(rejection) = check_param_headers(state, &ready, headers, &message).await
+            {
+                return modern_rejection(audit, &rejection, id);
+            }
+            match ready.child.request_modern(message) {
+                Ok(handle) => Exchange {
+                    child: ready.child.clone(),
+                    bridge_id: handle.bridge_id,
+                    rx: handle.rx,
+                    method,
+                    binding,
+                },
+                Err(_) => return rpc_error(audit, 503, id, -32603, "the MCP server is not ready"),
+            }
+        }
     };
+    let lists_tools = exchange.method == "tools/list";
     let mut guard = CancelOnDrop {
         child: exchange.child.clone(),
         bridge_id: exchange.bridge_id,
@@ -935,8 +960,11 @@ async fn modern_post(
         )
         .await;
         return match answer {
-            Ok(response) => {
+            Ok(mut response) => {
                 guard.armed = false;
+                if lists_tools {
+                    state.tools.rewrite_list(&mut response);
+                }
                 let code = response.pointer("/error/code").and_then(Value::as_i64);
                 audit.rpc_error = code;
                 json_response(code.map(modern::http_status).unwrap_or(200), &response)
@@ -945,6 +973,7 @@ async fn modern_post(
         };
     }
     let (tx, rx) = mpsc::unbounded_channel();
+    let list_state = state.clone();
     tokio::spawn(async move {
         let progress = tx.clone();
         let answer = tokio::time::timeout(
@@ -954,7 +983,11 @@ async fn modern_post(
             }),
         )
         .await;
-        let _ = tx.send(answer.unwrap_or_else(|_| error_response(id, -32603, "request timed out")));
+        let mut answer = answer.unwrap_or_else(|_| error_response(id, -32603, "request timed out"));
+        if lists_tools {
+            list_state.tools.rewrite_list(&mut answer);
+        }
+        let _ = tx.send(answer);
     });
     sse(
         None,

@@ -6,6 +6,7 @@
 //!   [`warm`]: children started ahead of sessions; [`modern`]: the 2026-07-28 envelope on a shared child;
 //!   [`input_required`]: the shared child's questions to its client, as 2026-07-28 `input_required` rounds.
 //! - [`child`]: the stdio process and JSON-RPC multiplexing; [`auth`], [`ratelimit`], [`audit`]: cross-cutting.
+//! - [`tools_policy`]: tool filters, renames, digests and `block` (both eras).
 //! - [`verify`]: the MCP client the controller uses to check a deployment through its public URL.
 
 pub mod affinity;
@@ -17,6 +18,7 @@ pub mod input_required;
 pub mod modern;
 pub mod ratelimit;
 pub mod session;
+pub mod tools_policy;
 pub mod verify;
 pub mod warm;
 
@@ -130,6 +132,10 @@ pub struct BridgeArgs {
     /// session is answered with `fly-replay` so Fly's proxy sends it there (404 when that machine is gone).
     #[arg(long, env = "FLY_MACHINE_ID")]
     pub machine_id: Option<String>,
+    /// Tool filters, renames and approved digests as JSON (see `tools_policy`); set by the controller from
+    /// `spec.tools`. Unset: every tool as the server offers it.
+    #[arg(long, env = tools_policy::POLICY_ENV, hide_env_values = true)]
+    pub tools_policy: Option<String>,
     /// On SIGTERM, how long in-flight requests may finish, in seconds, before servers are stopped.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -226,6 +232,7 @@ pub async fn start(
     listener: TcpListener,
 ) -> anyhow::Result<Bridge> {
     let addr = listener.local_addr()?;
+    let tools = tools_policy::ToolsPolicy::parse(args.tools_policy.as_deref().unwrap_or(""))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let spec = child::ChildSpec {
         program: args.command[0].clone(),
@@ -250,7 +257,7 @@ pub async fn start(
         },
     );
     warm.fill(args.max_sessions);
-    let state = Arc::new(http::State::new(
+    let mut state = http::State::new(
         &args,
         auth,
         spec,
@@ -258,7 +265,9 @@ pub async fn start(
         warm,
         auditor,
         shutdown_rx.clone(),
-    ));
+    );
+    state.tools = tools;
+    let state = Arc::new(state);
     let bridge_state = state.clone();
     let reaper_state = state.clone();
     let mut reaper_shutdown = shutdown_rx.clone();

@@ -16,6 +16,8 @@ pub struct ServerInfo {
     pub version: String,
     pub protocol_version: String,
     pub tools: Vec<String>,
+    /// The tools by digest, as clients of the endpoint see them.
+    pub tool_set: crate::api::ToolSet,
 }
 
 /// Why verification failed. Messages never contain the token.
@@ -111,11 +113,16 @@ async fn verify_inner(url: &str, token: Option<&str>) -> Result<ServerInfo, Veri
             message: error.to_string(),
         })?;
     let _ = client.cancel().await;
+    let definitions: Vec<serde_json::Value> = tools
+        .iter()
+        .filter_map(|t| serde_json::to_value(t).ok())
+        .collect();
     Ok(ServerInfo {
         name,
         version,
         protocol_version,
         tools: tools.into_iter().map(|t| t.name.to_string()).collect(),
+        tool_set: super::tools_policy::tool_set(&definitions),
     })
 }
 

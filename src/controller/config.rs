@@ -90,6 +90,11 @@ pub struct ControllerConfig {
     /// and record the server's name, version, protocol and tools in status (condition Verified).
     #[arg(long, env = "MCPFLY_VERIFY", default_value_t = true, action = clap::ArgAction::Set)]
     pub verify: bool,
+    /// What a tool that is new or changed since its review means for deployments whose `spec.tools.policy` is
+    /// unset: `warn` (served; condition ToolsChanged, Event, metric) or `block` (the bridge refuses calls to it
+    /// until approved). Image sources are always `warn`: no mcpfly bridge runs in front of them.
+    #[arg(long, env = "MCPFLY_TOOLS_POLICY_DEFAULT", value_enum, default_value_t = crate::api::ToolsPolicy::Warn)]
+    pub tools_policy: crate::api::ToolsPolicy,
     /// An org-wide cap on mutating Fly calls per second, if the org has one (Fly documents none; the emulator
     /// can impose one): the client then paces all mutations under it instead of collecting 429s.
     #[arg(long, env = "MCPFLY_FLY_ORG_MUTATIONS_PER_SECOND")]
@@ -170,6 +175,7 @@ impl ControllerConfig {
             url_template: self.url_template.clone(),
             npm_registry: self.resolver.npm_registry.clone(),
             pypi_index: self.resolver.pypi_index.clone(),
+            tools_policy: self.tools_policy,
         }
     }
 

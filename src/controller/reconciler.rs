@@ -19,10 +19,13 @@ use super::backoff::{Verdict, classify};
 use super::settled::Next;
 use super::status::{
     Stall, condition, keep_transition_times, mark_handshake_failed, mark_pending, mark_progress,
-    mark_stalled, mark_suspended,
+    mark_stalled, mark_suspended, review_tools,
 };
 use super::{Context, Error};
-use crate::api::{ADOPT_ANNOTATION, OPEN_ENDPOINT_ANNOTATION, ROTATE_TOKEN_ANNOTATION, reason};
+use crate::api::{
+    ADOPT_ANNOTATION, APPROVE_TOOLS_ANNOTATION, OPEN_ENDPOINT_ANNOTATION, ROTATE_TOKEN_ANNOTATION,
+    reason,
+};
 use crate::api::{
     Auth, ConditionType, CredentialStatus, DeletionPolicy, FINALIZER, MCPDeployment,
     MCPDeploymentStatus, Phase, RECONCILE_ANNOTATION,
@@ -538,6 +541,7 @@ impl Run<'_> {
             spec: &self.obj.spec,
             resolved,
             secrets: credentials.digests.clone(),
+            approved_tools: status.tools.as_ref().and_then(|t| t.approved.as_ref()),
         };
         let mut want = desired(&inputs, &self.ctx.settings);
         want.app = app.to_string();
@@ -778,11 +782,45 @@ impl Run<'_> {
                 }
                 Handshake::Unprotected => requeue = Next::on_change(),
             }
+            self.review_tools(status).await;
         }
         if !retrying {
             ctx.backoff.succeeded(&self.uid);
         }
         requeue
+    }
+
+    /// `ToolsChanged` against the approvals, with an Event when the server's tools newly differ from them.
+    async fn review_tools(&self, status: &mut MCPDeploymentStatus) {
+        let spec = &self.obj.spec;
+        let annotation = self.obj.annotations().get(APPROVE_TOOLS_ANNOTATION);
+        let approvals: Vec<&str> = [spec.tools.pinned.as_ref(), annotation]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        let mode =
+            crate::bridge::tools_policy::effective_mode(spec, self.ctx.settings.tools_policy);
+        review_tools(status, &self.name, &approvals, mode, self.generation);
+        let before = self.stored.condition(ConditionType::ToolsChanged);
+        if let Some(now) = status.condition(ConditionType::ToolsChanged)
+            && before.is_none_or(|b| b.status != now.status || b.message != now.message)
+        {
+            let type_ = if now.is_true() {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            // One event per tool set seen: the set's digest is the action (see `publish_action`).
+            let action = status
+                .tools
+                .as_ref()
+                .map(|t| format!("ReviewTools {}", t.observed.digest))
+                .unwrap_or_default();
+            self.ctx
+                .publish_action(self.obj, type_, &now.reason, &action, &now.message)
+                .await;
+        }
     }
 
     async fn write_status(&self, status: &MCPDeploymentStatus) -> Result<(), Error> {
@@ -883,6 +921,11 @@ async fn verify(
                 version: Some(info.version),
                 protocol_version: Some(info.protocol_version),
                 tools: info.tools,
+            });
+            let approved = status.tools.take().and_then(|t| t.approved);
+            status.tools = Some(crate::api::ToolsStatus {
+                observed: info.tool_set,
+                approved,
             });
             status.set_condition(condition(
                 ConditionType::Verified,
@@ -1023,11 +1066,26 @@ impl Context {
         reason: &str,
         note: &str,
     ) {
+        self.publish_action(obj, type_, reason, "Reconcile", note)
+            .await
+    }
+
+    /// [`Self::publish`] with its own action. The recorder folds events of equal type, reason and action into
+    /// one series that keeps the first note, so events whose note is the news (a new tool diff) need an action
+    /// of their own.
+    pub(super) async fn publish_action(
+        &self,
+        obj: &MCPDeployment,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
         let event = Event {
             type_,
             reason: reason.into(),
             note: Some(note.into()),
-            action: "Reconcile".into(),
+            action: action.into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {

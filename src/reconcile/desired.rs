@@ -46,6 +46,8 @@ pub struct Settings {
     /// The npm registry and PyPI index packages are resolved and checked against; machines fetch from the same.
     pub npm_registry: String,
     pub pypi_index: String,
+    /// `--tools-policy`: for deployments whose `spec.tools.policy` is unset.
+    pub tools_policy: crate::api::ToolsPolicy,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -125,6 +127,8 @@ pub struct Inputs<'a> {
     pub spec: &'a MCPDeploymentSpec,
     pub resolved: &'a Resolved,
     pub secrets: BTreeMap<String, String>,
+    /// `status.tools.approved`: with `policy: block` the bridge serves only these tools.
+    pub approved_tools: Option<&'a crate::api::ToolSet>,
 }
 
 pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> DesiredDeployment {
@@ -270,6 +274,16 @@ fn base_config(
     }
     let mut env = spec.env.clone();
     env.extend(registry_env(&inputs.resolved.kind, settings));
+    if init.is_some() {
+        // Only the bridge enforces tool policy; `MCPFLY_` is reserved in spec.env, so a deployment cannot set it.
+        let mode = crate::bridge::tools_policy::effective_mode(spec, settings.tools_policy);
+        if let Some(policy) =
+            crate::bridge::tools_policy::for_machines(&spec.tools, mode, inputs.approved_tools)
+                .to_env()
+        {
+            env.insert(crate::bridge::tools_policy::POLICY_ENV.to_string(), policy);
+        }
+    }
     MachineConfig {
         image,
         env,

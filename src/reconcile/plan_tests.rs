@@ -19,6 +19,7 @@ pub(crate) fn settings() -> Settings {
         url_template: "https://{app}.fly.dev/mcp".into(),
         npm_registry: "https://npm.internal/".into(),
         pypi_index: "https://pypi.internal/root/".into(),
+        tools_policy: Default::default(),
     }
 }
 
@@ -53,6 +54,7 @@ pub(crate) fn want(yaml: &str, secrets: &[(&str, &str)]) -> DesiredDeployment {
             spec: &spec,
             resolved: &resolved,
             secrets,
+            approved_tools: None,
         },
         &settings(),
     )
@@ -535,6 +537,7 @@ fn machines_fetch_from_the_registry_the_package_was_checked_against() {
         spec: &spec,
         resolved: &resolved,
         secrets: BTreeMap::new(),
+        approved_tools: None,
     };
     let env = &desired(&inputs, &settings()).machines[0].config.env;
     assert_eq!(
@@ -599,5 +602,61 @@ fn a_created_machine_is_waited_on_not_started() {
         plan.waiting.iter().any(|w| w.starts_with("iad-0: created")),
         "{:?}",
         plan.waiting
+    );
+}
+
+/// Tool policy reaches the bridge in the machine env only when `spec.tools` (or `block`) asks for something, so a
+/// deployment without it keeps its config (no rollout on upgrade); `block` carries the approved digests.
+#[test]
+fn tools_policy_reaches_the_bridge_only_when_asked_for() {
+    use crate::bridge::tools_policy::{POLICY_ENV, ToolsPolicy};
+    let env_for = |tools: &str, approved: Option<&crate::api::ToolSet>| {
+        let spec = spec(&format!(
+            "{{source: {{npm: {{package: p, version: 1.0.0}}}}, fly: {{regions: [iad]}}, tools: {tools}}}"
+        ));
+        let resolved = Resolved {
+            kind: ResolvedKind::Npm {
+                package: "p".into(),
+                version: "1.0.0".into(),
+                args: vec![],
+            },
+            integrity: None,
+        };
+        let inputs = Inputs {
+            namespace: "team-a",
+            name: "p",
+            uid: UID,
+            spec: &spec,
+            resolved: &resolved,
+            secrets: BTreeMap::new(),
+            approved_tools: approved,
+        };
+        desired(&inputs, &settings()).machines[0]
+            .config
+            .env
+            .get(POLICY_ENV)
+            .map(|v| ToolsPolicy::parse(v).unwrap())
+    };
+    assert_eq!(env_for("{}", None), None);
+    assert_eq!(
+        env_for("{pinned: \"sha256:x\"}", None),
+        None,
+        "warn needs nothing in the bridge"
+    );
+    let set = crate::bridge::tools_policy::tool_set(&[
+        serde_json::json!({"name": "echo", "inputSchema": {}}),
+    ]);
+    let block = env_for("{policy: block}", Some(&set)).unwrap();
+    assert_eq!(
+        block.approved.unwrap().get("echo"),
+        Some(&set.tools[0].digest)
+    );
+    assert_eq!(
+        env_for("{policy: block}", None).unwrap().approved,
+        Some(Default::default())
+    );
+    assert_eq!(
+        env_for("{deny: [\"x*\"]}", None).unwrap().deny,
+        vec!["x*".to_string()]
     );
 }

@@ -96,6 +96,7 @@ pub struct Metrics {
     deployments: Family<PhaseLabel, Gauge>,
     credentials: Family<KeyLabel, Gauge>,
     credentials_non_primary: Gauge,
+    tools_changed: Gauge,
     leader: Gauge,
     /// The watch caches of the running controllers (one per watched namespace), read at scrape time.
     stores: Mutex<Vec<Store<MCPDeployment>>>,
@@ -127,6 +128,7 @@ impl Metrics {
         let deployments = Family::<PhaseLabel, Gauge>::default();
         let credentials = Family::<KeyLabel, Gauge>::default();
         let credentials_non_primary = Gauge::default();
+        let tools_changed = Gauge::default();
         let leader = Gauge::default();
         registry.register(
             "reconciles",
@@ -182,6 +184,11 @@ impl Metrics {
             credentials_non_primary.clone(),
         );
         registry.register(
+            "tools_changed",
+            "MCPDeployments whose server offers tools that differ from the approved set (condition ToolsChanged)",
+            tools_changed.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this process is the leader and reconciles",
             leader.clone(),
@@ -198,6 +205,7 @@ impl Metrics {
             deployments,
             credentials,
             credentials_non_primary,
+            tools_changed,
             leader,
             stores: Mutex::new(Vec::new()),
         }
@@ -243,10 +251,17 @@ impl Metrics {
         let mut phases: BTreeMap<&'static str, i64> =
             PHASES.iter().map(|p| (p.as_str(), 0)).collect();
         let mut keys: BTreeMap<String, i64> = BTreeMap::new();
+        let mut tools_changed = 0;
         for store in self.stores.lock().unwrap().iter() {
             for d in store.state() {
                 let status = d.status.as_ref();
                 let phase = status.and_then(|s| s.phase).unwrap_or_default();
+                if status
+                    .and_then(|s| s.condition(crate::api::ConditionType::ToolsChanged))
+                    .is_some_and(|c| c.is_true())
+                {
+                    tools_changed += 1;
+                }
                 *phases.entry(phase.as_str()).or_default() += 1;
                 for c in status.map(|s| s.credentials.as_slice()).unwrap_or_default() {
                     if let Some(key) = &c.key {
@@ -268,6 +283,7 @@ impl Metrics {
             self.credentials.get_or_create(&KeyLabel { key }).set(n);
         }
         self.credentials_non_primary.set(non_primary);
+        self.tools_changed.set(tools_changed);
     }
 }
 

@@ -25,7 +25,8 @@ pub struct StackOptions {
     pub converge_interval: Duration,
     /// Handshake through each deployment's URL once Ready (needs machines that really run).
     pub verify: bool,
-    /// Each deployment's public URL, `{app}` replaced by the app name.
+    /// Each deployment's public URL, `{app}` replaced by the app name and `{emulator}` by the emulator's address
+    /// (whose proxy serves apps whose machines a local driver runs).
     pub url_template: String,
     /// Reconcile only MCPDeployments matching this label selector (sharding).
     pub label_selector: Option<String>,
@@ -43,6 +44,8 @@ pub struct StackOptions {
     pub fly_api_base_url: Option<String>,
     /// The controller's Kubernetes client (e.g. one that records its traffic); default: the admin's.
     pub client: Option<kube::Client>,
+    /// `--tools-policy`.
+    pub tools_policy: crate::api::ToolsPolicy,
 }
 
 impl Default for StackOptions {
@@ -64,6 +67,7 @@ impl Default for StackOptions {
             control_plane: None,
             fly_api_base_url: None,
             client: None,
+            tools_policy: Default::default(),
         }
     }
 }
@@ -116,7 +120,9 @@ impl Stack {
             allowed_networks: options.allowed_networks.clone(),
             allowed_app_prefixes: options.allowed_app_prefixes.clone(),
             runtime_image: "registry.example/mcpfly-runtime:test".into(),
-            url_template: options.url_template.clone(),
+            url_template: options
+                .url_template
+                .replace("{emulator}", &emulator.addr().to_string()),
             namespaces: vec![namespace.to_string()],
             label_selector: options.label_selector.clone(),
             keyring_secret: options
@@ -135,6 +141,7 @@ impl Stack {
             resolver: Default::default(),
             // Emulated machines run nothing unless the stack has a machine driver, so there is no endpoint.
             verify: options.verify,
+            tools_policy: options.tools_policy,
         };
         let run_config = config.clone();
         let resolver = options.resolver.clone();

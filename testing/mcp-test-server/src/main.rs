@@ -44,7 +44,6 @@ struct RememberArgs {
 }
 
 struct TestServer {
-    #[allow(dead_code)]
     tool_router: ToolRouter<Self>,
     /// Per-process state: a bridge that shared one child between sessions would leak it.
     remembered: Mutex<Option<String>>,
@@ -159,7 +158,8 @@ impl TestServer {
     }
 }
 
-#[tool_handler]
+// The instance's router (not a fresh `Self::tool_router()`), so a description set at startup is what is listed.
+#[tool_handler(router = self.tool_router)]
 impl ServerHandler for TestServer {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(
@@ -188,8 +188,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("MCP_TEST_SERVER_FAIL_START").is_some() {
         std::process::exit(2);
     }
+    let mut tool_router = TestServer::tool_router();
+    // Two "versions" of one server for the tool review tests: the same tools, echo's description changed.
+    if let Ok(description) = std::env::var("MCP_TEST_SERVER_ECHO_DESCRIPTION") {
+        tool_router
+            .map
+            .get_mut("echo")
+            .expect("the echo tool")
+            .attr
+            .description = Some(description.into());
+    }
     let server = TestServer {
-        tool_router: TestServer::tool_router(),
+        tool_router,
         remembered: Mutex::new(None),
         late_roots: Arc::default(),
     };
