@@ -191,6 +191,10 @@ fn schema_patterns_are_the_shared_constants() {
         validation::SECRET_KEY_PATTERN,
         validation::SEALED_PATTERN,
         validation::NO_NUL_PATTERN,
+        validation::ISSUER_URL_PATTERN,
+        validation::AUDIENCE_PATTERN,
+        validation::SCOPE_PATTERN,
+        validation::TOOL_NAME_PATTERN,
     ];
     assert!(patterns.len() >= known.len());
     for p in &patterns {

@@ -502,7 +502,8 @@ impl Run<'_> {
                 (Some(existing), false) => existing.clone(),
                 _ => generate_token(),
             }),
-            Auth::None => None,
+            // No static token: OAuth access tokens come from the authorization server.
+            Auth::None | Auth::OAuth => None,
         };
         status.token_rotation = rotation.or(self.stored.token_rotation.clone());
         if let Some(token) = &value {
