@@ -591,3 +591,48 @@ async fn bearer_mode_serves_no_oauth_discovery() {
     assert_eq!(r.status(), StatusCode::OK);
     bridge.shutdown().await.unwrap();
 }
+
+/// The controller's check after Ready for `auth: oauth` (no token to handshake with): an OAuth endpoint passes,
+/// and one that is open, bearer-protected, or advertises another issuer does not. No authorization server is
+/// contacted by it, so none runs here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_oauth_check_tells_a_discoverable_endpoint_from_others() {
+    let issuer = "http://127.0.0.1:9".to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (oauth, resource) = start_oauth_bridge(&issuer, &dir.path().join("received"), &[]).await;
+    let found = mcpfly::bridge::verify_oauth(&resource, std::slice::from_ref(&issuer))
+        .await
+        .unwrap();
+    assert_eq!(found.authorization_servers, vec![issuer.clone()]);
+    assert!(
+        found
+            .metadata_url
+            .ends_with("/.well-known/oauth-protected-resource/mcp")
+    );
+    let other = mcpfly::bridge::verify_oauth(&resource, &["https://other.example".to_string()])
+        .await
+        .unwrap_err();
+    assert!(
+        other.to_string().contains("names authorization servers"),
+        "{other}"
+    );
+    oauth.shutdown().await.unwrap();
+
+    let bearer = start_bridge(&[], Auth::bearer(TOKEN.into())).await;
+    let refused = mcpfly::bridge::verify_oauth(&url(&bearer), std::slice::from_ref(&issuer))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("names no resource_metadata"),
+        "{refused}"
+    );
+    bearer.shutdown().await.unwrap();
+
+    let open = start_bridge(&[], Auth::disabled()).await;
+    wait_ready(&open).await;
+    let refused = mcpfly::bridge::verify_oauth(&url(&open), std::slice::from_ref(&issuer))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("not 401"), "{refused}");
+    open.shutdown().await.unwrap();
+}

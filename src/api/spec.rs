@@ -547,6 +547,21 @@ pub struct OAuthSpec {
     pub tool_scopes: BTreeMap<String, String>,
 }
 
+impl AccessSpec {
+    /// With `auth: oauth`, the accepted issuers in the order they are advertised; `None` in other modes.
+    pub fn oauth_issuers(&self) -> Option<Vec<String>> {
+        let oauth = self.oauth.as_ref().filter(|_| self.auth == Auth::OAuth)?;
+        Some(
+            oauth
+                .issuer
+                .iter()
+                .chain(oauth.authorization_servers.iter().flatten())
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
 fn tool_scopes_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     json_schema!({
         "type": "object",

@@ -28,7 +28,9 @@ use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use verify::{ServerInfo, VerifyError, unauthenticated_status, verify};
+pub use verify::{
+    OAuthEndpoint, ServerInfo, VerifyError, unauthenticated_status, verify, verify_oauth,
+};
 
 /// Arguments of `mcpfly bridge [OPTIONS] -- CMD ARGS...`.
 #[derive(Args, Debug, Clone)]
