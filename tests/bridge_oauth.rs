@@ -458,6 +458,17 @@ async fn refused_tokens_get_the_right_status_and_never_reach_the_child() {
     let mut foreign_claims = claims_of(&good);
     foreign_claims["iss"] = json!("https://issuer.elsewhere.example");
     let wrong_issuer = self_signed(&foreign_claims);
+    // HMAC with Hydra's kid: a verifier that took the public JWK as a shared secret could be fooled.
+    let hmac = {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = jsonwebtoken::decode_header(&good).unwrap().kid;
+        jsonwebtoken::encode(
+            &header,
+            &claims_of(&good),
+            &jsonwebtoken::EncodingKey::from_secret(b"any secret"),
+        )
+        .unwrap()
+    };
     // Hydra's own issuer, signed with a key Hydra never published.
     let forged = self_signed(&claims_of(&good));
 
@@ -497,6 +508,7 @@ async fn refused_tokens_get_the_right_status_and_never_reach_the_child() {
             401,
             Some("invalid_token"),
         ),
+        ("hmac algorithm", Some(&hmac), 401, Some("invalid_token")),
         (
             "missing scope",
             Some(&no_scope),
