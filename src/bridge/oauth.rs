@@ -170,6 +170,7 @@ pub struct ResourceServer {
     pub config: OAuthConfig,
     keys: Mutex<HashMap<String, IssuerKeys>>,
     http: reqwest::Client,
+    refresh_min_interval: Duration,
 }
 
 impl std::fmt::Debug for ResourceServer {
@@ -192,6 +193,7 @@ impl ResourceServer {
             config,
             keys: Mutex::new(HashMap::new()),
             http,
+            refresh_min_interval: REFRESH_MIN_INTERVAL,
         })
     }
 
@@ -292,7 +294,7 @@ impl ResourceServer {
         let must_fetch = match age {
             None => true,
             Some(age) if age > KEYS_MAX_AGE => true,
-            Some(age) => !entry.keys.contains_key(kid) && age >= REFRESH_MIN_INTERVAL,
+            Some(age) => !entry.keys.contains_key(kid) && age >= self.refresh_min_interval,
         };
         if must_fetch {
             match self.fetch_keys(issuer, entry.jwks_uri.clone()).await {
@@ -442,4 +444,129 @@ fn scopes_of(claims: &Value) -> Vec<String> {
         }
     }
     scopes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An authorization server serving only RFC 8414 metadata and a JWKS it can rotate, counting key fetches.
+    struct Issuer {
+        url: String,
+        jwks: Arc<std::sync::Mutex<Value>>,
+        fetches: Arc<AtomicUsize>,
+    }
+
+    async fn issuer() -> Issuer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let jwks = Arc::new(std::sync::Mutex::new(json!({"keys": []})));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let (doc_url, served, counter) = (url.clone(), jwks.clone(), fetches.clone());
+        let app = axum::Router::new()
+            .route(
+                "/.well-known/oauth-authorization-server",
+                axum::routing::get(move || {
+                    let doc_url = doc_url.clone();
+                    async move {
+                        axum::Json(
+                            json!({"issuer": doc_url, "jwks_uri": format!("{doc_url}/jwks")}),
+                        )
+                    }
+                }),
+            )
+            .route(
+                "/jwks",
+                axum::routing::get(move || {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let keys = served.lock().unwrap().clone();
+                    async move { axum::Json(keys) }
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Issuer { url, jwks, fetches }
+    }
+
+    /// An Ed25519 key: its JWK (as published) and a signer.
+    fn key(kid: &str) -> (Value, jsonwebtoken::EncodingKey) {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let public = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(pair.public_key_raw());
+        (
+            json!({"kty": "OKP", "crv": "Ed25519", "x": public, "kid": kid, "use": "sig", "alg": "EdDSA"}),
+            jsonwebtoken::EncodingKey::from_ed_der(&pair.serialize_der()),
+        )
+    }
+
+    fn sign(kid: &str, signer: &jsonwebtoken::EncodingKey, iss: &str) -> String {
+        let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+        header.kid = Some(kid.into());
+        let now = chrono::Utc::now().timestamp();
+        let claims = json!({"iss": iss, "aud": "https://app.example/mcp", "sub": "alice",
+            "exp": now + 300, "scope": "mcp"});
+        jsonwebtoken::encode(&header, &claims, signer).unwrap()
+    }
+
+    fn server(issuer: &Issuer, refresh_min_interval: Duration) -> ResourceServer {
+        let mut server = ResourceServer::new(OAuthConfig {
+            issuers: vec![issuer.url.clone()],
+            resource: "https://app.example/mcp".into(),
+            audience: "https://app.example/mcp".into(),
+            required_scopes: vec!["mcp".into()],
+            tool_scopes: Vec::new(),
+        })
+        .unwrap();
+        server.refresh_min_interval = refresh_min_interval;
+        server
+    }
+
+    #[tokio::test]
+    async fn keys_are_discovered_cached_and_refetched_on_an_unknown_kid_at_a_bounded_rate() {
+        let issuer = issuer().await;
+        let (jwk_a, signer_a) = key("a");
+        let (jwk_b, signer_b) = key("b");
+        *issuer.jwks.lock().unwrap() = json!({"keys": [jwk_a]});
+
+        let eager = server(&issuer, Duration::ZERO);
+        let principal = eager
+            .validate(&sign("a", &signer_a, &issuer.url))
+            .await
+            .unwrap();
+        assert_eq!(principal.subject, "alice");
+        eager
+            .validate(&sign("a", &signer_a, &issuer.url))
+            .await
+            .unwrap();
+        assert_eq!(issuer.fetches.load(Ordering::SeqCst), 1, "keys are cached");
+        // The issuer rotates to b: an unknown kid refetches the keys.
+        *issuer.jwks.lock().unwrap() = json!({"keys": [jwk_b]});
+        eager
+            .validate(&sign("b", &signer_b, &issuer.url))
+            .await
+            .unwrap();
+        assert_eq!(issuer.fetches.load(Ordering::SeqCst), 2);
+
+        // Within the minimum interval, unknown kids are refused without calling the issuer again.
+        let (_, signer_c) = key("c");
+        let calm = server(&issuer, Duration::from_secs(3600));
+        calm.validate(&sign("b", &signer_b, &issuer.url))
+            .await
+            .unwrap();
+        let fetched = issuer.fetches.load(Ordering::SeqCst);
+        for _ in 0..5 {
+            assert_eq!(
+                calm.validate(&sign("c", &signer_c, &issuer.url)).await,
+                Err(Refused::Invalid("unknown key"))
+            );
+        }
+        assert_eq!(issuer.fetches.load(Ordering::SeqCst), fetched);
+        // A validly signed token naming another issuer is refused before any key is looked at.
+        assert_eq!(
+            calm.validate(&sign("b", &signer_b, "https://elsewhere.example"))
+                .await,
+            Err(Refused::Invalid("untrusted issuer"))
+        );
+        assert_eq!(issuer.fetches.load(Ordering::SeqCst), fetched);
+    }
 }
