@@ -3,10 +3,11 @@
 //! in one era and "method not found" in the other, per-era 405s), which a typed server stack built to host a
 //! handler in-process does not expose.
 //!
-//! Order of checks on the MCP path: Origin (403) → bearer token or OAuth access token (401/403/400) → rate limit (429): per identity (the token) for
-//! authenticated requests, per client address for unauthenticated ones (auth off, or a missing or wrong token,
-//! which then gets 401 while under the limit) → method → body limit (413) → the era's own rules. Nothing reaches a
-//! child before auth. Keying authenticated traffic on the identity rather than the address keeps a team behind
+//! Order of checks on the MCP path: Origin (403) → bearer token or OAuth access token (401/403/400) → rate limit
+//! (429): per identity (the token, or the OAuth issuer and subject) for authenticated requests, per client address
+//! for unauthenticated ones (auth off, or a missing or wrong token, which then gets 401 while under the limit) →
+//! method → body limit (413) → the era's own rules; per-tool OAuth scopes once the body is read (403). Nothing
+//! reaches a child before auth. Keying authenticated traffic on the identity rather than the address keeps a team behind
 //! one NAT (or every user of a hosted client) from sharing one address's budget.
 
 use std::convert::Infallible;
