@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 need() { command -v "$1" >/dev/null || { echo "missing prerequisite: $1 ($2)" >&2; exit 1; }; }
 need cargo "Rust 1.89 or newer, https://rustup.rs"
-need go "Go 1.26 or newer, to build kube-apiserver, etcd, kubectl, helm and the health checker (or set KUBEBUILDER_ASSETS)"
+need go "Go 1.26 or newer, to build kube-apiserver, etcd, kubectl, helm, the health checker and Ory Hydra (or set KUBEBUILDER_ASSETS)"
+need cc "a C compiler, for Ory Hydra's SQLite driver (cgo)"
 need python3 "Python 3.10 or newer with venv, for the official MCP Python SDK client tests"
 need npm "Node.js 20 or newer with npm, for the official TypeScript MCP client tests"
 
@@ -25,6 +26,11 @@ checker="$(hack/health-checker.sh)"
 export MCPFLY_HEALTH_CHECKER="$checker"
 echo "GitOps health checker: $checker"
 "$checker" --versions
+
+# Ory Hydra, a real OAuth 2.1 authorization server, for the bridge's OAuth tests (tests/bridge_oauth.rs).
+hydra="$(hack/hydra.sh)"
+export MCPFLY_HYDRA="$hydra"
+echo "Ory Hydra: $hydra"
 
 # The official Python MCP SDK, for the bridge's client-compatibility tests (a venv under target/).
 echo "python MCP SDK: $(hack/python-mcp-env.sh)"

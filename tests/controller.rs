@@ -993,3 +993,54 @@ async fn our_own_writes_are_not_reconciled_again_but_a_deleted_connection_secret
     stack.wait_ready("echoed", READY).await?;
     Ok(())
 }
+
+/// `access.auth: oauth`: no endpoint token is made; the machines get the OAuth settings as env (nothing secret)
+/// and the connection Secret holds what a client needs, the URL and the issuer.
+#[tokio::test]
+async fn oauth_deployment_carries_its_settings_and_its_issuer_but_no_token() -> anyhow::Result<()> {
+    let stack = Stack::start("ctl-oauth", StackOptions::default()).await?;
+    let issuer = "https://login.example.com/realms/mcp";
+    stack
+        .apply(&manifest(
+            "chat",
+            &format!(
+                "  access:\n    auth: oauth\n    oauth: {{issuer: \"{issuer}\", requiredScopes: [mcp], toolScopes: {{delete: admin}}}}\n"
+            ),
+        ))
+        .await?;
+    let ready = stack.wait_ready("chat", READY).await?;
+    let status = ready.status.clone().unwrap();
+    let url = status.url.clone().unwrap();
+    assert!(
+        status
+            .credentials
+            .iter()
+            .all(|c| c.name != "MCP_AUTH_TOKEN"),
+        "{:?}",
+        status.credentials
+    );
+    let inventory = stack.emulator.inventory();
+    let fly_app = inventory.app(&app_of(&ready)).expect("app on the emulator");
+    assert!(
+        fly_app.secret_names.is_empty(),
+        "{:?}",
+        fly_app.secret_names
+    );
+    for machine in &fly_app.machines {
+        let env = &machine.config["env"];
+        assert_eq!(env["MCPFLY_OAUTH_ISSUERS"], issuer);
+        assert_eq!(env["MCPFLY_OAUTH_RESOURCE"], url.as_str());
+        assert_eq!(env["MCPFLY_OAUTH_SCOPES"], "mcp");
+        assert_eq!(env["MCPFLY_OAUTH_TOOL_SCOPES"], "delete=admin");
+        let cmd = machine.config["init"]["cmd"].to_string();
+        assert!(!cmd.contains("--no-auth"), "{cmd}");
+    }
+    let secret = Api::<Secret>::namespaced(stack.cp.client().await?, &stack.namespace)
+        .get("chat-mcp-connection")
+        .await?;
+    let data = secret.data.clone().unwrap();
+    assert_eq!(String::from_utf8(data["url"].0.clone())?, url);
+    assert_eq!(String::from_utf8(data["issuer"].0.clone())?, issuer);
+    assert!(!data.contains_key("token"));
+    Ok(())
+}

@@ -487,13 +487,23 @@ impl AutoStop {
 }
 
 /// Who may call the endpoint.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("(self.auth == 'oauth') == has(self.oauth)")
+        .message("access.oauth is required with auth: oauth and allowed only with it; set both or neither")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct AccessSpec {
     /// `bearer`: callers must send the generated token (`Authorization: Bearer ...`), found in the connection
-    /// Secret. `none`: the endpoint is open to anyone who knows the URL.
+    /// Secret. `oauth`: callers present OAuth 2.1 access tokens from the authorization server in `oauth` (for
+    /// Claude.ai, ChatGPT and other clients that accept only OAuth); the endpoint then also serves OAuth discovery,
+    /// which some bearer-header clients (Cursor) obey instead of their configured header. `none`: the endpoint is
+    /// open to anyone who knows the URL.
     #[serde(default)]
     pub auth: Auth,
+    /// The authorization server and what its tokens must carry, with `auth: oauth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<OAuthSpec>,
     /// The Secret the controller writes in this namespace with `url` and `token` for MCP clients. Unset:
     /// `<metadata.name>-mcp-connection`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -503,6 +513,83 @@ pub struct AccessSpec {
     /// requests per minute with bursts of 1000 per identity, 600 per minute with bursts of 100 per address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// An external OAuth 2.1 authorization server (Entra ID, Okta, Auth0, Keycloak, Ory...) whose JWT access tokens
+/// the endpoint accepts, per the MCP authorization spec.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("has(self.issuer) != has(self.authorizationServers)")
+        .message("set exactly one of oauth.issuer or oauth.authorizationServers")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuthSpec {
+    /// The authorization server's issuer URL (`https://login.example.com/realms/mcp`): tokens must carry it as
+    /// `iss`, and its keys are found through its RFC 8414 or OpenID discovery document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = limits::URL_MAX), pattern(v::ISSUER_URL_PATTERN))]
+    pub issuer: Option<String>,
+    /// Several accepted issuers instead of `issuer` (advertised in this order; clients use the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = limits::AUTHORIZATION_SERVERS_MAX),
+        inner(length(min = 1, max = limits::URL_MAX), pattern(v::ISSUER_URL_PATTERN))
+    )]
+    pub authorization_servers: Option<Vec<String>>,
+    /// The `aud` a token must carry. Default: the endpoint's canonical URL (`https://APP.fly.dev/mcp`), which
+    /// MCP clients request as the RFC 8707 `resource`. Set it for servers that put their own identifier in `aud`
+    /// (Entra: `api://CLIENT-ID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = limits::URL_MAX), pattern(v::AUDIENCE_PATTERN))]
+    pub audience: Option<String>,
+    /// Scopes every request needs (`scope` or `scp` claim); clients are told to ask for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = limits::SCOPES_MAX),
+        inner(length(min = 1, max = limits::SCOPE_MAX), pattern(v::SCOPE_PATTERN))
+    )]
+    pub required_scopes: Vec<String>,
+    /// Scopes a tool needs besides the required ones: tool name to scope. A call without it gets
+    /// `403 insufficient_scope`, which tells the client to ask for it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "tool_scopes_schema")]
+    pub tool_scopes: BTreeMap<String, String>,
+}
+
+impl AccessSpec {
+    /// With `auth: oauth`, the accepted issuers in the order they are advertised; `None` in other modes.
+    pub fn oauth_issuers(&self) -> Option<Vec<String>> {
+        let oauth = self.oauth.as_ref().filter(|_| self.auth == Auth::OAuth)?;
+        Some(
+            oauth
+                .issuer
+                .iter()
+                .chain(oauth.authorization_servers.iter().flatten())
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+fn tool_scopes_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    json_schema!({
+        "type": "object",
+        "maxProperties": limits::SCOPES_MAX,
+        "additionalProperties": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": limits::SCOPE_MAX,
+            "pattern": v::SCOPE_PATTERN,
+        },
+        "x-kubernetes-validations": [{
+            "rule": format!(
+                "self.all(k, size(k) <= {} && k.matches('{}'))",
+                limits::NAME_MAX,
+                v::TOOL_NAME_PATTERN
+            ),
+            "message": "toolScopes keys are tool names: letters, digits, _, -, . and / (at most 128)",
+        }],
+    })
 }
 
 /// Rate limits. Authenticated requests are counted per identity (the bearer token), so clients sharing one
@@ -564,6 +651,8 @@ pub enum Auth {
     #[default]
     Bearer,
     None,
+    #[serde(rename = "oauth")]
+    OAuth,
 }
 
 /// Tool governance: a filter and renames applied by the bridge, and the reviewed tool set.

@@ -356,6 +356,9 @@ pub mod reason {
     pub const TOOLS_APPROVED: &str = "ToolsApproved";
     pub const TOOLS_CHANGED: &str = "ToolsChanged";
     pub const TOOLS_NOT_APPROVED: &str = "ToolsNotApproved";
+    /// `auth: oauth`: the endpoint refuses a call without a token with 401 and serves discovery naming the
+    /// configured authorization servers (no token to handshake with).
+    pub const OAUTH_DISCOVERY_SERVED: &str = "OAuthDiscoveryServed";
     /// The machines run but the endpoint does not answer MCP (phase Degraded; `Reconciling`, retried).
     pub const HANDSHAKE_FAILED: &str = "HandshakeFailed";
     /// `spec.suspend` is true: nothing is changed on Fly (`Ready=False`, neither `Reconciling` nor `Stalled`).

@@ -194,6 +194,9 @@ fn schema_patterns_are_the_shared_constants() {
         validation::TOOL_NAME_PATTERN,
         validation::TOOL_GLOB_PATTERN,
         validation::TOOLS_DIGEST_PATTERN,
+        validation::ISSUER_URL_PATTERN,
+        validation::AUDIENCE_PATTERN,
+        validation::SCOPE_PATTERN,
     ];
     assert!(patterns.len() >= known.len());
     for p in &patterns {

@@ -54,12 +54,21 @@ pub const K8S_NAME_PATTERN: &str =
 pub const SECRET_KEY_PATTERN: &str = "^[-._a-zA-Z0-9]+$";
 /// A Fernet token (URL-safe base64) as printed by `mcpfly seal`.
 pub const SEALED_PATTERN: &str = "^[A-Za-z0-9_-]+={0,2}$";
+/// OAuth issuer URLs: https (or http to a loopback address, for local testing), no query or fragment (RFC 8414
+/// §2), nothing that could break out of a quoted header parameter, no `,` (the bridge's list separator).
+pub const ISSUER_URL_PATTERN: &str = "^(?:https://[A-Za-z0-9.-]+(?::[0-9]{1,5})?|http://(?:127\\.0\\.0\\.1|localhost)(?::[0-9]{1,5})?)(?:/[A-Za-z0-9._~%!$&'()*+;=:@/-]*)?$";
+/// A token audience: a URL or an identifier such as Entra's `api://CLIENT-ID`; printable, no spaces or quotes.
+pub const AUDIENCE_PATTERN: &str = "^[A-Za-z][A-Za-z0-9+.-]*:[!#-~]+$";
+/// An OAuth scope token (RFC 6749 §3.3: printable ASCII except space, `"` and `\\`), and no `,`, which
+/// separates scopes in the bridge's settings.
+pub const SCOPE_PATTERN: &str = "^[!#-+\\--\\[\\]-~]+$";
 /// Arguments and env values: anything but NUL, which an argv vector or an environment cannot carry.
 pub const NO_NUL_PATTERN: &str = "^[^\\x00]*$";
 
-/// MCP tool names (2025-11-25: 1 to 128 of `A-Z a-z 0-9 _ - .`), and globs over them (`*`, `?`).
-pub const TOOL_NAME_PATTERN: &str = "^[A-Za-z0-9_.-]+$";
-pub const TOOL_GLOB_PATTERN: &str = "^[A-Za-z0-9_.*?-]+$";
+/// MCP tool names (2025-11-25: 1 to 128 of `A-Z a-z 0-9 _ - .`; SEP-986 also allows `/`, which servers use for
+/// namespaces), and globs over them (`*`, `?`).
+pub const TOOL_NAME_PATTERN: &str = "^[A-Za-z0-9_./-]+$";
+pub const TOOL_GLOB_PATTERN: &str = "^[A-Za-z0-9_./*?-]+$";
 /// `status.tools.digest` as a person copies it into `spec.tools.pinned` or the approval annotation.
 pub const TOOLS_DIGEST_PATTERN: &str = "^sha256:[0-9a-f]{64}$";
 
@@ -89,6 +98,10 @@ pub mod limits {
     pub const MAX_UNAVAILABLE_MAX: i32 = 200;
     pub const RATE_PER_MINUTE_MAX: u32 = 1_000_000;
     pub const RATE_BURST_MAX: u32 = 100_000;
+    pub const URL_MAX: u32 = 512;
+    pub const AUTHORIZATION_SERVERS_MAX: u32 = 4;
+    pub const SCOPES_MAX: u32 = 32;
+    pub const SCOPE_MAX: u32 = 128;
 }
 
 fn re(pattern: &str) -> Regex {

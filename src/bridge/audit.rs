@@ -26,6 +26,8 @@ pub struct AuditRecord {
     pub tool: Option<String>,
     pub rpc_error: Option<i64>,
     pub note: Option<&'static str>,
+    /// OAuth mode: the access token's `sub` (never the token).
+    pub subject: Option<String>,
 }
 
 impl AuditRecord {
@@ -41,6 +43,7 @@ impl AuditRecord {
             tool: None,
             rpc_error: None,
             note: None,
+            subject: None,
         }
     }
 
@@ -89,6 +92,7 @@ impl Finished {
             http_method = r.http_method,
             session = r.session.as_deref().unwrap_or("-"),
             client = %r.client,
+            subject = r.subject.as_deref().map(short).as_deref().unwrap_or("-"),
             era = r.era,
             protocol_version = r.protocol_version.as_deref().unwrap_or("-"),
             method = r.method.as_deref().unwrap_or("-"),

@@ -3,10 +3,11 @@
 //! in one era and "method not found" in the other, per-era 405s), which a typed server stack built to host a
 //! handler in-process does not expose.
 //!
-//! Order of checks on the MCP path: Origin (403) → bearer token → rate limit (429): per identity (the token) for
-//! authenticated requests, per client address for unauthenticated ones (auth off, or a missing or wrong token,
-//! which then gets 401 while under the limit) → method → body limit (413) → the era's own rules. Nothing reaches a
-//! child before auth. Keying authenticated traffic on the identity rather than the address keeps a team behind
+//! Order of checks on the MCP path: Origin (403) → bearer token or OAuth access token (401/403/400) → rate limit
+//! (429): per identity (the token, or the OAuth issuer and subject) for authenticated requests, per client address
+//! for unauthenticated ones (auth off, or a missing or wrong token, which then gets 401 while under the limit) →
+//! method → body limit (413) → the era's own rules; per-tool OAuth scopes once the body is read (403). Nothing
+//! reaches a child before auth. Keying authenticated traffic on the identity rather than the address keeps a team behind
 //! one NAT (or every user of a hosted client) from sharing one address's budget.
 
 use std::convert::Infallible;
@@ -22,12 +23,11 @@ use axum::routing::{any, get};
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
 use super::affinity::{self, Affinity};
 use super::audit::{AuditRecord, Auditor};
-use super::auth::Auth;
+use super::auth::{Auth, Denied, Granted};
 use super::child::{
     CHILD_PROTOCOL_VERSION, Child, ChildSpec, HANDSHAKE_VERSIONS, error_response, is_response,
 };
@@ -125,11 +125,20 @@ impl State {
 
 pub fn router(state: Arc<State>) -> Router {
     let path = state.config.path.clone();
-    Router::new()
+    let mut router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route(&path, any(mcp))
-        .with_state(state)
+        .route(&path, any(mcp));
+    // Discovery only in OAuth mode: a client such as Cursor drops its configured bearer header once a server
+    // answers it.
+    if state.auth.oauth_server().is_some() {
+        let metadata = "/.well-known/oauth-protected-resource";
+        router = router.route(metadata, get(resource_metadata)).route(
+            &format!("{metadata}{}", path.trim_end_matches('/')),
+            get(resource_metadata),
+        );
+    }
+    router.with_state(state)
 }
 
 /// 200 only while the shared child is initialized (it answered `initialize`); 503 while it starts or restarts.
@@ -214,23 +223,19 @@ async fn handle(state: &Arc<State>, audit: &mut AuditRecord, request: Request) -
     if parts.method == Method::OPTIONS {
         return preflight(&headers);
     }
-    let identity = match state.auth.check(&headers) {
-        Ok(token) => token.map(|t| hex::encode(&Sha256::digest(t.as_bytes())[..8])),
+    let granted = match state.auth.authorize(&headers, parts.uri.query()).await {
+        Ok(granted) => granted,
         Err(denied) => {
             // Failed attempts count against the address, so guessing tokens is throttled too.
             if let Err(retry) = state.per_client.check(&audit.client) {
                 audit.note = Some("rate limited (client)");
                 return too_many(retry);
             }
-            audit.note = Some("unauthorized");
-            let mut response = plain(StatusCode::UNAUTHORIZED, "Unauthorized");
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(denied.challenge()),
-            );
-            return response;
+            return refuse(state, audit, &denied);
         }
     };
+    audit.subject = granted.principal.as_ref().map(|p| p.subject.clone());
+    let identity = granted.identity.clone();
     let limited = match &identity {
         Some(identity) => state
             .per_token
@@ -259,7 +264,7 @@ async fn handle(state: &Arc<State>, audit: &mut AuditRecord, request: Request) -
                     return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
                 }
             };
-            post(state, audit, &headers, session_id, &body).await
+            post(state, audit, &granted, &headers, session_id, &body).await
         }
         Method::GET => get_stream(state, audit, &headers, session_id),
         Method::DELETE => delete(state, audit, &headers, session_id).await,
@@ -271,6 +276,29 @@ async fn handle(state: &Arc<State>, audit: &mut AuditRecord, request: Request) -
             response
         }
     }
+}
+
+/// A refused credential: its status and the mode's `WWW-Authenticate` challenge; nothing reached a child.
+fn refuse(state: &State, audit: &mut AuditRecord, denied: &Denied) -> Response {
+    audit.note = Some(denied.note());
+    let mut response = (denied.status(), denied.note().to_string()).into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, state.auth.challenge(denied));
+    response
+}
+
+/// RFC 9728 Protected Resource Metadata (OAuth mode only); public, so any origin may read it.
+async fn resource_metadata(AxumState(state): AxumState<Arc<State>>) -> Response {
+    let Some(server) = state.auth.oauth_server() else {
+        return plain(StatusCode::NOT_FOUND, "Not Found");
+    };
+    let mut response = json_response(200, &server.config.metadata());
+    response.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    response
 }
 
 fn preflight(headers: &HeaderMap) -> Response {
@@ -352,6 +380,7 @@ fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 async fn post(
     state: &Arc<State>,
     audit: &mut AuditRecord,
+    granted: &Granted,
     headers: &HeaderMap,
     session_id: Option<String>,
     body: &[u8],
@@ -391,6 +420,9 @@ async fn post(
         return rpc_error(audit, 400, Value::Null, -32600, "Invalid Request");
     }
     audit.describe(&message);
+    if let Err(denied) = state.auth.allows(granted, &message) {
+        return refuse(state, audit, &denied);
+    }
     if modern::is_modern(headers, &message) {
         audit.era = "2026-07-28";
         audit.protocol_version = Some(modern::MODERN_VERSION.into());

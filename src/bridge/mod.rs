@@ -5,7 +5,8 @@
 //!   [`affinity`]: which machine a session lives on, and `fly-replay` to reach it;
 //!   [`warm`]: children started ahead of sessions; [`modern`]: the 2026-07-28 envelope on a shared child;
 //!   [`input_required`]: the shared child's questions to its client, as 2026-07-28 `input_required` rounds.
-//! - [`child`]: the stdio process and JSON-RPC multiplexing; [`auth`], [`ratelimit`], [`audit`]: cross-cutting.
+//! - [`child`]: the stdio process and JSON-RPC multiplexing; [`auth`], [`ratelimit`], [`audit`]: cross-cutting;
+//!   [`oauth`]: the OAuth 2.1 resource server (`--oauth-issuer`).
 //! - [`tools_policy`]: tool filters, renames, digests and `block` (both eras).
 //! - [`verify`]: the MCP client the controller uses to check a deployment through its public URL.
 
@@ -16,6 +17,7 @@ pub mod child;
 pub mod http;
 pub mod input_required;
 pub mod modern;
+pub mod oauth;
 pub mod ratelimit;
 pub mod session;
 pub mod tools_policy;
@@ -32,7 +34,9 @@ use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use verify::{ServerInfo, VerifyError, unauthenticated_status, verify};
+pub use verify::{
+    OAuthEndpoint, ServerInfo, VerifyError, unauthenticated_status, verify, verify_oauth,
+};
 
 /// What works in which protocol era, for `mcpfly bridge --help` (the README's table says the same).
 pub const FEATURES_BY_ERA: &str = "\
@@ -66,6 +70,35 @@ pub struct BridgeArgs {
     /// Serve without authentication. Without this flag, `MCP_AUTH_TOKEN` must hold the bearer token.
     #[arg(long)]
     pub no_auth: bool,
+    /// OAuth 2.1 mode: accept JWT access tokens from this authorization server (repeat or comma-separate for
+    /// several) instead of a static bearer token, and serve RFC 9728 metadata naming it. Needs `--oauth-resource`.
+    #[arg(
+        long = "oauth-issuer",
+        env = "MCPFLY_OAUTH_ISSUERS",
+        value_delimiter = ','
+    )]
+    pub oauth_issuers: Vec<String>,
+    /// OAuth mode: the endpoint's canonical public URL (`https://APP.fly.dev/mcp`), advertised as the resource.
+    #[arg(long, env = "MCPFLY_OAUTH_RESOURCE")]
+    pub oauth_resource: Option<String>,
+    /// OAuth mode: the `aud` a token must carry (default: the resource URL).
+    #[arg(long, env = "MCPFLY_OAUTH_AUDIENCE")]
+    pub oauth_audience: Option<String>,
+    /// OAuth mode: scopes every request needs (repeat or comma-separate).
+    #[arg(
+        long = "oauth-scope",
+        env = "MCPFLY_OAUTH_SCOPES",
+        value_delimiter = ','
+    )]
+    pub oauth_scopes: Vec<String>,
+    /// OAuth mode: `TOOL=SCOPE`, a scope a `tools/call` of TOOL needs besides the required ones (repeat or
+    /// comma-separate).
+    #[arg(
+        long = "oauth-tool-scope",
+        env = "MCPFLY_OAUTH_TOOL_SCOPES",
+        value_delimiter = ','
+    )]
+    pub oauth_tool_scopes: Vec<String>,
     /// Browser origins allowed to call the endpoint (CORS allowlist; repeat or comma-separate). A request with
     /// any other `Origin` gets 403; requests without `Origin` (non-browser clients) are allowed.
     #[arg(
@@ -171,9 +204,25 @@ impl BridgeArgs {
     }
 
     /// The auth setting these arguments ask for, with the token from `token_env` (normally `MCP_AUTH_TOKEN`).
-    /// Turning auth off must be explicit: no token and no `--no-auth` is an error.
+    /// Turning auth off must be explicit: no token, no `--oauth-issuer` and no `--no-auth` is an error.
     pub fn auth(&self, token_env: Option<String>) -> anyhow::Result<auth::Auth> {
-        match (self.no_auth, token_env.filter(|t| !t.trim().is_empty())) {
+        let token = token_env.filter(|t| !t.trim().is_empty());
+        if !self.oauth_issuers.is_empty() {
+            anyhow::ensure!(
+                !self.no_auth,
+                "--no-auth and --oauth-issuer contradict each other: pick one"
+            );
+            if token.is_some() {
+                tracing::warn!(
+                    "--oauth-issuer given: ignoring {} (OAuth access tokens only)",
+                    child::TOKEN_ENV
+                );
+            }
+            return Ok(auth::Auth::oauth(oauth::ResourceServer::new(
+                self.oauth_config()?,
+            )?));
+        }
+        match (self.no_auth, token) {
             (true, Some(_)) => {
                 tracing::warn!(
                     "--no-auth given: ignoring MCP_AUTH_TOKEN and serving without authentication"
@@ -183,11 +232,35 @@ impl BridgeArgs {
             (true, None) => Ok(auth::Auth::disabled()),
             (false, Some(token)) => Ok(auth::Auth::bearer(token.trim().to_string())),
             (false, None) => anyhow::bail!(
-                "{} is not set: set it to the endpoint's bearer token, or pass --no-auth to serve without \
-                 authentication",
+                "{} is not set: set it to the endpoint's bearer token, pass --oauth-issuer to accept OAuth \
+                 access tokens, or pass --no-auth to serve without authentication",
                 child::TOKEN_ENV
             ),
         }
+    }
+
+    /// The OAuth settings these arguments ask for (meaningful with `--oauth-issuer`).
+    pub fn oauth_config(&self) -> anyhow::Result<oauth::OAuthConfig> {
+        let resource = self
+            .oauth_resource
+            .clone()
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| {
+                anyhow::anyhow!("--oauth-issuer needs --oauth-resource (the endpoint's public URL)")
+            })?;
+        let config = oauth::OAuthConfig {
+            issuers: self.oauth_issuers.clone(),
+            audience: self
+                .oauth_audience
+                .clone()
+                .filter(|a| !a.is_empty())
+                .unwrap_or_else(|| resource.clone()),
+            resource,
+            required_scopes: self.oauth_scopes.clone(),
+            tool_scopes: oauth::parse_tool_scopes(&self.oauth_tool_scopes)?,
+        };
+        config.validate()?;
+        Ok(config)
     }
 }
 

@@ -29,6 +29,8 @@ pub enum VerifyError {
     Handshake { url: String, message: String },
     #[error("listing tools at {url} failed: {message}")]
     ListTools { url: String, message: String },
+    #[error("OAuth discovery at {url} is not what auth: oauth needs: {message}")]
+    OAuthDiscovery { url: String, message: String },
     #[error("no answer from {url} within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
 }
@@ -47,14 +49,7 @@ pub async fn unauthenticated_status(url: &str) -> Result<u16, VerifyError> {
         .timeout(TIMEOUT)
         .build()
         .map_err(|e| failed(e.to_string()))?;
-    let initialize = serde_json::json!({
-        "jsonrpc": "2.0", "id": 1, "method": "initialize",
-        "params": {
-            "protocolVersion": ProtocolVersion::V_2025_11_25.to_string(),
-            "capabilities": {},
-            "clientInfo": {"name": "mcpfly-verify", "version": env!("CARGO_PKG_VERSION")},
-        },
-    });
+    let initialize = initialize_request();
     let response = client
         .post(url)
         .header("accept", "application/json, text/event-stream")
@@ -63,6 +58,100 @@ pub async fn unauthenticated_status(url: &str) -> Result<u16, VerifyError> {
         .await
         .map_err(|e| failed(format!("unauthenticated probe: {e}")))?;
     Ok(response.status().as_u16())
+}
+
+/// What an OAuth-mode endpoint showed a client without a token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OAuthEndpoint {
+    /// Where its RFC 9728 metadata is, from the 401 challenge.
+    pub metadata_url: String,
+    pub authorization_servers: Vec<String>,
+}
+
+/// The check for `auth: oauth`, which has no token to handshake with: an MCP `initialize` without a token must
+/// get 401 with a `WWW-Authenticate` challenge naming the resource metadata, and that document must name `url`
+/// as its resource and `issuers` as its authorization servers — what Claude.ai or ChatGPT read first.
+pub async fn verify_oauth(url: &str, issuers: &[String]) -> Result<OAuthEndpoint, VerifyError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let failed = |message: String| VerifyError::OAuthDiscovery {
+        url: url.to_string(),
+        message,
+    };
+    let client = reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .build()
+        .map_err(|e| failed(e.to_string()))?;
+    let response = client
+        .post(url)
+        .header("accept", "application/json, text/event-stream")
+        .json(&initialize_request())
+        .send()
+        .await
+        .map_err(|e| failed(format!("unauthenticated probe: {e}")))?;
+    let status = response.status().as_u16();
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    if status != 401 {
+        return Err(failed(format!(
+            "an initialize without a token got HTTP {status}, not 401"
+        )));
+    }
+    let metadata_url = challenge
+        .split("resource_metadata=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
+            failed(format!(
+                "the 401 challenge names no resource_metadata: {challenge:?}"
+            ))
+        })?
+        .to_string();
+    let metadata: serde_json::Value = client
+        .get(&metadata_url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| failed(format!("{metadata_url}: {e}")))?
+        .json()
+        .await
+        .map_err(|e| failed(format!("{metadata_url}: {e}")))?;
+    if metadata["resource"].as_str() != Some(url) {
+        return Err(failed(format!(
+            "{metadata_url} names resource {}, not {url}",
+            metadata["resource"]
+        )));
+    }
+    let authorization_servers: Vec<String> = metadata["authorization_servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect();
+    if authorization_servers != issuers {
+        return Err(failed(format!(
+            "{metadata_url} names authorization servers {authorization_servers:?}, not {issuers:?}"
+        )));
+    }
+    Ok(OAuthEndpoint {
+        metadata_url,
+        authorization_servers,
+    })
+}
+
+fn initialize_request() -> serde_json::Value {
+    serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {
+            "protocolVersion": ProtocolVersion::V_2025_11_25.to_string(),
+            "capabilities": {},
+            "clientInfo": {"name": "mcpfly-verify", "version": env!("CARGO_PKG_VERSION")},
+        },
+    })
 }
 
 /// Connects to `url` (e.g. `https://app.fly.dev/mcp`), handshakes, lists tools, and closes the session.

@@ -505,7 +505,8 @@ impl Run<'_> {
                 (Some(existing), false) => existing.clone(),
                 _ => generate_token(),
             }),
-            Auth::None => None,
+            // No static token: OAuth access tokens come from the authorization server.
+            Auth::None | Auth::OAuth => None,
         };
         status.token_rotation = rotation.or(self.stored.token_rotation.clone());
         if let Some(token) = &value {
@@ -639,7 +640,18 @@ impl Run<'_> {
         // before the machines accept it.)
         token
             .connection
-            .ensure(ctx, self.obj, &want.url, token.value.as_deref())
+            .ensure(
+                ctx,
+                self.obj,
+                &want.url,
+                token.value.as_deref(),
+                self.obj
+                    .spec
+                    .access
+                    .oauth_issuers()
+                    .and_then(|issuers| issuers.into_iter().next())
+                    .as_deref(),
+            )
             .await?;
 
         let actor = Actor {
@@ -770,7 +782,10 @@ impl Run<'_> {
                 rollout,
                 token.rotated,
                 &want.url,
-                token.value.as_deref(),
+                match &self.obj.spec.access.oauth_issuers() {
+                    Some(issuers) => Caller::OAuth(issuers.clone()),
+                    None => Caller::Token(token.value.as_deref()),
+                },
                 self.generation,
             )
             .await
@@ -865,6 +880,14 @@ enum Handshake {
     Unprotected,
 }
 
+/// How the verification reaches the endpoint.
+enum Caller<'a> {
+    /// With the endpoint token (`auth: bearer`), or none (`auth: none`).
+    Token(Option<&'a str>),
+    /// `auth: oauth`, advertising these authorization servers: no token to call with.
+    OAuth(Vec<String>),
+}
+
 /// The MCP handshake through the public URL, once per rollout: a rollout in flight resets `Verified` to Unknown,
 /// and a converged deployment whose `Verified` is not true for this generation is verified.
 async fn verify(
@@ -873,7 +896,7 @@ async fn verify(
     rollout: bool,
     token_rotated: bool,
     url: &str,
-    token: Option<&str>,
+    caller: Caller<'_>,
     generation: Option<i64>,
 ) -> Handshake {
     if rollout {
@@ -894,6 +917,10 @@ async fn verify(
     {
         return Handshake::NotFailed;
     }
+    let token = match caller {
+        Caller::OAuth(issuers) => return verify_oauth(status, url, &issuers, generation).await,
+        Caller::Token(token) => token,
+    };
     match crate::bridge::verify(url, token).await {
         Ok(info) => {
             // Answering with the token proves little if it answers without one too (nothing fronts an image).
@@ -939,6 +966,39 @@ async fn verify(
         Err(e) => {
             let message =
                 format!("{e}; the machines run but the endpoint does not answer MCP; retrying");
+            mark_handshake_failed(status, &message, generation);
+            Handshake::Failed
+        }
+    }
+}
+
+/// `auth: oauth`: no token to handshake with, so the check is what a chat client sees first — 401 with a
+/// challenge naming the metadata, and metadata naming the configured authorization servers.
+async fn verify_oauth(
+    status: &mut MCPDeploymentStatus,
+    url: &str,
+    issuers: &[String],
+    generation: Option<i64>,
+) -> Handshake {
+    match crate::bridge::verify_oauth(url, issuers).await {
+        Ok(endpoint) => {
+            status.set_condition(condition(
+                ConditionType::Verified,
+                true,
+                reason::OAUTH_DISCOVERY_SERVED,
+                format!(
+                    "the endpoint refuses calls without a token (401) and {} names authorization server(s) {}",
+                    endpoint.metadata_url,
+                    endpoint.authorization_servers.join(", ")
+                ),
+                generation,
+            ));
+            Handshake::NotFailed
+        }
+        Err(e) => {
+            let message = format!(
+                "{e}; the machines run but OAuth clients could not find their way in; retrying"
+            );
             mark_handshake_failed(status, &message, generation);
             Handshake::Failed
         }
@@ -1102,6 +1162,8 @@ struct ConnectionSecret {
     name: String,
     token: Option<String>,
     url: Option<String>,
+    /// `auth: oauth`: the authorization server clients sign in with.
+    issuer: Option<String>,
     exists: bool,
 }
 
@@ -1133,6 +1195,7 @@ impl ConnectionSecret {
             name,
             token: field("token"),
             url: field("url"),
+            issuer: field("issuer"),
             exists: found.is_some(),
         })
     }
@@ -1143,13 +1206,21 @@ impl ConnectionSecret {
         obj: &MCPDeployment,
         url: &str,
         token: Option<&str>,
+        issuer: Option<&str>,
     ) -> Result<(), Error> {
-        if self.exists && self.url.as_deref() == Some(url) && self.token.as_deref() == token {
+        if self.exists
+            && self.url.as_deref() == Some(url)
+            && self.token.as_deref() == token
+            && self.issuer.as_deref() == issuer
+        {
             return Ok(());
         }
         let mut data = BTreeMap::from([("url".to_string(), ByteString(url.as_bytes().to_vec()))]);
         if let Some(token) = token {
             data.insert("token".into(), ByteString(token.as_bytes().to_vec()));
+        }
+        if let Some(issuer) = issuer {
+            data.insert("issuer".into(), ByteString(issuer.as_bytes().to_vec()));
         }
         let secret = Secret {
             metadata: kube::api::ObjectMeta {

@@ -152,7 +152,8 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> DesiredDeployment {
     };
     let url = endpoint_url(&settings.url_template, &app, &mcp_path);
 
-    let base = base_config(inputs, settings, internal_port, &inputs.secrets);
+    let mut base = base_config(inputs, settings, internal_port, &inputs.secrets);
+    base.env.extend(oauth_env(spec, &url));
     let mut machines = Vec::new();
     for region in &spec.fly.regions {
         for index in 0..spec.fly.machines_per_region.max(0) as u32 {
@@ -180,6 +181,35 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> DesiredDeployment {
         autostop: spec.fly.auto_stop != AutoStop::Off,
         secrets: inputs.secrets.clone(),
     }
+}
+
+/// With `auth: oauth`, the settings the bridge (or an image serving MCP itself) reads, as machine env: issuers,
+/// the canonical URL as the resource, and what tokens must carry. None of it is secret.
+pub fn oauth_env(spec: &crate::api::MCPDeploymentSpec, url: &str) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    let (Some(issuers), Some(oauth)) = (spec.access.oauth_issuers(), &spec.access.oauth) else {
+        return env;
+    };
+    env.insert("MCPFLY_OAUTH_ISSUERS".into(), issuers.join(","));
+    env.insert("MCPFLY_OAUTH_RESOURCE".into(), url.to_string());
+    if let Some(audience) = &oauth.audience {
+        env.insert("MCPFLY_OAUTH_AUDIENCE".into(), audience.clone());
+    }
+    if !oauth.required_scopes.is_empty() {
+        env.insert(
+            "MCPFLY_OAUTH_SCOPES".into(),
+            oauth.required_scopes.join(","),
+        );
+    }
+    if !oauth.tool_scopes.is_empty() {
+        let pairs: Vec<String> = oauth
+            .tool_scopes
+            .iter()
+            .map(|(tool, scope)| format!("{tool}={scope}"))
+            .collect();
+        env.insert("MCPFLY_OAUTH_TOOL_SCOPES".into(), pairs.join(","));
+    }
+    env
 }
 
 /// Bridge flags for what the spec sets beyond the bridge's defaults (unset fields add nothing, so the defaults
@@ -377,5 +407,72 @@ mod url_tests {
             endpoint_url("https://{app}.example/", "a", "/rpc"),
             "https://a.example/"
         );
+    }
+}
+
+#[cfg(test)]
+mod oauth_env_tests {
+    use super::oauth_env;
+    use crate::bridge::BridgeArgs;
+
+    #[test]
+    fn oauth_settings_reach_the_bridge_as_env_it_parses() {
+        let spec: crate::api::MCPDeploymentSpec = serde_json::from_value(serde_json::json!({
+            "source": {"npm": {"package": "x", "version": "1.0.0"}},
+            "fly": {"regions": ["iad"]},
+            "access": {"auth": "oauth", "oauth": {
+                "authorizationServers": ["https://a.example", "https://b.example/t"],
+                "requiredScopes": ["mcp", "read"],
+                "toolScopes": {"delete": "write"},
+            }},
+        }))
+        .unwrap();
+        let env = oauth_env(&spec, "https://app.fly.dev/mcp");
+        assert_eq!(
+            env["MCPFLY_OAUTH_ISSUERS"],
+            "https://a.example,https://b.example/t"
+        );
+        assert_eq!(env["MCPFLY_OAUTH_RESOURCE"], "https://app.fly.dev/mcp");
+        assert!(
+            !env.contains_key("MCPFLY_OAUTH_AUDIENCE"),
+            "default: the resource"
+        );
+        // The bridge reads the same names, split the same way (clap's env and its value delimiter).
+        let command = <BridgeArgsParser as clap::CommandFactory>::command();
+        let mut args: Vec<String> = Vec::new();
+        for arg in command.get_arguments() {
+            if let (Some(name), Some(long)) = (arg.get_env(), arg.get_long())
+                && let Some(value) = env.get(name.to_str().unwrap())
+            {
+                for v in value.split(',') {
+                    args.extend([format!("--{long}"), v.to_string()]);
+                }
+            }
+        }
+        assert_eq!(
+            args.len(),
+            2 * 6,
+            "every variable has a bridge flag: {args:?}"
+        );
+        args.extend(["--".into(), "server".into()]);
+        let parsed = BridgeArgs::parse_from(args).unwrap();
+        let config = parsed.oauth_config().unwrap();
+        assert_eq!(config.issuers, ["https://a.example", "https://b.example/t"]);
+        assert_eq!(config.audience, "https://app.fly.dev/mcp");
+        assert_eq!(config.required_scopes, ["mcp", "read"]);
+        assert_eq!(
+            config.tool_scopes,
+            [("delete".to_string(), "write".to_string())]
+        );
+
+        let mut bearer = spec.clone();
+        bearer.access.auth = crate::api::Auth::Bearer;
+        assert!(oauth_env(&bearer, "https://app.fly.dev/mcp").is_empty());
+    }
+
+    #[derive(clap::Parser)]
+    struct BridgeArgsParser {
+        #[command(flatten)]
+        args: BridgeArgs,
     }
 }
