@@ -22,6 +22,8 @@ const SESSIONS: usize = 10;
 const CALLS: usize = 4;
 
 struct Fleet {
+    /// The stdio server each machine's bridge runs.
+    child: Vec<String>,
     emu: EmulatorHandle,
     driver: LocalDriver,
     _dir: tempfile::TempDir,
@@ -29,7 +31,7 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn start(machines: usize) -> (Self, Vec<String>) {
+    async fn start(machines: usize, child: &[&str]) -> (Self, Vec<String>) {
         support::logs();
         let dir = tempfile::tempdir().unwrap();
         let driver = LocalDriver::new(
@@ -50,6 +52,7 @@ impl Fleet {
         .await
         .unwrap();
         let fleet = Fleet {
+            child: child.iter().map(|a| a.to_string()).collect(),
             emu,
             driver,
             _dir: dir,
@@ -97,11 +100,26 @@ impl Fleet {
         // auth every request is limited per client address, and here every client is 127.0.0.1 (the emulator's
         // proxy sets no Fly-Client-IP): 40 sessions' calls, some counted twice by a replay, would exceed the
         // per-address burst of 100, which is not what this test is about.
+        let mut cmd: Vec<String> = [
+            "mcpfly",
+            "bridge",
+            "--port",
+            "8080",
+            "--path",
+            "/mcp",
+            "--no-auth",
+            "--rate-per-client",
+            "0",
+            "--warm-sessions",
+            "2",
+            "--",
+        ]
+        .map(String::from)
+        .to_vec();
+        cmd.extend(self.child.iter().cloned());
         let config = json!({
             "image": IMAGE,
-            "init": {"cmd": ["mcpfly", "bridge", "--port", "8080", "--path", "/mcp", "--no-auth",
-                             "--rate-per-client", "0", "--warm-sessions", "2",
-                             "--", "mcpfly", "example-server"]},
+            "init": {"cmd": cmd},
             "services": [{"internal_port": 8080, "autostop": "off", "min_machines_running": 0,
                           "checks": [{"type": "http", "path": "/readyz", "interval": "1s"}]}],
         });
@@ -236,7 +254,7 @@ fn assert_round(label: &str, round: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_clients_keep_handshake_sessions_across_machines_and_a_replacement() {
-    let (fleet, ids) = Fleet::start(3).await;
+    let (fleet, ids) = Fleet::start(3, &["mcpfly", "example-server"]).await;
     let url = fleet.url();
     let mut clients = [
         ("python", python_sessions(&url)),
@@ -268,6 +286,83 @@ async fn official_clients_keep_handshake_sessions_across_machines_and_a_replacem
     assert!(
         reinitialized < 2 * SESSIONS as u64,
         "sessions on the machines that stayed must survive: {reinitialized} re-initialized"
+    );
+    fleet.driver.shutdown();
+}
+
+/// 2026-07-28 requests carry no session, so Fly's proxy sends an `input_required` retry to any machine; the
+/// held call lives in one. Its `requestState` names that machine, and another machine replays the retry there.
+/// Positive control: each first call really was held (`input_required`), and the spread reached every machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_required_retries_reach_the_machine_holding_the_call() {
+    let server = support::test_server();
+    let (fleet, ids) = Fleet::start(3, &[server.to_str().unwrap()]).await;
+    let url = fleet.url();
+    let meta = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {"roots": {}},
+    });
+    let call = |id: u64, params: Value| {
+        fleet
+            .http
+            .post(&url)
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "roots")
+            .json(&json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params}))
+            .send()
+    };
+    let mut holders = std::collections::BTreeSet::new();
+    for round in 0..12u64 {
+        let first: Value = call(
+            2 * round,
+            json!({"name": "roots", "arguments": {}, "_meta": meta}),
+        )
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        assert_eq!(
+            first["result"]["resultType"], "input_required",
+            "round {round}: {first}"
+        );
+        let state = first["result"]["requestState"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let holder = state.split_once('-').map(|(m, _)| m.to_string()).unwrap();
+        assert!(
+            ids.contains(&holder),
+            "round {round}: the token names {holder}, not one of {ids:?}"
+        );
+        holders.insert(holder);
+        let (key, _) = first["result"]["inputRequests"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .next()
+            .unwrap();
+        let answers = json!({key.clone(): {"roots": [{"uri": "file:///a", "name": "a"}]}});
+        let retry = call(
+            2 * round + 1,
+            json!({"name": "roots", "arguments": {}, "_meta": meta, "inputResponses": answers, "requestState": state}),
+        )
+        .await
+        .unwrap();
+        let status = retry.status();
+        let done: Value = retry.json().await.unwrap();
+        assert_eq!(status, 200, "round {round}: {done}");
+        assert_eq!(
+            done["result"]["content"][0]["text"], "1 roots",
+            "round {round}: {done}"
+        );
+    }
+    // 12 first calls over 3 machines all held by one has odds of 3·(1/3)^12: the spread is real.
+    assert!(
+        holders.len() > 1,
+        "every call was held by {holders:?}; the proxy did not spread"
     );
     fleet.driver.shutdown();
 }

@@ -46,6 +46,11 @@ impl Affinity {
         Self { machine }
     }
 
+    /// This machine's id, when it has a usable one.
+    pub fn machine(&self) -> Option<&str> {
+        self.machine.as_deref()
+    }
+
     /// A new, unguessable session id, naming this machine when it has an id.
     pub fn new_session_id(&self) -> String {
         let random = hex::encode(rand::random::<[u8; 16]>());

@@ -83,6 +83,7 @@ impl State {
         audit: Auditor,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let affinity = Affinity::new(args.machine_id.as_deref());
         Self {
             config: Config {
                 path: args.path.clone(),
@@ -107,8 +108,11 @@ impl State {
             ),
             warm,
             audit,
-            held: HeldTable::new(Duration::from_secs(args.input_timeout_secs)),
-            affinity: Affinity::new(args.machine_id.as_deref()),
+            held: HeldTable::new(
+                Duration::from_secs(args.input_timeout_secs),
+                affinity.machine(),
+            ),
+            affinity,
             tools: ToolsPolicy::default(),
             per_token: Limiter::new(Rate {
                 per_minute: args.rate_per_token,
@@ -928,6 +932,20 @@ async fn modern_post(
     {
         // A retry after `input_required`: the held request goes on; nothing new is sent to the child.
         Some(token) => {
+            if let Some(machine) = state.affinity.replay_target(headers, token) {
+                audit.note = Some("replayed to its machine");
+                let mut response = rpc_error(
+                    audit,
+                    400,
+                    id,
+                    modern::INVALID_PARAMS,
+                    "requestState belongs to another machine; send the request again without it",
+                );
+                response
+                    .headers_mut()
+                    .insert(affinity::REPLAY, affinity::replay_header(machine));
+                return response;
+            }
             let responses = message
                 .pointer("/params/inputResponses")
                 .and_then(Value::as_object);

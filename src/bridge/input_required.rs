@@ -233,6 +233,9 @@ fn log_severity(level: &str) -> Option<usize> {
 /// Exchanges waiting for their client to come back with `inputResponses`.
 pub struct HeldTable {
     key: StateKey,
+    /// This machine's id (on Fly): a token starts with `<machine>-`, so a retry that Fly's proxy sends to
+    /// another machine is replayed here ([`super::affinity`]), as for a handshake-era session id.
+    machine: Option<String>,
     entries: Mutex<HashMap<u64, Held>>,
     next: AtomicU64,
     ttl: Duration,
@@ -245,9 +248,10 @@ pub enum ResumeError {
 }
 
 impl HeldTable {
-    pub fn new(ttl: Duration) -> Arc<Self> {
+    pub fn new(ttl: Duration, machine: Option<&str>) -> Arc<Self> {
         Arc::new(Self {
             key: StateKey::random(),
+            machine: machine.map(str::to_string),
             entries: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             ttl,
@@ -265,7 +269,10 @@ impl HeldTable {
     /// Holds an exchange; returns its `requestState`, or gives the held parts back when the table is full.
     fn hold(self: &Arc<Self>, held: Held) -> Result<String, Held> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let token = self.key.seal(id, &held.exchange.binding);
+        let token = match &self.machine {
+            Some(machine) => format!("{machine}-{}", self.key.seal(id, &held.exchange.binding)),
+            None => self.key.seal(id, &held.exchange.binding),
+        };
         {
             let mut entries = self.entries.lock().unwrap();
             if entries.len() >= MAX_HELD {
@@ -301,7 +308,14 @@ impl HeldTable {
         binding: &[u8; 32],
         responses: Option<&Map<String, Value>>,
     ) -> Result<Exchange, ResumeError> {
-        let id = self.key.open(token, binding).ok_or(ResumeError::Invalid)?;
+        let sealed = match &self.machine {
+            Some(machine) => token
+                .strip_prefix(machine.as_str())
+                .and_then(|t| t.strip_prefix('-'))
+                .ok_or(ResumeError::Invalid)?,
+            None => token,
+        };
+        let id = self.key.open(sealed, binding).ok_or(ResumeError::Invalid)?;
         let held = self
             .entries
             .lock()
