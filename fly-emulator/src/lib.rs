@@ -103,6 +103,14 @@ pub struct Realism {
     /// §5: every Nth org-wide listing is partial: one region's machines are left out and named in
     /// `error_regions`. Zero: never.
     pub org_listing_error_every: u32,
+    /// §6: a held lease (wrong or missing nonce), a stale `current_version` and a host without capacity answer
+    /// 409 with Fly's body `{"status":"error","message":...}`. Off: the older idealised answers (412 for a stale
+    /// version, `{"error":...,"status":"lease_conflict"}` bodies).
+    pub fly_conflicts: bool,
+    /// §6: leases are answered as the OpenAPI documents them (a bare `Lease`, 201 on acquire) instead of the
+    /// envelope `{status, data}` fly-go reads. Off by default: fly-go and flyctl read the envelope from Fly
+    /// every day, so that is what Fly answers; the switch keeps a client honest about the documented shape.
+    pub lease_answer_bare: bool,
 }
 
 impl Realism {
@@ -117,6 +125,8 @@ impl Realism {
             org_listing_delay: Duration::from_secs(2),
             org_listing_rough: true,
             org_listing_error_every: 7,
+            fly_conflicts: true,
+            lease_answer_bare: false,
         }
     }
 
@@ -140,6 +150,8 @@ impl Realism {
             org_listing_delay: Duration::ZERO,
             org_listing_rough: false,
             org_listing_error_every: 0,
+            fly_conflicts: false,
+            lease_answer_bare: false,
         }
     }
 }

@@ -566,15 +566,6 @@ pub struct Lease {
     pub version: String,
 }
 
-/// `{"status":"success","data":{...}}`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct LeaseEnvelope {
-    #[serde(default, deserialize_with = "null_default")]
-    pub status: String,
-    #[serde(default)]
-    pub data: Option<Lease>,
-}
-
 /// The org-wide listing (`GET /orgs/{org}/machines`), for cheap fleet-wide change detection.
 #[derive(Debug, Clone, Default)]
 pub struct OrgMachinesQuery {
