@@ -602,6 +602,7 @@ async fn ips_metadata_regions_and_org_listing() {
             "app-misc",
             &AssignIpRequest {
                 kind: "v6".into(),
+                org_slug: Some(DEFAULT_ORG.into()),
                 ..Default::default()
             },
         )
@@ -612,6 +613,7 @@ async fn ips_metadata_regions_and_org_listing() {
             "app-misc",
             &AssignIpRequest {
                 kind: "shared_v4".into(),
+                org_slug: Some(DEFAULT_ORG.into()),
                 ..Default::default()
             },
         )

@@ -111,6 +111,10 @@ pub struct Realism {
     /// envelope `{status, data}` fly-go reads. Off by default: fly-go and flyctl read the envelope from Fly
     /// every day, so that is what Fly answers; the switch keeps a client honest about the documented shape.
     pub lease_answer_bare: bool,
+    /// §6: `POST /apps/{app}/ip_assignments` without the app's `org_slug` is refused (400). flyctl always sends
+    /// it and fly-go's request carries it; what Fly does without it is not documented, so the emulator keeps a
+    /// client on the path Fly's own tools take.
+    pub ip_assign_needs_org_slug: bool,
 }
 
 impl Realism {
@@ -127,6 +131,7 @@ impl Realism {
             org_listing_error_every: 7,
             fly_conflicts: true,
             lease_answer_bare: false,
+            ip_assign_needs_org_slug: true,
         }
     }
 
@@ -152,6 +157,7 @@ impl Realism {
             org_listing_error_every: 0,
             fly_conflicts: false,
             lease_answer_bare: false,
+            ip_assign_needs_org_slug: false,
         }
     }
 }
@@ -457,7 +463,7 @@ impl EmulatorHandle {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT/v1`: what `FLY_FLAPS_BASE_URL` should be.
+    /// `http://127.0.0.1:PORT/v1`: the client's base URL (`FLY_FLAPS_BASE_URL` is this without `/v1`).
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
     }

@@ -1553,7 +1553,14 @@ impl State {
             .unwrap_or("global")
             .to_string();
         let ms = self.wall(ctx.now);
+        let needs_org = self.cfg.realism.ip_assign_needs_org_slug;
         let a = self.app_mut(ctx, app)?;
+        let org_slug = body.get("org_slug").and_then(Value::as_str);
+        if needs_org && org_slug.is_none_or(|o| o != a.org) {
+            return Err(ApiErr::invalid(format!(
+                "org_slug must name the app's organization, got {org_slug:?}"
+            )));
+        }
         let h = hash16(app);
         a.ip_seq += 1;
         let n = a.ip_seq;

@@ -905,3 +905,38 @@ async fn conflicts_are_409_with_a_message_body() {
     assert_eq!(s, 201, "{b}");
     assert!(b["nonce"].is_string() && b.get("data").is_none(), "{b}");
 }
+
+/// REALISM.md §6: an IP assignment carries the app's `org_slug`, as flyctl and fly-go send it.
+#[tokio::test]
+async fn ip_assignment_names_the_org() {
+    let emu = emulator(EmulatorConfig {
+        realism: Realism {
+            ip_assign_needs_org_slug: true,
+            ..Realism::off()
+        },
+        ..manual()
+    })
+    .await;
+    let raw = Raw::new(&emu);
+    app_with_machine(&raw, "ipo", json!({"skip_launch": true})).await;
+    let path = "/apps/ipo/ip_assignments";
+    let (s, b, _) = raw
+        .call("POST", path, Some(json!({"type": "v6"})), None)
+        .await;
+    assert_eq!(s, 400, "{b}");
+    let (s, b, _) = raw
+        .call(
+            "POST",
+            path,
+            Some(json!({"type": "v6", "org_slug": "personal"})),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        raw.call("GET", path, None, None).await.1["ips"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+}

@@ -270,11 +270,12 @@ impl Actor<'_> {
                     Err(e) => return Err(fail("create app", e)),
                 }
             }
-            Action::AssignIp { kind } => {
+            Action::AssignIp { kind, org } => {
                 let request = AssignIpRequest {
                     kind: kind.as_fly().to_string(),
                     region: None,
                     network: None,
+                    org_slug: Some(org.clone()),
                 };
                 let ip = self
                     .fly

@@ -153,12 +153,20 @@ impl FlyClientConfig {
     pub fn from_env() -> Result<Self, FlyError> {
         let token = std::env::var("FLY_API_TOKEN")
             .map_err(|_| FlyError::Config("FLY_API_TOKEN is not set".into()))?;
-        let base =
-            std::env::var("FLY_FLAPS_BASE_URL").unwrap_or_else(|_| DEFAULT_BASE_URL.to_string());
+        let base = std::env::var("FLY_FLAPS_BASE_URL")
+            .ok()
+            .filter(|b| !b.trim().is_empty())
+            .map_or_else(|| DEFAULT_BASE_URL.to_string(), |b| api_base_from_flaps(&b));
         let mut c = FlyClientConfig::new(base, token);
         c.org = std::env::var("FLY_ORG").ok().filter(|s| !s.is_empty());
         Ok(c)
     }
+}
+
+/// fly-go's `FLY_FLAPS_BASE_URL` names the host (`https://api.machines.dev`) and the client appends `/v1`
+/// (REALISM.md §6); this client's base URL includes it.
+pub fn api_base_from_flaps(flaps: &str) -> String {
+    format!("{}/v1", flaps.trim().trim_end_matches('/'))
 }
 
 /// `Authorization` header value: macaroon tokens (`fm1r_`, `fm1a_`, `fm2_` parts) use `FlyV1`,
@@ -1257,6 +1265,18 @@ mod tests {
         );
         assert_eq!(authorization_header("fm1r_a"), "FlyV1 fm1r_a");
         assert_eq!(authorization_header("x, fm1a_b"), "FlyV1 x, fm1a_b");
+    }
+
+    #[test]
+    fn flaps_base_url_excludes_v1() {
+        assert_eq!(
+            api_base_from_flaps("https://api.machines.dev"),
+            DEFAULT_BASE_URL
+        );
+        assert_eq!(
+            api_base_from_flaps("http://127.0.0.1:4280/"),
+            "http://127.0.0.1:4280/v1"
+        );
     }
 
     #[test]
