@@ -195,6 +195,22 @@ fn unobserved_ips_are_not_reassigned() {
     );
 }
 
+/// REALISM.md §7: Fly applies `min_machines_running` in the primary region only and learns it from
+/// `PRIMARY_REGION` in the machine env; every machine names the first listed region.
+#[test]
+fn every_machine_names_the_first_region_as_primary() {
+    let d = want(BASE, &[]);
+    assert_eq!(d.machines.len(), 2);
+    for m in &d.machines {
+        assert_eq!(
+            m.config.env.get("PRIMARY_REGION").map(String::as_str),
+            Some("iad"),
+            "{}",
+            m.name
+        );
+    }
+}
+
 /// REALISM.md §6: a Flycast address (fc00::/7, Fly's `fdaa:`) or an egress address is not the public v6 the
 /// app's hostname needs; the IP request names the org as flyctl does.
 #[test]
