@@ -115,6 +115,9 @@ pub struct Realism {
     /// it and fly-go's request carries it; what Fly does without it is not documented, so the emulator keeps a
     /// client on the path Fly's own tools take.
     pub ip_assign_needs_org_slug: bool,
+    /// §7: a new machine whose first launch fails goes `launch_failed` → `destroyed` (then 404), as Fly's
+    /// machine-states doc says. Off, or for a machine that ran before: `launch_failed` → `failed`.
+    pub launch_failed_destroys: bool,
 }
 
 impl Realism {
@@ -132,6 +135,7 @@ impl Realism {
             fly_conflicts: true,
             lease_answer_bare: false,
             ip_assign_needs_org_slug: true,
+            launch_failed_destroys: true,
         }
     }
 
@@ -158,6 +162,7 @@ impl Realism {
             fly_conflicts: false,
             lease_answer_bare: false,
             ip_assign_needs_org_slug: false,
+            launch_failed_destroys: false,
         }
     }
 }

@@ -480,10 +480,19 @@ impl State {
             self.schedule_crash(app, id, at);
         }
         if to == "launch_failed" {
-            // Transient: Fly gives up on the launch shortly after.
+            // Transient: Fly gives up on the launch shortly after. A new machine that never ran goes on to
+            // `destroyed` (Fly's machine-states doc: "will transition to destroyed"); one that ran before
+            // settles in `failed`, "could not start successfully", and keeps its id.
             let delay = self.cfg.latencies.stop;
+            let never_ran = self
+                .apps
+                .get(app)
+                .and_then(|a| a.machines.get(id))
+                .is_some_and(|m| m.old_versions.is_empty() && m.started_at.is_none())
+                && self.cfg.realism.launch_failed_destroys;
+            let end = if never_ran { "destroyed" } else { "failed" };
             self.touch(app, id, at);
-            self.transition_from(app, id, at, None, "failed", delay);
+            self.transition_from(app, id, at, None, end, delay);
             return;
         }
         if to == "destroyed" {

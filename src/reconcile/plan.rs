@@ -255,7 +255,8 @@ pub fn check_counts(machine: &Machine) -> CheckCounts {
     }
 }
 
-fn is_gone(machine: &Machine) -> bool {
+/// Destroyed, or on its way there: not a machine to plan with.
+pub fn is_gone(machine: &Machine) -> bool {
     matches!(
         machine.state.as_str(),
         "destroyed" | "destroying" | "replaced" | "migrated"
