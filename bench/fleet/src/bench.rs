@@ -12,7 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fly_adapter::token_bucket::RateLimits;
 use fly_emulator::{
     DEFAULT_ORG, DEFAULT_TOKEN, Emulator, EmulatorConfig, EmulatorHandle, Latencies, Realism,
 };
@@ -89,19 +88,15 @@ impl Options {
         self.realism.app_visibility_lag + self.realism.image_pull + self.start_latency + CHECK_GRACE
     }
 
-    /// The lower bound on "N applied at once → all Ready" the limits allow. Fly's documented per-action limit
-    /// (1/s, burst 3) applies to app creation per org, as it has no app to key on: the last app is created no
-    /// earlier than (N − burst)/rate, and its deployment then needs [`Self::floor`] (its later calls are keyed
-    /// by its own app and machine, whose buckets are full). With the optional org-wide mutation cap, every
-    /// deployment's [`MUTATIONS_PER_DEPLOYMENT`] mutations share it: the last is sent no earlier than
-    /// (N·k − burst)/rate. The larger of the two holds.
+    /// The lower bound on "N applied at once → all Ready" the limits allow. Fly's documented limits are per
+    /// action and per app or machine (app creation too: "app ID for app-level calls such as list and create"),
+    /// and each deployment is its own app whose buckets start full, so across apps they bound nothing: without
+    /// an org-wide cap the bound is one deployment's [`Self::floor`]. With the optional cap, every deployment's
+    /// [`MUTATIONS_PER_DEPLOYMENT`] mutations share it: the last is sent no earlier than (N·k − burst)/rate.
     pub fn lower_bound(&self, n: usize) -> Duration {
-        let create = RateLimits::fly().limit_for("apps.create");
-        let mut paced = (n as f64 - create.burst).max(0.0) / create.per_second;
-        if let Some((rate, burst)) = self.org_mutations {
-            let mutations = n as f64 * MUTATIONS_PER_DEPLOYMENT as f64;
-            paced = paced.max((mutations - burst).max(0.0) / rate);
-        }
+        let paced = self.org_mutations.map_or(0.0, |(rate, burst)| {
+            (n as f64 * MUTATIONS_PER_DEPLOYMENT as f64 - burst).max(0.0) / rate
+        });
         Duration::from_secs_f64(paced) + self.floor()
     }
 }
