@@ -22,7 +22,9 @@ async fn fleet_bench_small_n() -> anyhow::Result<()> {
     opts.singles = 3;
     opts.start_latency = Duration::from_millis(500);
     // Tight enough that the org-wide cap, not the machine start, dominates the fleet's lower bound.
-    opts.org_mutations = (5.0, 5.0);
+    opts.org_mutations = Some((5.0, 5.0));
+    // Fly's lags, with windows short enough for CI.
+    opts.realism = fly_emulator::Realism::fly();
     opts.fleet_poll_seconds = 2;
     opts.idle_window = Duration::from_secs(9);
     opts.baseline_resync_seconds = 2;

@@ -165,6 +165,39 @@ async fn a_machine_that_ends_failed_is_replaced_under_its_name() -> anyhow::Resu
     Ok(())
 }
 
+/// REALISM.md §7: a new machine whose first launch fails goes `launch_failed` → `destroyed` on Fly, so the
+/// create the controller remembers vanishes; it must create the machine again (not wait on the dead id, not stall).
+#[tokio::test]
+async fn a_new_machine_destroyed_by_a_failed_launch_is_created_again() -> anyhow::Result<()> {
+    let stack = Stack::start("ctl-fault-lfd", StackOptions::default()).await?;
+    let app = mcpfly::reconcile::naming::app_name("mcpfly", "test", "ctl-fault-lfd", "doomed");
+    stack
+        .emulator
+        .fault_next_launches(&app, Some("iad-0"), 1, LaunchFault::Fail);
+    stack.apply(&manifest("doomed", "")).await?;
+    let ready = stack.wait_ready("doomed", READY).await?;
+    assert_eq!(app_of(&ready), app);
+    let inventory = stack.emulator.inventory();
+    let iad: Vec<_> = inventory
+        .app(&app)
+        .unwrap()
+        .machines
+        .iter()
+        .filter(|m| m.name == "iad-0")
+        .collect();
+    assert_eq!(
+        iad.len(),
+        2,
+        "the destroyed one and its replacement: {iad:?}"
+    );
+    assert!(
+        iad.iter().any(|m| m.state == "destroyed" || m.gone),
+        "{iad:?}"
+    );
+    assert_eq!(live(&stack, &app).len(), 2);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_crash_loop_after_an_update_holds_the_rolling_update() -> anyhow::Result<()> {
     let stack = Stack::start("ctl-fault-crash", StackOptions::default()).await?;

@@ -602,6 +602,7 @@ async fn ips_metadata_regions_and_org_listing() {
             "app-misc",
             &AssignIpRequest {
                 kind: "v6".into(),
+                org_slug: Some(DEFAULT_ORG.into()),
                 ..Default::default()
             },
         )
@@ -612,6 +613,7 @@ async fn ips_metadata_regions_and_org_listing() {
             "app-misc",
             &AssignIpRequest {
                 kind: "shared_v4".into(),
+                org_slug: Some(DEFAULT_ORG.into()),
                 ..Default::default()
             },
         )
@@ -765,5 +767,96 @@ where
             return items;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// REALISM.md §6: Fly answers 409 `{"status":"error","message":...}` for a held lease, a stale
+/// `current_version` and a host without capacity; the client tells them apart by the message.
+#[tokio::test]
+async fn conflicts_are_classified_by_their_message() {
+    let cfg = EmulatorConfig {
+        clock: Clock::manual(),
+        rate_limits: RateLimits::disabled(),
+        realism: Realism {
+            fly_conflicts: true,
+            ..Realism::off()
+        },
+        ..Default::default()
+    };
+    let emu = emulator(cfg).await;
+    let c = client(&emu);
+    new_app(&c, "app-409").await;
+    let m = new_machine(&c, "app-409", "iad-0").await;
+    let lease = c
+        .acquire_lease("app-409", &m.id, 10, "first", None)
+        .await
+        .unwrap();
+    let e = c
+        .acquire_lease("app-409", &m.id, 10, "second", None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, FlyError::LeaseConflict { ref message, .. } if message.starts_with("lease currently held")),
+        "{e:?}"
+    );
+    let stale = CreateMachineRequest {
+        config: config("registry.example/mcp:2"),
+        current_version: Some("01STALEVERSION".into()),
+        ..Default::default()
+    };
+    let e = c
+        .update_machine("app-409", &m.id, &stale, Some(&lease.nonce))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, FlyError::VersionConflict { .. }), "{e:?}");
+    assert!(!e.is_retryable(), "read the machine again first: {e:?}");
+    emu.script_faults([ScriptedFault {
+        label: Some("machines.update".into()),
+        fault: Fault::NoCapacity,
+    }]);
+    let update = CreateMachineRequest {
+        config: config("registry.example/mcp:2"),
+        ..Default::default()
+    };
+    let e = c
+        .update_machine("app-409", &m.id, &update, Some(&lease.nonce))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, FlyError::NoCapacity { .. }), "{e:?}");
+    assert!(e.is_retryable(), "capacity comes back: {e:?}");
+    // The same update goes through once the host has room: nothing was done by the refused one.
+    c.update_machine("app-409", &m.id, &update, Some(&lease.nonce))
+        .await
+        .expect("update after capacity returned");
+}
+
+/// REALISM.md §6: the OpenAPI documents the lease answer as a bare `Lease` (201), fly-go reads an envelope
+/// `{status, data}`; the client accepts both.
+#[tokio::test]
+async fn lease_answers_in_either_documented_shape() {
+    for bare in [false, true] {
+        let cfg = EmulatorConfig {
+            clock: Clock::manual(),
+            rate_limits: RateLimits::disabled(),
+            realism: Realism {
+                lease_answer_bare: bare,
+                ..Realism::off()
+            },
+            ..Default::default()
+        };
+        let emu = emulator(cfg).await;
+        let c = client(&emu);
+        new_app(&c, "app-shape").await;
+        let m = new_machine(&c, "app-shape", "iad-0").await;
+        let l = c
+            .acquire_lease("app-shape", &m.id, 10, "shape", None)
+            .await
+            .unwrap_or_else(|e| panic!("bare={bare}: {e:?}"));
+        assert!(!l.nonce.is_empty(), "bare={bare}");
+        let got = c.get_lease("app-shape", &m.id).await.unwrap();
+        assert_eq!(got.nonce, l.nonce, "bare={bare}");
+        c.refresh_lease("app-shape", &m.id, &l.nonce, 10)
+            .await
+            .unwrap_or_else(|e| panic!("bare={bare}: {e:?}"));
     }
 }

@@ -15,6 +15,8 @@ pub enum Fault {
     Reset,
     /// Do the work, then drop the connection.
     CommitThenReset,
+    /// §6: the host has no room for the change: Fly's 409 with a capacity message, nothing done.
+    NoCapacity,
 }
 
 impl Fault {

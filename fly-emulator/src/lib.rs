@@ -103,6 +103,21 @@ pub struct Realism {
     /// §5: every Nth org-wide listing is partial: one region's machines are left out and named in
     /// `error_regions`. Zero: never.
     pub org_listing_error_every: u32,
+    /// §6: a held lease (wrong or missing nonce), a stale `current_version` and a host without capacity answer
+    /// 409 with Fly's body `{"status":"error","message":...}`. Off: the older idealised answers (412 for a stale
+    /// version, `{"error":...,"status":"lease_conflict"}` bodies).
+    pub fly_conflicts: bool,
+    /// §6: leases are answered as the OpenAPI documents them (a bare `Lease`, 201 on acquire) instead of the
+    /// envelope `{status, data}` fly-go reads. Off by default: fly-go and flyctl read the envelope from Fly
+    /// every day, so that is what Fly answers; the switch keeps a client honest about the documented shape.
+    pub lease_answer_bare: bool,
+    /// §6: `POST /apps/{app}/ip_assignments` without the app's `org_slug` is refused (400). flyctl always sends
+    /// it and fly-go's request carries it; what Fly does without it is not documented, so the emulator keeps a
+    /// client on the path Fly's own tools take.
+    pub ip_assign_needs_org_slug: bool,
+    /// §7: a new machine whose first launch fails goes `launch_failed` → `destroyed` (then 404), as Fly's
+    /// machine-states doc says. Off, or for a machine that ran before: `launch_failed` → `failed`.
+    pub launch_failed_destroys: bool,
 }
 
 impl Realism {
@@ -117,6 +132,10 @@ impl Realism {
             org_listing_delay: Duration::from_secs(2),
             org_listing_rough: true,
             org_listing_error_every: 7,
+            fly_conflicts: true,
+            lease_answer_bare: false,
+            ip_assign_needs_org_slug: true,
+            launch_failed_destroys: true,
         }
     }
 
@@ -140,6 +159,10 @@ impl Realism {
             org_listing_delay: Duration::ZERO,
             org_listing_rough: false,
             org_listing_error_every: 0,
+            fly_conflicts: false,
+            lease_answer_bare: false,
+            ip_assign_needs_org_slug: false,
+            launch_failed_destroys: false,
         }
     }
 }
@@ -445,7 +468,7 @@ impl EmulatorHandle {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT/v1`: what `FLY_FLAPS_BASE_URL` should be.
+    /// `http://127.0.0.1:PORT/v1`: the client's base URL (`FLY_FLAPS_BASE_URL` is this without `/v1`).
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
     }

@@ -96,6 +96,10 @@ fn json_response(status: u16, body: &Value, request_id: &str) -> Response {
     r
 }
 
+/// flyd's answer when the machine's host cannot reserve what the change needs.
+const NO_CAPACITY_MESSAGE: &str =
+    "could not reserve resource for machine: insufficient memory available to fulfill request";
+
 fn err_response(e: &ApiErr, request_id: &str) -> Response {
     json_response(e.status, &e.body(), request_id)
 }
@@ -251,6 +255,15 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
             return finish(*s, err_response(&ApiErr::new(*s, msg), &request_id));
         }
         Some(super::Fault::Reset) => return finish(0, reset_response(&request_id)),
+        Some(super::Fault::NoCapacity) => {
+            let e = ApiErr::conflict(
+                sh.cfg.realism.fly_conflicts,
+                412,
+                "failed_precondition",
+                NO_CAPACITY_MESSAGE,
+            );
+            return finish(e.status, err_response(&e, &request_id));
+        }
         _ => {}
     }
 

@@ -27,6 +27,8 @@ pub struct ApiErr {
     pub status: u16,
     pub error: String,
     pub code: Option<&'static str>,
+    /// Fly's 409 shape `{"status":"error","message":...}` instead of `{"error":...,"status":code}`.
+    pub message_body: bool,
 }
 
 impl ApiErr {
@@ -35,6 +37,7 @@ impl ApiErr {
             status,
             error: error.into(),
             code: None,
+            message_body: false,
         }
     }
     pub fn code(mut self, c: &'static str) -> Self {
@@ -42,6 +45,9 @@ impl ApiErr {
         self
     }
     pub fn body(&self) -> Value {
+        if self.message_body {
+            return json!({"status": "error", "message": self.error});
+        }
         let mut m = Map::new();
         m.insert("error".into(), Value::String(self.error.clone()));
         if let Some(c) = self.code {
@@ -54,6 +60,23 @@ impl ApiErr {
     }
     pub fn precondition(msg: impl std::fmt::Display) -> Self {
         ApiErr::new(412, format!("failed_precondition: {msg}")).code("failed_precondition")
+    }
+    /// §6: a held lease, a stale `current_version` or a host without capacity. With `fly_conflicts` this is
+    /// Fly's 409 with a `message` body; without it, the older idealised shape (`code`, and `idealised_status`).
+    pub fn conflict(
+        fly_conflicts: bool,
+        idealised_status: u16,
+        code: &'static str,
+        msg: impl Into<String>,
+    ) -> Self {
+        if fly_conflicts {
+            ApiErr {
+                message_body: true,
+                ..ApiErr::new(409, msg)
+            }
+        } else {
+            ApiErr::new(idealised_status, msg).code(code)
+        }
     }
     pub fn invalid(msg: impl std::fmt::Display) -> Self {
         ApiErr::new(400, format!("invalid_argument: {msg}")).code("invalid_argument")
@@ -457,10 +480,19 @@ impl State {
             self.schedule_crash(app, id, at);
         }
         if to == "launch_failed" {
-            // Transient: Fly gives up on the launch shortly after.
+            // Transient: Fly gives up on the launch shortly after. A new machine that never ran goes on to
+            // `destroyed` (Fly's machine-states doc: "will transition to destroyed"); one that ran before
+            // settles in `failed`, "could not start successfully", and keeps its id.
             let delay = self.cfg.latencies.stop;
+            let never_ran = self
+                .apps
+                .get(app)
+                .and_then(|a| a.machines.get(id))
+                .is_some_and(|m| m.old_versions.is_empty() && m.started_at.is_none())
+                && self.cfg.realism.launch_failed_destroys;
+            let end = if never_ran { "destroyed" } else { "failed" };
             self.touch(app, id, at);
-            self.transition_from(app, id, at, None, "failed", delay);
+            self.transition_from(app, id, at, None, end, delay);
             return;
         }
         if to == "destroyed" {
@@ -660,14 +692,15 @@ impl State {
         if let Some(l) = m.lease.as_ref().filter(|l| l.expires > ctx.now)
             && ctx.nonce.as_deref() != Some(l.nonce.as_str())
         {
-            return Err(ApiErr::new(
+            return Err(ApiErr::conflict(
+                self.cfg.realism.fly_conflicts,
                 409,
+                "lease_conflict",
                 format!(
                     "lease currently held by {}, and the lease nonce provided does not match",
                     l.owner
                 ),
-            )
-            .code("lease_conflict"));
+            ));
         }
         Ok(())
     }
@@ -1070,6 +1103,7 @@ impl State {
             .unwrap_or(false);
         let lat = self.cfg.latencies;
         let ms = self.wall(ctx.now);
+        let fly_conflicts = self.cfg.realism.fly_conflicts;
         let m = self.machine_mut(ctx, app, id)?;
         if matches!(m.state, "destroyed" | "destroying") {
             return Err(ApiErr::precondition(format!("machine is {}", m.state)));
@@ -1099,9 +1133,12 @@ impl State {
             .and_then(Value::as_str)
             .filter(|v| !v.is_empty() && *v != m.instance_id)
         {
-            return Err(ApiErr::precondition(format!(
-                "machine version {cv} is not the current version"
-            )));
+            return Err(ApiErr::conflict(
+                fly_conflicts,
+                412,
+                "failed_precondition",
+                format!("machine version {cv} is not the current version"),
+            ));
         }
         let was_running = matches!(m.state, "started" | "starting" | "restarting" | "updating");
         // A new version: whatever made the old one crash is gone (an armed launch fault may bring it back).
@@ -1286,10 +1323,16 @@ impl State {
 
     // ------------------------------------------------------------ leases
 
-    fn lease_json(l: &LeaseRec, version: &str, wall_origin_ms: i64) -> Value {
-        json!({"status": "success", "data": {
+    /// fly-go's envelope `{status, data}`, or (`bare`) the OpenAPI's bare `Lease`.
+    fn lease_json(l: &LeaseRec, version: &str, wall_origin_ms: i64, bare: bool) -> Value {
+        let lease = json!({
             "nonce": l.nonce, "expires_at": (wall_origin_ms + l.expires.as_millis() as i64) / 1000,
-            "owner": l.owner, "description": l.description, "version": version}})
+            "owner": l.owner, "description": l.description, "version": version});
+        if bare {
+            lease
+        } else {
+            json!({"status": "success", "data": lease})
+        }
     }
 
     pub fn lease_acquire(
@@ -1302,6 +1345,10 @@ impl State {
     ) -> Res {
         let origin = self.wall_origin_ms;
         let owner = ctx.org.clone();
+        let (fly_conflicts, bare) = (
+            self.cfg.realism.fly_conflicts,
+            self.cfg.realism.lease_answer_bare,
+        );
         let m = self.machine_mut(ctx, app, id)?;
         let ttl = Duration::from_secs(ttl.max(1));
         let active = m.lease.as_ref().filter(|l| l.expires > ctx.now).cloned();
@@ -1309,17 +1356,18 @@ impl State {
             (Some(l), Some(n)) if l.nonce == n => {
                 let l = m.lease.as_mut().expect("active");
                 l.expires = ctx.now + ttl;
-                Ok((200, Self::lease_json(l, &m.instance_id, origin)))
+                Ok((200, Self::lease_json(l, &m.instance_id, origin, bare)))
             }
-            (Some(l), _) => Err(ApiErr::new(
+            (Some(l), _) => Err(ApiErr::conflict(
+                fly_conflicts,
                 409,
+                "lease_conflict",
                 format!(
                     "lease currently held by {}, expires at {}",
                     l.owner,
                     (origin + l.expires.as_millis() as i64) / 1000
                 ),
-            )
-            .code("lease_conflict")),
+            )),
             (None, Some(_)) => Err(ApiErr::not_found("lease")),
             (None, None) => {
                 let l = LeaseRec {
@@ -1328,9 +1376,10 @@ impl State {
                     description: description.into(),
                     expires: ctx.now + ttl,
                 };
-                let v = Self::lease_json(&l, &m.instance_id, origin);
+                let v = Self::lease_json(&l, &m.instance_id, origin, bare);
                 m.lease = Some(l);
-                Ok((200, v))
+                // The OpenAPI documents 201 for the bare answer; fly-go accepts either.
+                Ok((if bare { 201 } else { 200 }, v))
             }
         }
     }
@@ -1340,19 +1389,28 @@ impl State {
         match m.lease.as_ref().filter(|l| l.expires > ctx.now) {
             Some(l) => Ok((
                 200,
-                Self::lease_json(l, &m.instance_id, self.wall_origin_ms),
+                Self::lease_json(
+                    l,
+                    &m.instance_id,
+                    self.wall_origin_ms,
+                    self.cfg.realism.lease_answer_bare,
+                ),
             )),
             None => Err(ApiErr::not_found("lease")),
         }
     }
 
     pub fn lease_release(&mut self, ctx: &Ctx, app: &str, id: &str) -> Res {
+        let fly_conflicts = self.cfg.realism.fly_conflicts;
         let m = self.machine_mut(ctx, app, id)?;
         match m.lease.as_ref().filter(|l| l.expires > ctx.now) {
             None => Err(ApiErr::not_found("lease")),
-            Some(l) if ctx.nonce.as_deref() != Some(l.nonce.as_str()) => {
-                Err(ApiErr::new(409, "lease nonce does not match").code("lease_conflict"))
-            }
+            Some(l) if ctx.nonce.as_deref() != Some(l.nonce.as_str()) => Err(ApiErr::conflict(
+                fly_conflicts,
+                409,
+                "lease_conflict",
+                "lease nonce does not match",
+            )),
             Some(_) => {
                 m.lease = None;
                 Ok((200, json!({"status": "success", "data": {"ok": true}})))
@@ -1508,7 +1566,14 @@ impl State {
             .unwrap_or("global")
             .to_string();
         let ms = self.wall(ctx.now);
+        let needs_org = self.cfg.realism.ip_assign_needs_org_slug;
         let a = self.app_mut(ctx, app)?;
+        let org_slug = body.get("org_slug").and_then(Value::as_str);
+        if needs_org && org_slug.is_none_or(|o| o != a.org) {
+            return Err(ApiErr::invalid(format!(
+                "org_slug must name the app's organization, got {org_slug:?}"
+            )));
+        }
         let h = hash16(app);
         a.ip_seq += 1;
         let n = a.ip_seq;

@@ -823,3 +823,120 @@ async fn listings_are_a_point_in_time() {
     let updated = b["machines"][0]["updated_at"].as_str().unwrap().to_string();
     assert!(!updated.contains('.'), "whole seconds: {updated}");
 }
+
+/// REALISM.md §6: a held lease, a stale `current_version` and a host without capacity all answer 409 with Fly's
+/// body `{"status":"error","message":...}`; releasing an expired lease answers "lease not found"; the lease answer
+/// is fly-go's envelope, or with `lease_answer_bare` the OpenAPI's bare `Lease` (201).
+#[tokio::test]
+async fn conflicts_are_409_with_a_message_body() {
+    let emu = emulator(EmulatorConfig {
+        realism: Realism {
+            fly_conflicts: true,
+            ..Realism::off()
+        },
+        ..manual()
+    })
+    .await;
+    let raw = Raw::new(&emu);
+    let m = app_with_machine(&raw, "cf", json!({"lease_ttl": 10})).await;
+    let nonce = m["nonce"].as_str().unwrap().to_string();
+    let p = format!("/apps/cf/machines/{}", m["id"].as_str().unwrap());
+    let is_fly_409 = |(s, b): (u16, Value), about: &str| {
+        assert_eq!(s, 409, "{b}");
+        assert_eq!(b["status"], "error", "{b}");
+        let message = b["message"].as_str().unwrap_or_default().to_string();
+        assert!(message.contains(about), "{b}");
+        assert!(b.get("error").is_none(), "{b}");
+    };
+    let call = |method: &'static str, path: String, body: Option<Value>, nonce: Option<String>| {
+        let (http, base) = (raw.http.clone(), raw.base.clone());
+        async move {
+            let raw = Raw { http, base };
+            let (s, b, _) = raw.call(method, &path, body, nonce.as_deref()).await;
+            (s, b)
+        }
+    };
+    is_fly_409(
+        call("POST", format!("{p}/lease"), Some(json!({"ttl": 5})), None).await,
+        "lease",
+    );
+    is_fly_409(call("POST", format!("{p}/stop"), None, None).await, "lease");
+    is_fly_409(
+        call("POST", format!("{p}/stop"), None, Some("wrong".into())).await,
+        "lease",
+    );
+    let update = json!({"config": {"image": "img:2"}, "current_version": "01STALE"});
+    is_fly_409(
+        call("POST", p.clone(), Some(update), Some(nonce.clone())).await,
+        "version",
+    );
+    emu.script_faults([fly_emulator::ScriptedFault {
+        label: Some("machines.update".into()),
+        fault: fly_emulator::Fault::NoCapacity,
+    }]);
+    let update = json!({"config": {"image": "img:2"}});
+    is_fly_409(
+        call("POST", p.clone(), Some(update), Some(nonce.clone())).await,
+        "insufficient",
+    );
+    // The lease expires; releasing it then is harmless and says so.
+    emu.clock().advance(Duration::from_secs(11));
+    let (s, b) = call("DELETE", format!("{p}/lease"), None, Some(nonce)).await;
+    assert_eq!(s, 404, "{b}");
+    assert!(b.to_string().contains("lease not found"), "{b}");
+    let (s, b) = call("POST", format!("{p}/lease"), Some(json!({"ttl": 5})), None).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("success")), "{b}");
+    assert!(b["data"]["nonce"].is_string(), "fly-go's envelope: {b}");
+
+    let bare = emulator(EmulatorConfig {
+        realism: Realism {
+            lease_answer_bare: true,
+            ..Realism::off()
+        },
+        ..manual()
+    })
+    .await;
+    let raw = Raw::new(&bare);
+    let m = app_with_machine(&raw, "bare", json!({})).await;
+    let p = format!("/apps/bare/machines/{}", m["id"].as_str().unwrap());
+    let (s, b, _) = raw
+        .call("POST", &format!("{p}/lease"), Some(json!({"ttl": 5})), None)
+        .await;
+    assert_eq!(s, 201, "{b}");
+    assert!(b["nonce"].is_string() && b.get("data").is_none(), "{b}");
+}
+
+/// REALISM.md §6: an IP assignment carries the app's `org_slug`, as flyctl and fly-go send it.
+#[tokio::test]
+async fn ip_assignment_names_the_org() {
+    let emu = emulator(EmulatorConfig {
+        realism: Realism {
+            ip_assign_needs_org_slug: true,
+            ..Realism::off()
+        },
+        ..manual()
+    })
+    .await;
+    let raw = Raw::new(&emu);
+    app_with_machine(&raw, "ipo", json!({"skip_launch": true})).await;
+    let path = "/apps/ipo/ip_assignments";
+    let (s, b, _) = raw
+        .call("POST", path, Some(json!({"type": "v6"})), None)
+        .await;
+    assert_eq!(s, 400, "{b}");
+    let (s, b, _) = raw
+        .call(
+            "POST",
+            path,
+            Some(json!({"type": "v6", "org_slug": "personal"})),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        raw.call("GET", path, None, None).await.1["ips"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+}

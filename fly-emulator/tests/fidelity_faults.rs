@@ -411,3 +411,51 @@ async fn the_optional_404_window_after_create() {
         .await);
     assert_eq!(raw.machine("nf", &c).await["name"], "c");
 }
+
+/// REALISM.md §7 (Fly's machine-states doc): `launch_failed` "will transition to destroyed" for a new machine;
+/// a machine that ran before and cannot start again settles in `failed` and keeps its id.
+#[tokio::test]
+async fn a_new_machine_whose_launch_fails_is_destroyed() {
+    let emu = emulator(EmulatorConfig {
+        realism: Realism {
+            launch_failed_destroys: true,
+            ..Realism::off()
+        },
+        ..manual()
+    })
+    .await;
+    let raw = Raw::new(&emu);
+    raw.create_app("lfd").await;
+    emu.fail_next_start("lfd", "iad-0");
+    let id = mid(&raw
+        .create_machine("lfd", "iad-0", json!({"image": "img:1"}))
+        .await);
+    emu.clock().advance(STARTED);
+    assert_eq!(raw.machine("lfd", &id).await["state"], "launch_failed");
+    emu.clock().advance(Duration::from_millis(40));
+    assert_eq!(raw.machine("lfd", &id).await["state"], "destroyed");
+    emu.clock().advance(Duration::from_secs(1));
+    let (s, _) = raw
+        .call("GET", &format!("/apps/lfd/machines/{id}"), None)
+        .await;
+    assert_eq!(s, 404, "gone after destroyed_visible");
+
+    // One that ran: stop it, then its next start fails → failed, same id.
+    let id = mid(&raw
+        .create_machine("lfd", "ams-0", json!({"image": "img:1"}))
+        .await);
+    emu.clock().advance(STARTED);
+    assert_eq!(raw.machine("lfd", &id).await["state"], "started");
+    let (s, _) = raw
+        .call("POST", &format!("/apps/lfd/machines/{id}/stop"), None)
+        .await;
+    assert_eq!(s, 200);
+    emu.clock().advance(Duration::from_millis(40));
+    emu.fail_next_start("lfd", &id);
+    let (s, _) = raw
+        .call("POST", &format!("/apps/lfd/machines/{id}/start"), None)
+        .await;
+    assert_eq!(s, 200);
+    emu.clock().advance(STARTED + Duration::from_millis(40));
+    assert_eq!(raw.machine("lfd", &id).await["state"], "failed");
+}

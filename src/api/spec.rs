@@ -376,7 +376,9 @@ pub struct FlySpec {
     /// the boolean false.
     #[serde(default)]
     pub auto_stop: AutoStop,
-    /// Machines Fly keeps running even when idle (in the primary region), at most machinesPerRegion.
+    /// Machines Fly keeps running even when idle, at most machinesPerRegion. Fly applies this in the app's
+    /// primary region only (the first of regions, which the controller sets as PRIMARY_REGION in every machine's
+    /// env); machines in the other regions may all be stopped when idle.
     #[serde(default)]
     #[schemars(range(min = 0, max = limits::MACHINES_PER_REGION_MAX))]
     pub min_machines_running: i32,

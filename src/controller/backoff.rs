@@ -124,8 +124,12 @@ pub fn classify(error: &ActError, app: &str) -> Verdict {
 pub fn summary(error: &FlyError) -> String {
     match error {
         FlyError::NotFound { .. } => "Fly answered 404 (gone since it was listed)".into(),
-        FlyError::LeaseConflict { .. } => {
-            "Fly answered 409 (lease held or conflicting change)".into()
+        FlyError::LeaseConflict { .. } => "Fly answered 409 (lease held by another writer)".into(),
+        FlyError::VersionConflict { .. } => {
+            "Fly answered 409 (machine changed since it was read)".into()
+        }
+        FlyError::NoCapacity { .. } => {
+            "Fly answered 409 (no capacity on the machine's host)".into()
         }
         FlyError::Precondition { .. } => {
             "Fly answered 412 (machine not in the expected state)".into()
@@ -239,6 +243,14 @@ mod tests {
             },
             FlyError::LeaseConflict {
                 message: "lease held".into(),
+                request_id: rid(),
+            },
+            FlyError::VersionConflict {
+                message: "machine version 01X is not the current version".into(),
+                request_id: rid(),
+            },
+            FlyError::NoCapacity {
+                message: "insufficient memory available".into(),
                 request_id: rid(),
             },
             FlyError::Precondition {

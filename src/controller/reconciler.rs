@@ -560,6 +560,20 @@ impl Run<'_> {
         if observed.app == ObservedApp::Missing {
             ctx.in_flight.forget_known_app(app);
         }
+        // Our own creates the list does not show yet are looked up by id: one that is gone (Fly destroys a new
+        // machine whose launch failed) is forgotten, so it is created again instead of waited for. One that
+        // exists keeps the planner waiting for the list, which is what the rest of the plan is built on.
+        for (name, id) in ctx.in_flight.unlisted_creates(app, &observed.machines) {
+            match ctx.fly.get_machine(app, &id).await {
+                Ok(m) if crate::reconcile::plan::is_gone(&m) => {
+                    ctx.in_flight.forget_create(app, &name)
+                }
+                Err(fly_adapter::client::FlyError::NotFound { .. }) => {
+                    ctx.in_flight.forget_create(app, &name)
+                }
+                _ => {}
+            }
+        }
         ctx.fleet.observed(app, &observed.machines);
         ctx.start_times.learn(&observed.machines);
         Ok(observed)

@@ -29,14 +29,18 @@ const CREATE_CONFIRM_WINDOW: Duration = Duration::from_secs(5);
 /// "create again" (which would make a duplicate, then destroy it).
 const CREATED_REMEMBER_WINDOW: Duration = Duration::from_secs(60);
 
+/// When a create was sent, how long to remember it, and the id Fly returned (none for an ambiguous create).
+type RememberedCreate = (Instant, Duration, Option<String>);
+
 /// Leases held across reconciles for rolling updates, keyed by (app, machine id), and creates whose outcome
 /// is unknown. Both live in memory: if the process dies, leases expire on Fly by their TTL, and the planner
 /// finds ambiguous creates by their deterministic names.
 #[derive(Default)]
 pub struct InFlight {
     leases: Mutex<HashMap<(String, String), (LeaseGuard, Instant)>>,
-    /// (app, machine name) → (since, how long to remember): ambiguous creates and successful ones.
-    unconfirmed_creates: Mutex<HashMap<(String, String), (Instant, Duration)>>,
+    /// (app, machine name) → (since, how long to remember, the id a successful create returned): ambiguous
+    /// creates and successful ones.
+    unconfirmed_creates: Mutex<HashMap<(String, String), RememberedCreate>>,
     /// Apps this process has seen in our org (app → the generation whose IPs it confirmed, if any): while an app
     /// is known, observation skips the app GET (a machine listing answers 404 if it is gone) and, for that
     /// generation, the IP listing, so a converging deployment is looked at with one call, not three.
@@ -65,7 +69,7 @@ impl InFlight {
         listed: &[fly_adapter::client::types::Machine],
     ) -> std::collections::BTreeSet<String> {
         let mut creates = self.unconfirmed_creates.lock().unwrap();
-        creates.retain(|(a, name), (since, window)| {
+        creates.retain(|(a, name), (since, window, _)| {
             since.elapsed() < *window && !(a == app && listed.iter().any(|m| &m.name == name))
         });
         creates
@@ -73,6 +77,31 @@ impl InFlight {
             .filter(|(a, _)| a == app)
             .map(|(_, name)| name.clone())
             .collect()
+    }
+
+    /// Remembered creates of `app` with a known id that `listed` does not show: to be looked up by id, since a
+    /// lagging list is no proof either way (REALISM.md §5) and the machine may be gone (a new machine whose
+    /// launch fails is destroyed by Fly, §7).
+    pub fn unlisted_creates(
+        &self,
+        app: &str,
+        listed: &[fly_adapter::client::types::Machine],
+    ) -> Vec<(String, String)> {
+        self.unconfirmed_creates
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((a, name), _)| a == app && !listed.iter().any(|m| &m.name == name))
+            .filter_map(|((_, name), (_, _, id))| Some((name.clone(), id.clone()?)))
+            .collect()
+    }
+
+    /// Forget a remembered create whose machine is gone, so it is created again at once.
+    pub fn forget_create(&self, app: &str, name: &str) {
+        self.unconfirmed_creates
+            .lock()
+            .unwrap()
+            .remove(&(app.to_string(), name.to_string()));
     }
 
     pub fn app_known(&self, app: &str) -> bool {
@@ -144,10 +173,10 @@ impl InFlight {
             .map(|(guard, _)| guard)
     }
 
-    fn mark_unconfirmed(&self, app: &str, name: &str, window: Duration) {
+    fn mark_unconfirmed(&self, app: &str, name: &str, window: Duration, id: Option<&str>) {
         self.unconfirmed_creates.lock().unwrap().insert(
             (app.to_string(), name.to_string()),
-            (Instant::now(), window),
+            (Instant::now(), window, id.map(str::to_string)),
         );
     }
 }
@@ -270,11 +299,12 @@ impl Actor<'_> {
                     Err(e) => return Err(fail("create app", e)),
                 }
             }
-            Action::AssignIp { kind } => {
+            Action::AssignIp { kind, org } => {
                 let request = AssignIpRequest {
                     kind: kind.as_fly().to_string(),
                     region: None,
                     network: None,
+                    org_slug: Some(org.clone()),
                 };
                 let ip = self
                     .fly
@@ -345,6 +375,7 @@ impl Actor<'_> {
                             app,
                             &machine.name,
                             CREATED_REMEMBER_WINDOW,
+                            Some(&created.id),
                         );
                         outcome.done.push((
                             "MachineCreated",
@@ -355,8 +386,12 @@ impl Actor<'_> {
                         ))
                     }
                     Err(e @ FlyError::Ambiguous { .. }) => {
-                        self.in_flight
-                            .mark_unconfirmed(app, &machine.name, CREATE_CONFIRM_WINDOW);
+                        self.in_flight.mark_unconfirmed(
+                            app,
+                            &machine.name,
+                            CREATE_CONFIRM_WINDOW,
+                            None,
+                        );
                         return Err(fail("create machine", e));
                     }
                     Err(e) => return Err(fail("create machine", e)),

@@ -30,6 +30,8 @@ pub mod metadata {
 pub const BRIDGE_PORT: u16 = 8080;
 pub const BRIDGE_READY_PATH: &str = "/readyz";
 pub const MCP_PATH: &str = "/mcp";
+/// The env var naming the app's primary region (the first of `spec.fly.regions`), as flyctl sets it.
+pub const PRIMARY_REGION_ENV: &str = "PRIMARY_REGION";
 /// The Fly secret holding the endpoint's bearer token; the bridge reads it from its environment.
 pub const AUTH_TOKEN_SECRET: &str = crate::api::validation::ENDPOINT_TOKEN_ENV;
 
@@ -313,6 +315,11 @@ fn base_config(
         {
             env.insert(crate::bridge::tools_policy::POLICY_ENV.to_string(), policy);
         }
+    }
+    // Fly keeps `min_machines_running` only in the app's primary region, which flyctl names in every machine's
+    // env (REALISM.md §7); the first listed region is ours.
+    if let Some(primary) = spec.fly.regions.first() {
+        env.insert(PRIMARY_REGION_ENV.into(), primary.clone());
     }
     MachineConfig {
         image,

@@ -76,8 +76,10 @@ pub enum Action {
         org: String,
         network: String,
     },
+    /// `org` goes into the request as flyctl and fly-go send it (REALISM.md §6).
     AssignIp {
         kind: IpKind,
+        org: String,
     },
     /// Values are looked up at act time: a plan never holds secret material.
     SetSecrets {
@@ -154,26 +156,30 @@ pub fn plan(desired: &DesiredDeployment, observed: &Observed, progress: &Progres
             network: desired.network.clone(),
         });
     }
-    plan_ips(observed, &mut plan);
+    plan_ips(&desired.org, observed, &mut plan);
     plan_secrets(desired, progress, &mut plan);
     plan_machines(desired, observed, progress, &mut plan);
     plan
 }
 
-fn plan_ips(observed: &Observed, plan: &mut Plan) {
+fn plan_ips(org: &str, observed: &Observed, plan: &mut Plan) {
     let ips: &[IpAssignment] = match (&observed.app, &observed.ips) {
         (ObservedApp::Missing, _) => &[],
         (_, Some(ips)) => ips,
         (_, None) => return,
     };
-    let has_v6 = ips.iter().any(|ip| ip.ip.contains(':') && !ip.shared);
+    let has_v6 = ips.iter().any(IpAssignment::is_public_v6);
     let has_shared_v4 = ips.iter().any(|ip| ip.shared && !ip.ip.contains(':'));
     if !has_v6 {
-        plan.actions.push(Action::AssignIp { kind: IpKind::V6 });
+        plan.actions.push(Action::AssignIp {
+            kind: IpKind::V6,
+            org: org.to_string(),
+        });
     }
     if !has_shared_v4 {
         plan.actions.push(Action::AssignIp {
             kind: IpKind::SharedV4,
+            org: org.to_string(),
         });
     }
 }
@@ -249,7 +255,8 @@ pub fn check_counts(machine: &Machine) -> CheckCounts {
     }
 }
 
-fn is_gone(machine: &Machine) -> bool {
+/// Destroyed, or on its way there: not a machine to plan with.
+pub fn is_gone(machine: &Machine) -> bool {
     matches!(
         machine.state.as_str(),
         "destroyed" | "destroying" | "replaced" | "migrated"

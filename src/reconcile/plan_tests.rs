@@ -123,7 +123,7 @@ pub(crate) fn kinds(plan: &Plan) -> Vec<String> {
         .iter()
         .map(|a| match a {
             Action::CreateApp { .. } => "create-app".to_string(),
-            Action::AssignIp { kind } => format!("ip-{}", kind.as_fly()),
+            Action::AssignIp { kind, .. } => format!("ip-{}", kind.as_fly()),
             Action::SetSecrets { set, unset } => format!("secrets set={set:?} unset={unset:?}"),
             Action::DestroyMachine { name, reason, .. } => format!("destroy {name} {reason:?}"),
             Action::CreateMachine { machine } => format!("create {}", machine.name),
@@ -195,6 +195,56 @@ fn unobserved_ips_are_not_reassigned() {
         kinds(&plan(&d, &observed, &applied(&d))),
         ["ip-v6", "ip-shared_v4"]
     );
+}
+
+/// REALISM.md §7: Fly applies `min_machines_running` in the primary region only and learns it from
+/// `PRIMARY_REGION` in the machine env; every machine names the first listed region.
+#[test]
+fn every_machine_names_the_first_region_as_primary() {
+    let d = want(BASE, &[]);
+    assert_eq!(d.machines.len(), 2);
+    for m in &d.machines {
+        assert_eq!(
+            m.config.env.get("PRIMARY_REGION").map(String::as_str),
+            Some("iad"),
+            "{}",
+            m.name
+        );
+    }
+}
+
+/// REALISM.md §6: a Flycast address (fc00::/7, Fly's `fdaa:`) or an egress address is not the public v6 the
+/// app's hostname needs; the IP request names the org as flyctl does.
+#[test]
+fn flycast_and_egress_addresses_are_not_a_public_v6() {
+    let d = want(BASE, &[]);
+    let mut observed = converged_observation(&d);
+    let shared_v4 = public_ips().remove(1);
+    for private in [
+        IpAssignment {
+            ip: "fdaa:0:1a2b::3".into(),
+            kind: "private_v6".into(),
+            ..Default::default()
+        },
+        IpAssignment {
+            ip: "fd00::5".into(),
+            ..Default::default()
+        },
+        IpAssignment {
+            ip: "2a09:8280:1::7".into(),
+            kind: "egress".into(),
+            ..Default::default()
+        },
+    ] {
+        observed.ips = Some(vec![private.clone(), shared_v4.clone()]);
+        let p = plan(&d, &observed, &applied(&d));
+        assert_eq!(kinds(&p), ["ip-v6"], "{private:?}");
+        assert!(
+            matches!(&p.actions[0], Action::AssignIp { org, .. } if *org == d.org),
+            "{:?}",
+            p.actions[0]
+        );
+    }
 }
 
 #[test]

@@ -23,11 +23,16 @@ struct Args {
     /// Emulated machine start time.
     #[arg(long, default_value_t = 2000)]
     start_latency_ms: u64,
-    /// Org-wide mutation cap imposed by the emulator (and announced to the controller).
-    #[arg(long, default_value_t = 20.0)]
-    org_mutations_per_second: f64,
-    #[arg(long, default_value_t = 20.0)]
-    org_mutations_burst: f64,
+    /// An org-wide mutation cap imposed by the emulator (and announced to the controller). Fly documents none;
+    /// unset, only Fly's documented per-action limits apply. The earlier benchmarks used 20.
+    #[arg(long)]
+    org_mutations_per_second: Option<f64>,
+    /// The cap's burst (default: the rate).
+    #[arg(long)]
+    org_mutations_burst: Option<f64>,
+    /// The idealised emulator timing (`Realism::fly`, sub-second windows) instead of Fly-like seconds.
+    #[arg(long)]
+    short_realism: bool,
     /// The controller's org-wide listing interval (production default 60).
     #[arg(long, default_value_t = 60)]
     fleet_poll_seconds: u64,
@@ -75,7 +80,12 @@ async fn main() -> anyhow::Result<()> {
     let mut opts = bench::Options::full(args.n, controller_bin, out_dir.clone());
     opts.singles = args.singles;
     opts.start_latency = Duration::from_millis(args.start_latency_ms);
-    opts.org_mutations = (args.org_mutations_per_second, args.org_mutations_burst);
+    opts.org_mutations = args
+        .org_mutations_per_second
+        .map(|rate| (rate, args.org_mutations_burst.unwrap_or(rate)));
+    if args.short_realism {
+        opts.realism = fly_emulator::Realism::fly();
+    }
     opts.fleet_poll_seconds = args.fleet_poll_seconds;
     opts.idle_window = Duration::from_secs(args.idle_seconds);
     opts.baseline = !args.no_baseline;

@@ -12,13 +12,25 @@ pub enum FlyError {
         message: String,
         request_id: Option<String>,
     },
-    /// 409: someone else holds the machine's lease, or a mutation lacked the lease nonce.
+    /// 409 about a lease: someone else holds the machine's lease, or a mutation lacked its nonce.
     #[error("lease conflict: {message} (request id {request_id:?})")]
     LeaseConflict {
         message: String,
         request_id: Option<String>,
     },
-    /// 412: wrong state for the action, `min_secrets_version` not reached, capacity. Retry after the
+    /// 409 about a version: the machine changed since the `current_version` we sent was read. Read it again.
+    #[error("version conflict: {message} (request id {request_id:?})")]
+    VersionConflict {
+        message: String,
+        request_id: Option<String>,
+    },
+    /// 409 about capacity: the machine's host cannot take the change now. Nothing was done; back off and retry.
+    #[error("no capacity on the host: {message} (request id {request_id:?})")]
+    NoCapacity {
+        message: String,
+        request_id: Option<String>,
+    },
+    /// 412: wrong state for the action, `min_secrets_version` not reached, a volume in use. Retry after the
     /// machine settles.
     #[error("failed precondition: {message} (request id {request_id:?})")]
     Precondition {
@@ -93,6 +105,8 @@ impl FlyError {
         match self {
             FlyError::NotFound { request_id, .. }
             | FlyError::LeaseConflict { request_id, .. }
+            | FlyError::VersionConflict { request_id, .. }
+            | FlyError::NoCapacity { request_id, .. }
             | FlyError::Precondition { request_id, .. }
             | FlyError::NameTaken { request_id, .. }
             | FlyError::OwnedByOtherOrg { request_id, .. }
@@ -126,7 +140,7 @@ impl FlyError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            FlyError::Transient { .. } | FlyError::RateLimited { .. }
+            FlyError::Transient { .. } | FlyError::RateLimited { .. } | FlyError::NoCapacity { .. }
         )
     }
 
@@ -135,6 +149,8 @@ impl FlyError {
         match self {
             FlyError::NotFound { .. } => "not_found",
             FlyError::LeaseConflict { .. } => "lease_conflict",
+            FlyError::VersionConflict { .. } => "version_conflict",
+            FlyError::NoCapacity { .. } => "no_capacity",
             FlyError::Precondition { .. } => "precondition",
             FlyError::NameTaken { .. } => "name_taken",
             FlyError::OwnedByOtherOrg { .. } => "owned_by_other_org",

@@ -153,12 +153,20 @@ impl FlyClientConfig {
     pub fn from_env() -> Result<Self, FlyError> {
         let token = std::env::var("FLY_API_TOKEN")
             .map_err(|_| FlyError::Config("FLY_API_TOKEN is not set".into()))?;
-        let base =
-            std::env::var("FLY_FLAPS_BASE_URL").unwrap_or_else(|_| DEFAULT_BASE_URL.to_string());
+        let base = std::env::var("FLY_FLAPS_BASE_URL")
+            .ok()
+            .filter(|b| !b.trim().is_empty())
+            .map_or_else(|| DEFAULT_BASE_URL.to_string(), |b| api_base_from_flaps(&b));
         let mut c = FlyClientConfig::new(base, token);
         c.org = std::env::var("FLY_ORG").ok().filter(|s| !s.is_empty());
         Ok(c)
     }
+}
+
+/// fly-go's `FLY_FLAPS_BASE_URL` names the host (`https://api.machines.dev`) and the client appends `/v1`
+/// (REALISM.md §6); this client's base URL includes it.
+pub fn api_base_from_flaps(flaps: &str) -> String {
+    format!("{}/v1", flaps.trim().trim_end_matches('/'))
 }
 
 /// `Authorization` header value: macaroon tokens (`fm1r_`, `fm1a_`, `fm2_` parts) use `FlyV1`,
@@ -881,11 +889,7 @@ impl FlyClient {
         .q("ttl", ttl_secs)
         .json(&serde_json::json!({"ttl": ttl_secs, "description": description}))
         .nonce(nonce);
-        let env: LeaseEnvelope = self.json(r).await?;
-        env.data.ok_or_else(|| FlyError::Decode {
-            message: "lease answer without data".into(),
-            request_id: None,
-        })
+        lease_answer(&self.send(r).await?)
     }
 
     pub async fn refresh_lease(
@@ -906,11 +910,7 @@ impl FlyClient {
             format!("/apps/{app}/machines/{id}/lease"),
         )
         .machine(app, id);
-        let env: LeaseEnvelope = self.json(r).await?;
-        env.data.ok_or_else(|| FlyError::Decode {
-            message: "lease answer without data".into(),
-            request_id: None,
-        })
+        lease_answer(&self.send(r).await?)
     }
 
     /// Releasing an expired lease answers 404 "lease not found"; callers may treat that as done.
@@ -1117,6 +1117,27 @@ fn decode<T: DeserializeOwned>(resp: &Resp) -> Result<T, FlyError> {
     })
 }
 
+/// A lease answer in either shape Fly is documented to use: fly-go's envelope `{status, data}` or the OpenAPI's
+/// bare `Lease` (REALISM.md §6).
+fn lease_answer(resp: &Resp) -> Result<Lease, FlyError> {
+    let v: serde_json::Value = decode(resp)?;
+    let lease = match v.get("data") {
+        Some(data) => data.clone(),
+        None => v,
+    };
+    let lease: Lease = serde_json::from_value(lease).map_err(|e| FlyError::Decode {
+        message: e.to_string(),
+        request_id: resp.request_id.clone(),
+    })?;
+    if lease.nonce.is_empty() {
+        return Err(FlyError::Decode {
+            message: "lease answer without a nonce".into(),
+            request_id: resp.request_id.clone(),
+        });
+    }
+    Ok(lease)
+}
+
 /// Map an error answer to a [`FlyError`], preferring the machine-readable `status` field.
 fn classify(
     status: u16,
@@ -1126,24 +1147,21 @@ fn classify(
     mutating: bool,
 ) -> FlyError {
     let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
-    let mut message = if parsed.error.is_empty() {
-        String::from_utf8_lossy(body).chars().take(500).collect()
-    } else {
-        parsed.error.clone()
+    let detail = parsed.message.as_deref().filter(|m| !m.is_empty());
+    // Fly's 409 body is `{"status":"error","message":...}`: the message is the whole story there.
+    let message = match (parsed.error.is_empty(), detail) {
+        (false, Some(m)) => format!("{} ({m})", parsed.error),
+        (false, None) => parsed.error.clone(),
+        (true, Some(m)) => m.to_string(),
+        (true, None) => String::from_utf8_lossy(body).chars().take(500).collect(),
     };
-    if let Some(m) = parsed.message.as_deref().filter(|m| !m.is_empty()) {
-        message = format!("{message} ({m})");
-    }
     let code = parsed.status.as_deref().unwrap_or_default();
     match status {
         404 => FlyError::NotFound {
             message,
             request_id,
         },
-        409 => FlyError::LeaseConflict {
-            message,
-            request_id,
-        },
+        409 => classify_conflict(message, request_id),
         412 => FlyError::Precondition {
             message,
             request_id,
@@ -1188,6 +1206,32 @@ fn classify(
     }
 }
 
+/// Fly answers 409 for three different things and says which only in the message (REALISM.md §6).
+fn classify_conflict(message: String, request_id: Option<String>) -> FlyError {
+    let lower = message.to_ascii_lowercase();
+    if ["capacity", "insufficient", "could not reserve"]
+        .iter()
+        .any(|w| lower.contains(w))
+    {
+        FlyError::NoCapacity {
+            message,
+            request_id,
+        }
+    } else if lower.contains("version") && !lower.contains("lease") {
+        FlyError::VersionConflict {
+            message,
+            request_id,
+        }
+    } else {
+        // A lease message, or one we do not know: a lease conflict is the 409 a client meets most, and its
+        // handling (read again, retry later) is also right for an unknown conflict.
+        FlyError::LeaseConflict {
+            message,
+            request_id,
+        }
+    }
+}
+
 /// Target of the audit log: one line per mutating call on Fly, whatever its outcome.
 pub const AUDIT_TARGET: &str = "mcpfly::audit";
 
@@ -1221,6 +1265,18 @@ mod tests {
         );
         assert_eq!(authorization_header("fm1r_a"), "FlyV1 fm1r_a");
         assert_eq!(authorization_header("x, fm1a_b"), "FlyV1 x, fm1a_b");
+    }
+
+    #[test]
+    fn flaps_base_url_excludes_v1() {
+        assert_eq!(
+            api_base_from_flaps("https://api.machines.dev"),
+            DEFAULT_BASE_URL
+        );
+        assert_eq!(
+            api_base_from_flaps("http://127.0.0.1:4280/"),
+            "http://127.0.0.1:4280/v1"
+        );
     }
 
     #[test]

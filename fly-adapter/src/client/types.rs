@@ -566,15 +566,6 @@ pub struct Lease {
     pub version: String,
 }
 
-/// `{"status":"success","data":{...}}`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct LeaseEnvelope {
-    #[serde(default, deserialize_with = "null_default")]
-    pub status: String,
-    #[serde(default)]
-    pub data: Option<Lease>,
-}
-
 /// The org-wide listing (`GET /orgs/{org}/machines`), for cheap fleet-wide change detection.
 #[derive(Debug, Clone, Default)]
 pub struct OrgMachinesQuery {
@@ -668,6 +659,21 @@ pub struct IpAssignment {
     pub shared: bool,
     #[serde(default)]
     pub created_at: Option<String>,
+    /// The kind when Fly says it (`v6`, `private_v6`, `egress`, ...); empty otherwise.
+    #[serde(default, rename = "type", deserialize_with = "null_default")]
+    pub kind: String,
+}
+
+impl IpAssignment {
+    /// A dedicated public v6: neither Flycast (a private address in fc00::/7, Fly's `fdaa:`) nor an egress
+    /// address (REALISM.md §6).
+    pub fn is_public_v6(&self) -> bool {
+        let Ok(addr) = self.ip.parse::<std::net::Ipv6Addr>() else {
+            return false;
+        };
+        let unique_local = addr.segments()[0] & 0xfe00 == 0xfc00;
+        !self.shared && !unique_local && !self.kind.eq_ignore_ascii_case("egress")
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -685,6 +691,9 @@ pub struct AssignIpRequest {
     pub region: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// flyctl always sends it and fly-go's request carries it (REALISM.md §6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_slug: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
