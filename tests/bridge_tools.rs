@@ -35,19 +35,10 @@ async fn run_client(runner: &str, mode: &str, url: &str, calls: &Value) -> Value
             c
         }
     };
-    command.current_dir(ts_clients());
-    let output = command
-        .args([url, TOKEN, mode, &calls.to_string()])
-        .output()
-        .await
-        .expect("running an official client");
-    assert!(
-        output.status.success(),
-        "{runner} {mode} failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    serde_json::from_str(stdout.trim().lines().last().unwrap()).expect("JSON from the client")
+    command
+        .current_dir(ts_clients())
+        .args([url, TOKEN, mode, &calls.to_string()]);
+    client_json(command, &format!("{runner} {mode}")).await
 }
 
 /// Every client's view, with the negotiated protocol checked and then set aside so the views can be compared.

@@ -96,19 +96,11 @@ async fn approve(stack: &Stack, digest: &str) -> anyhow::Result<()> {
 async fn python_calls(url: &str, token: &str) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/py_tools.py");
     let calls = json!([["echo", {"text": "hi"}], ["add", {"a": 1, "b": 2}]]);
-    let output = tokio::process::Command::new(bridge_env::python())
+    let mut command = tokio::process::Command::new(bridge_env::python());
+    command
         .arg(script)
-        .args([url, token, "legacy", &calls.to_string()])
-        .output()
-        .await
-        .expect("running the Python client");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap()
+        .args([url, token, "legacy", &calls.to_string()]);
+    bridge_env::client_json(command, "the Python client").await
 }
 
 async fn machine_states(stack: &Stack, app: &str) -> anyhow::Result<Vec<String>> {

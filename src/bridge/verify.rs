@@ -40,24 +40,38 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// The HTTP status `url` answers to an MCP `initialize` sent without credentials. An endpoint that requires a
 /// bearer token must refuse it with 401 or 403: nothing in front of an image source does it for the image.
 pub async fn unauthenticated_status(url: &str) -> Result<u16, VerifyError> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let failed = |message: String| VerifyError::Handshake {
         url: url.to_string(),
         message,
     };
-    let client = reqwest::Client::builder()
+    let client = probe_client().map_err(failed)?;
+    let response = unauthenticated_initialize(&client, url)
+        .await
+        .map_err(failed)?;
+    Ok(response.status().as_u16())
+}
+
+/// A client for the checks made without credentials.
+fn probe_client() -> Result<reqwest::Client, String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
         .timeout(TIMEOUT)
         .build()
-        .map_err(|e| failed(e.to_string()))?;
-    let initialize = initialize_request();
-    let response = client
+        .map_err(|e| e.to_string())
+}
+
+/// An MCP `initialize` posted to `url` without credentials, as a client that has none yet sends it.
+async fn unauthenticated_initialize(
+    client: &reqwest::Client,
+    url: &str,
+) -> Result<reqwest::Response, String> {
+    client
         .post(url)
         .header("accept", "application/json, text/event-stream")
-        .json(&initialize)
+        .json(&initialize_request())
         .send()
         .await
-        .map_err(|e| failed(format!("unauthenticated probe: {e}")))?;
-    Ok(response.status().as_u16())
+        .map_err(|e| format!("unauthenticated probe: {e}"))
 }
 
 /// What an OAuth-mode endpoint showed a client without a token.
@@ -72,22 +86,14 @@ pub struct OAuthEndpoint {
 /// get 401 with a `WWW-Authenticate` challenge naming the resource metadata, and that document must name `url`
 /// as its resource and `issuers` as its authorization servers — what Claude.ai or ChatGPT read first.
 pub async fn verify_oauth(url: &str, issuers: &[String]) -> Result<OAuthEndpoint, VerifyError> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let failed = |message: String| VerifyError::OAuthDiscovery {
         url: url.to_string(),
         message,
     };
-    let client = reqwest::Client::builder()
-        .timeout(TIMEOUT)
-        .build()
-        .map_err(|e| failed(e.to_string()))?;
-    let response = client
-        .post(url)
-        .header("accept", "application/json, text/event-stream")
-        .json(&initialize_request())
-        .send()
+    let client = probe_client().map_err(failed)?;
+    let response = unauthenticated_initialize(&client, url)
         .await
-        .map_err(|e| failed(format!("unauthenticated probe: {e}")))?;
+        .map_err(failed)?;
     let status = response.status().as_u16();
     let challenge = response
         .headers()

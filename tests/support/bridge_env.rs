@@ -157,3 +157,20 @@ pub fn ts_clients() -> PathBuf {
     })
     .clone()
 }
+
+/// Runs an official-client script and returns the JSON on the last line of its stdout (what each script prints
+/// when done); fails with the script's stderr when it exits unsuccessfully.
+pub async fn client_json(mut command: tokio::process::Command, label: &str) -> serde_json::Value {
+    let output = command
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {label}: {e}"));
+    assert!(
+        output.status.success(),
+        "{label} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    serde_json::from_str(stdout.trim().lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{label} printed no JSON last ({e}):\n{stdout}"))
+}
