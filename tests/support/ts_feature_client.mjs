@@ -92,7 +92,7 @@ const subscription = modern ? await client.listen({ toolsListChanged: true }) : 
 out.add_tool = text(await client.callTool({ name: 'add_tool', arguments: {} }));
 out.list_changed = await Promise.race([listChanged, new Promise(r => setTimeout(() => r('timeout'), 10000))]);
 await subscription?.close?.();
-out.tools_after = (await client.listTools()).tools.some(t => t.name === 'added');
+out.tools_after = (await client.listTools({}, { cacheMode: 'refresh' })).tools.some(t => t.name === 'added');
 console.log(JSON.stringify(out));
 await client.close();
 process.exit(0);
