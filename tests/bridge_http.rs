@@ -1102,7 +1102,8 @@ async fn shared_isolation_serves_every_session_from_one_server() {
 /// a batch is charged one rate token per request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_served_in_2025_03_26_sessions_and_refused_after() {
-    let bridge = start_bridge(&[], Auth::bearer(TOKEN.into())).await;
+    let policy = json!({"deny": ["slow"], "overrides": {"add": {"name": "sum"}}}).to_string();
+    let bridge = start_bridge(&["--tools-policy", &policy], Auth::bearer(TOKEN.into())).await;
     wait_ready(&bridge).await;
     let client = http();
     let endpoint = url(&bridge);
@@ -1141,6 +1142,35 @@ async fn batches_are_served_in_2025_03_26_sessions_and_refused_after() {
             .expect("each request answered");
         assert_eq!(answer["result"]["content"][0]["text"], text, "{answer}");
     }
+    // The tool policy applies to each request: a renamed tool is called by its new name, a denied one is answered
+    // exactly as when called alone.
+    let tool = |id: u64, name: &str, arguments: Value| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": name, "arguments": arguments}})
+    };
+    let slow = tool(11, "slow", json!({"steps": 1, "delay_ms": 1}));
+    let policed = json!([tool(10, "sum", json!({"a": 20, "b": 22})), slow.clone()]);
+    let response = post(old.clone(), "2025-03-26", policed).await.unwrap();
+    let answers: Value = response.json().await.unwrap();
+    let sum = answers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == 10)
+        .unwrap();
+    assert_eq!(sum["result"]["content"][0]["text"], "42", "{answers}");
+    let denied = answers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == 11)
+        .unwrap();
+    let (_, alone) = session_post(&client, &endpoint, &old, slow).await;
+    assert_eq!(denied, &rpc_response(&alone), "{answers}");
+    assert!(
+        denied.get("result").is_none() || denied["result"]["isError"] == true,
+        "{denied}"
+    );
     let only_notifications =
         json!([{"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}]);
     let response = post(old.clone(), "2025-03-26", only_notifications)
