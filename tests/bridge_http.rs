@@ -1185,6 +1185,17 @@ async fn batches_are_served_in_2025_03_26_sessions_and_refused_after() {
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let refusal: Value = response.json().await.unwrap();
     assert_eq!(refusal["error"]["code"], -32600, "{refusal}");
+    // 2026-07-28 has no sessions and no batches.
+    let modern_batch = client
+        .post(&endpoint)
+        .bearer_auth(TOKEN)
+        .header("accept", ACCEPT)
+        .header("mcp-protocol-version", "2026-07-28")
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(modern_batch.status(), StatusCode::BAD_REQUEST);
     // The same session still serves a lone call (positive control for the refusal changing nothing).
     let (_, body) = session_post(&client, &endpoint, &new, call(9, "lone")).await;
     assert_eq!(rpc_response(&body)["result"]["content"][0]["text"], "lone");
