@@ -19,8 +19,12 @@ fn http() -> reqwest::Client {
 }
 
 fn initialize_body() -> Value {
+    initialize_at("2025-11-25")
+}
+
+fn initialize_at(version: &str) -> Value {
     json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}})
+        "protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}})
 }
 
 fn modern(method: &str, id: u64, params: Value) -> (Value, Vec<(&'static str, String)>) {
@@ -674,11 +678,15 @@ async fn status_codes_of_both_eras() {
 
 /// A handshake-era session opened on `client` (initialize + initialized); returns its id.
 async fn open_session(client: &reqwest::Client, url: &str) -> String {
+    open_session_at(client, url, "2025-11-25").await
+}
+
+async fn open_session_at(client: &reqwest::Client, url: &str, version: &str) -> String {
     let init = client
         .post(url)
         .bearer_auth(TOKEN)
         .header("accept", ACCEPT)
-        .json(&initialize_body())
+        .json(&initialize_at(version))
         .send()
         .await
         .unwrap();
@@ -1085,5 +1093,135 @@ async fn shared_isolation_serves_every_session_from_one_server() {
         "still here"
     );
     assert_eq!(lines(&marker).len(), 1);
+    bridge.shutdown().await.unwrap();
+}
+
+/// 2025-03-26 JSON-RPC batches: in a session of that revision, two calls and a notification in one POST are
+/// answered with one JSON array holding both responses (by id), and a batch of only notifications gets 202; in a
+/// 2025-11-25 session (batching removed in 2025-06-18) the same batch is refused with 400 and reaches no server;
+/// a batch is charged one rate token per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_served_in_2025_03_26_sessions_and_refused_after() {
+    let policy = json!({"deny": ["slow"], "overrides": {"add": {"name": "sum"}}}).to_string();
+    let bridge = start_bridge(&["--tools-policy", &policy], Auth::bearer(TOKEN.into())).await;
+    wait_ready(&bridge).await;
+    let client = http();
+    let endpoint = url(&bridge);
+    let call = |id: u64, text: &str| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": text}}})
+    };
+    let batch = json!([
+        call(7, "first"),
+        {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": "none", "progress": 1}},
+        call(8, "second"),
+    ]);
+    let post = |session: String, version: &'static str, body: Value| {
+        client
+            .post(&endpoint)
+            .bearer_auth(TOKEN)
+            .header("accept", ACCEPT)
+            .header("mcp-session-id", session)
+            .header("mcp-protocol-version", version)
+            .json(&body)
+            .send()
+    };
+
+    let old = open_session_at(&client, &endpoint, "2025-03-26").await;
+    let response = post(old.clone(), "2025-03-26", batch.clone())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let answers: Value = response.json().await.unwrap();
+    let answers = answers.as_array().expect("one JSON array of responses");
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    for (id, text) in [(7, "first"), (8, "second")] {
+        let answer = answers
+            .iter()
+            .find(|a| a["id"] == id)
+            .expect("each request answered");
+        assert_eq!(answer["result"]["content"][0]["text"], text, "{answer}");
+    }
+    // The tool policy applies to each request: a renamed tool is called by its new name, a denied one is answered
+    // exactly as when called alone.
+    let tool = |id: u64, name: &str, arguments: Value| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": name, "arguments": arguments}})
+    };
+    let slow = tool(11, "slow", json!({"steps": 1, "delay_ms": 1}));
+    let policed = json!([tool(10, "sum", json!({"a": 20, "b": 22})), slow.clone()]);
+    let response = post(old.clone(), "2025-03-26", policed).await.unwrap();
+    let answers: Value = response.json().await.unwrap();
+    let sum = answers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == 10)
+        .unwrap();
+    assert_eq!(sum["result"]["content"][0]["text"], "42", "{answers}");
+    let denied = answers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == 11)
+        .unwrap();
+    let (_, alone) = session_post(&client, &endpoint, &old, slow).await;
+    assert_eq!(denied, &rpc_response(&alone), "{answers}");
+    assert!(
+        denied.get("result").is_none() || denied["result"]["isError"] == true,
+        "{denied}"
+    );
+    let only_notifications =
+        json!([{"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}]);
+    let response = post(old.clone(), "2025-03-26", only_notifications)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+
+    let new = open_session(&client, &endpoint).await;
+    let response = post(new.clone(), "2025-11-25", batch.clone())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let refusal: Value = response.json().await.unwrap();
+    assert_eq!(refusal["error"]["code"], -32600, "{refusal}");
+    // 2026-07-28 has no sessions and no batches.
+    let modern_batch = client
+        .post(&endpoint)
+        .bearer_auth(TOKEN)
+        .header("accept", ACCEPT)
+        .header("mcp-protocol-version", "2026-07-28")
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(modern_batch.status(), StatusCode::BAD_REQUEST);
+    // The same session still serves a lone call (positive control for the refusal changing nothing).
+    let (_, body) = session_post(&client, &endpoint, &new, call(9, "lone")).await;
+    assert_eq!(rpc_response(&body)["result"]["content"][0]["text"], "lone");
+
+    bridge.shutdown().await.unwrap();
+
+    // Rate: a burst of 3 and no refill to speak of; opening the session takes 2, leaving one token, which a lone
+    // request would get: the batch's second call needs one more, so the whole batch is refused.
+    let bridge = start_bridge(
+        &["--rate-per-token", "1", "--rate-token-burst", "3"],
+        Auth::bearer(TOKEN.into()),
+    )
+    .await;
+    wait_ready(&bridge).await;
+    let endpoint = url(&bridge);
+    let old = open_session_at(&client, &endpoint, "2025-03-26").await;
+    let response = client
+        .post(&endpoint)
+        .bearer_auth(TOKEN)
+        .header("accept", ACCEPT)
+        .header("mcp-session-id", old)
+        .header("mcp-protocol-version", "2025-03-26")
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     bridge.shutdown().await.unwrap();
 }

@@ -159,19 +159,8 @@ async fn python_sdk_2026_07_28_gets_every_feature_the_sdk_server_gives() {
     wait_python_ready(&bridge).await;
     let reference = run_feature_client(&reference_url, "-", "2026-07-28").await;
     eprintln!("reference: {reference}");
-    // The reference itself shows each feature working, so equality below is not two equal failures.
-    assert_eq!(reference["protocol_version"], "2026-07-28");
-    assert_eq!(reference["sample"], "llm said: forty-two");
-    assert_eq!(reference["greet"], "hello Ada");
-    assert_eq!(reference["roots"], "file:///work/project");
-    assert_eq!(reference["progress"], serde_json::json!([1.0, 2.0, 3.0]));
-    assert_eq!(
-        reference["logs"],
-        serde_json::json!(["warning:warning line"])
-    );
+    assert_reference_works(&reference, "2026-07-28");
     assert_eq!(reference["routed"], "routed to ams");
-    assert_eq!(reference["cancelled"], true);
-    assert_eq!(reference["list_changed"], "ToolsListChanged");
     for mode in ["2026-07-28", "auto"] {
         // The previous run ended by cancelling a call, which keeps the server's questions unattributable for a
         // few seconds: wait until one is attributed again.
@@ -184,19 +173,72 @@ async fn python_sdk_2026_07_28_gets_every_feature_the_sdk_server_gives() {
     bridge.shutdown().await.unwrap();
 }
 
-async fn run_ts_feature_client(url: &str, token: &str) -> Value {
+/// The reference itself shows each feature working, so an equality with it is not two equal failures. Handshake-era
+/// logs: the feature server declares no `logging`, so no client sends `logging/setLevel` and every level arrives.
+fn assert_reference_works(reference: &Value, protocol_version: &str) {
+    assert_eq!(
+        reference["protocol_version"], protocol_version,
+        "{reference}"
+    );
+    assert_eq!(reference["sample"], "llm said: forty-two");
+    assert_eq!(reference["greet"], "hello Ada");
+    assert_eq!(reference["roots"], "file:///work/project");
+    // Python reports progress as floats, JavaScript as integers.
+    let progress: Vec<f64> = reference["progress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    assert_eq!(progress, [1.0, 2.0, 3.0], "{reference}");
+    let logs = if protocol_version == "2026-07-28" {
+        serde_json::json!(["warning:warning line"])
+    } else {
+        serde_json::json!(["debug:debug line", "warning:warning line"])
+    };
+    assert_eq!(reference["logs"], logs, "{reference}");
+    assert_eq!(reference["cancelled"], true);
+    assert_eq!(reference["after_cancel"], "done after 1 steps");
+    assert_eq!(reference["list_changed"], "ToolsListChanged");
+    assert_eq!(reference["tools_after"], true);
+}
+
+/// The same comparison in the Python SDK's handshake mode (`legacy`, 2025-11-25): the server's sampling,
+/// elicitation and roots requests, its logs and `list_changed` reach the client over the session's streams. The
+/// run ends by cancelling a call and closing the client, which must not be answered after the client closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_legacy_mode_gets_every_feature_the_sdk_server_gives() {
+    let (_reference, reference_url) = reference_server().await;
+    let python = python().to_string_lossy().into_owned();
+    let bridge = start_bridge_cmd(
+        &[],
+        Auth::bearer(TOKEN.into()),
+        &[&python, &feature_server(), "stdio"],
+    )
+    .await;
+    wait_python_ready(&bridge).await;
+    let reference = run_feature_client(&reference_url, "-", "legacy").await;
+    eprintln!("reference: {reference}");
+    assert_reference_works(&reference, "2025-11-25");
+    let through_bridge = run_feature_client(&url(&bridge), TOKEN, "legacy").await;
+    eprintln!("bridge: {through_bridge}");
+    assert_eq!(through_bridge, reference);
+    bridge.shutdown().await.unwrap();
+}
+
+async fn run_ts_feature_client(url: &str, token: &str, mode: &str) -> Value {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/support/ts_feature_client.mjs");
     let output = tokio::process::Command::new("node")
         .arg(script)
         .arg(ts_clients())
-        .args([url, token])
+        .args([url, token, mode])
         .output()
         .await
         .expect("running the TypeScript feature client");
     assert!(
         output.status.success(),
-        "TypeScript feature client ({url}) failed:\n{}",
+        "TypeScript feature client ({mode}, {url}) failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     let stdout = String::from_utf8(output.stdout).unwrap();
@@ -217,21 +259,37 @@ async fn typescript_client_2026_07_28_gets_every_feature_the_sdk_server_gives() 
     )
     .await;
     wait_python_ready(&bridge).await;
-    let reference = run_ts_feature_client(&reference_url, "-").await;
+    let reference = run_ts_feature_client(&reference_url, "-", "2026-07-28").await;
     eprintln!("reference: {reference}");
-    assert_eq!(reference["sample"], "llm said: forty-two");
-    assert_eq!(reference["greet"], "hello Ada");
-    assert_eq!(reference["roots"], "file:///work/project");
-    assert_eq!(reference["progress"], serde_json::json!([1, 2, 3]));
-    assert_eq!(
-        reference["logs"],
-        serde_json::json!(["warning:warning line"])
-    );
-    assert_eq!(reference["cancelled"], true);
-    assert_eq!(reference["list_changed"], "ToolsListChanged");
-    let through_bridge = run_ts_feature_client(&url(&bridge), TOKEN).await;
+    assert_reference_works(&reference, "2026-07-28");
+    let through_bridge = run_ts_feature_client(&url(&bridge), TOKEN, "2026-07-28").await;
     eprintln!("bridge: {through_bridge}");
     assert_eq!(through_bridge, reference);
+    bridge.shutdown().await.unwrap();
+}
+
+/// The same comparison in both official TypeScript clients' handshake modes: `@modelcontextprotocol/sdk` 1.x and
+/// `@modelcontextprotocol/client` 2.x in `legacy` mode (2.x pins only modern revisions, so that is its one
+/// handshake mode).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typescript_clients_handshake_era_get_every_feature_the_sdk_server_gives() {
+    let (_reference, reference_url) = reference_server().await;
+    let python = python().to_string_lossy().into_owned();
+    let bridge = start_bridge_cmd(
+        &[],
+        Auth::bearer(TOKEN.into()),
+        &[&python, &feature_server(), "stdio"],
+    )
+    .await;
+    wait_python_ready(&bridge).await;
+    for mode in ["sdk1", "legacy"] {
+        let reference = run_ts_feature_client(&reference_url, "-", mode).await;
+        eprintln!("reference ({mode}): {reference}");
+        assert_reference_works(&reference, "2025-11-25");
+        let through_bridge = run_ts_feature_client(&url(&bridge), TOKEN, mode).await;
+        eprintln!("bridge ({mode}): {through_bridge}");
+        assert_eq!(through_bridge, reference, "mode {mode}");
+    }
     bridge.shutdown().await.unwrap();
 }
 

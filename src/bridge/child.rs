@@ -303,7 +303,9 @@ impl Child {
     }
 
     /// Sends a notification or a response from the client of `client_scope`. `notifications/cancelled` naming a
-    /// request id tracked in that scope is translated to the bridge's id; one naming an unknown id is dropped.
+    /// request id tracked in that scope is translated to the bridge's id, and the request is then answered no more
+    /// (a cancelled request gets no response, and the client may already have closed); one naming an unknown id
+    /// is dropped.
     pub fn send_from_client(
         &self,
         mut message: Value,
@@ -316,8 +318,8 @@ impl Child {
             );
             let bridge_id = self.routes.lock().unwrap().by_client.get(&key).copied();
             match bridge_id {
-                Some(id) => message["params"]["requestId"] = json!(id),
-                None => return Ok(()),
+                Some(id) if self.mark_cancelled(id) => message["params"]["requestId"] = json!(id),
+                _ => return Ok(()),
             }
         }
         self.write(&message)
@@ -325,20 +327,28 @@ impl Child {
 
     /// Cancels a request the bridge sent (the caller went away): tells the child and drops what it still sends.
     pub fn cancel(&self, bridge_id: u64, reason: &str) {
-        if self.forget(bridge_id) {
-            let mut routes = self.routes.lock().unwrap();
-            let now = tokio::time::Instant::now();
-            routes
-                .cancelled
-                .retain(|_, at| now.duration_since(*at) < CANCELLED_LINGER);
-            routes.cancelled.insert(bridge_id, now);
-            drop(routes);
+        if self.mark_cancelled(bridge_id) {
             let _ = self.write(&json!({
                 "jsonrpc": "2.0",
                 "method": "notifications/cancelled",
                 "params": {"requestId": bridge_id, "reason": reason},
             }));
         }
+    }
+
+    /// Stops routing anything of `bridge_id` back (its waiter sees its channel close, with no answer) and keeps it
+    /// counted as running for a while, for attribution. False when it was not pending.
+    fn mark_cancelled(&self, bridge_id: u64) -> bool {
+        if !self.forget(bridge_id) {
+            return false;
+        }
+        let mut routes = self.routes.lock().unwrap();
+        let now = tokio::time::Instant::now();
+        routes
+            .cancelled
+            .retain(|_, at| now.duration_since(*at) < CANCELLED_LINGER);
+        routes.cancelled.insert(bridge_id, now);
+        true
     }
 
     fn forget(&self, bridge_id: u64) -> bool {

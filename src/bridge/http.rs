@@ -29,7 +29,8 @@ use super::affinity::{self, Affinity};
 use super::audit::{AuditRecord, Auditor};
 use super::auth::{Auth, Denied, Granted};
 use super::child::{
-    CHILD_PROTOCOL_VERSION, Child, ChildSpec, HANDSHAKE_VERSIONS, error_response, is_response,
+    CHILD_PROTOCOL_VERSION, Child, ChildError, ChildSpec, HANDSHAKE_VERSIONS, error_response,
+    is_response,
 };
 use super::input_required::{self, Caller, Exchange, HeldTable};
 use super::modern::{self, Primary};
@@ -239,20 +240,8 @@ async fn handle(state: &Arc<State>, audit: &mut AuditRecord, request: Request) -
         }
     };
     audit.subject = granted.principal.as_ref().map(|p| p.subject.clone());
-    let identity = granted.identity.clone();
-    let limited = match &identity {
-        Some(identity) => state
-            .per_token
-            .check(identity)
-            .map_err(|retry| ("rate limited (token)", retry)),
-        None => state
-            .per_client
-            .check(&audit.client)
-            .map_err(|retry| ("rate limited (client)", retry)),
-    };
-    if let Err((note, retry)) = limited {
-        audit.note = Some(note);
-        return too_many(retry);
+    if let Some(limited) = rate_refusal(state, audit, &granted) {
+        return limited;
     }
     let session_id = headers
         .get(SESSION_HEADER)
@@ -280,6 +269,25 @@ async fn handle(state: &Arc<State>, audit: &mut AuditRecord, request: Request) -
             response
         }
     }
+}
+
+/// Counts one request against the caller's rate: per token when authenticated, else per address; the 429 when
+/// over.
+fn rate_refusal(state: &State, audit: &mut AuditRecord, granted: &Granted) -> Option<Response> {
+    let limited = match &granted.identity {
+        Some(identity) => state
+            .per_token
+            .check(identity)
+            .map_err(|retry| ("rate limited (token)", retry)),
+        None => state
+            .per_client
+            .check(&audit.client)
+            .map_err(|retry| ("rate limited (client)", retry)),
+    };
+    limited.err().map(|(note, retry)| {
+        audit.note = Some(note);
+        too_many(retry)
+    })
 }
 
 /// A refused credential: its status and the mode's `WWW-Authenticate` challenge; nothing reached a child.
@@ -410,15 +418,9 @@ async fn post(
         Ok(message) => message,
         Err(_) => return rpc_error(audit, 400, Value::Null, -32700, "Parse error"),
     };
-    if message.is_array() {
+    if let Value::Array(batch) = message {
         audit.note = Some("batch");
-        return rpc_error(
-            audit,
-            400,
-            Value::Null,
-            -32600,
-            "JSON-RPC batches are not supported",
-        );
+        return post_batch(state, audit, granted, headers, session_id, batch).await;
     }
     if !message.is_object() {
         return rpc_error(audit, 400, Value::Null, -32600, "Invalid Request");
@@ -476,24 +478,13 @@ async fn post(
         return rejected;
     }
     let (Some(method), Some(id)) = (method, id) else {
-        // A notification or a response (to a request the child made): forward, 202. A shared child is not told
-        // one client's notifications (it was initialized once, by the bridge), except cancellation.
-        let forward = session.owns_child
-            || message.get("method").and_then(Value::as_str) == Some("notifications/cancelled");
-        if !forward {
-            return StatusCode::ACCEPTED.into_response();
-        }
-        return match session.child.send_from_client(message, &session.id) {
+        return match forward_from_client(&session, message) {
             Ok(()) => StatusCode::ACCEPTED.into_response(),
             Err(_) => rpc_error(audit, 404, Value::Null, -32001, "Session not found"),
         };
     };
-    if !session.owns_child && method == "logging/setLevel" {
-        // One client must not change the log level every other client of the shared child gets.
-        return json_response(200, &json!({"jsonrpc": "2.0", "id": id, "result": {}}));
-    }
     let mut message = message;
-    if let Admission::Answer(answer) = state.tools.admit(&mut message, &session.child).await {
+    if let Some(answer) = answered_at_bridge(state, &session, &mut message, &method, &id).await {
         return json_response(200, &answer);
     }
     let lists_tools = method == "tools/list";
@@ -565,6 +556,176 @@ async fn post(
         Some(registration),
         None,
     )
+}
+
+/// A notification or a response (to a request the child made) from the session's client, passed to the child. A
+/// shared child is not told one client's notifications (it was initialized once, by the bridge), except
+/// cancellation.
+fn forward_from_client(
+    session: &super::session::Session,
+    message: Value,
+) -> Result<(), ChildError> {
+    let forward = session.owns_child
+        || message.get("method").and_then(Value::as_str) == Some("notifications/cancelled");
+    if !forward {
+        return Ok(());
+    }
+    session.child.send_from_client(message, &session.id)
+}
+
+/// The answer to a request that the bridge gives itself instead of the child: the tool policy's refusal, or a
+/// shared child's `logging/setLevel` (one client must not change the level every other client gets).
+async fn answered_at_bridge(
+    state: &State,
+    session: &super::session::Session,
+    message: &mut Value,
+    method: &str,
+    id: &Value,
+) -> Option<Value> {
+    if !session.owns_child && method == "logging/setLevel" {
+        return Some(json!({"jsonrpc": "2.0", "id": id, "result": {}}));
+    }
+    match state.tools.admit(message, &session.child).await {
+        Admission::Answer(answer) => Some(answer),
+        _ => None,
+    }
+}
+
+/// A JSON-RPC batch: accepted only in a session negotiated at 2025-03-26, the one revision that has them (later
+/// ones removed batching: 400). Every member passes the same checks as a lone message — authorization, rate (one
+/// charge per request beyond the HTTP request's own), tool policy — and all are checked before any reaches the
+/// child, so a refused batch changes nothing. Only notifications and responses → 202; else the responses as one
+/// JSON array, while what the server sends meanwhile goes to the session's GET stream (or waits for one).
+async fn post_batch(
+    state: &Arc<State>,
+    audit: &mut AuditRecord,
+    granted: &Granted,
+    headers: &HeaderMap,
+    session_id: Option<String>,
+    batch: Vec<Value>,
+) -> Response {
+    if batch.is_empty() || !batch.iter().all(Value::is_object) {
+        return rpc_error(audit, 400, Value::Null, -32600, "Invalid Request");
+    }
+    if !(accepts(headers, "application/json") && accepts(headers, "text/event-stream")) {
+        audit.note = Some("accept");
+        return plain(
+            StatusCode::NOT_ACCEPTABLE,
+            "Accept must list application/json and text/event-stream",
+        );
+    }
+    let Some(session_id) = session_id else {
+        return rpc_error(
+            audit,
+            400,
+            Value::Null,
+            -32600,
+            "JSON-RPC batches are accepted only in a 2025-03-26 session (Mcp-Session-Id is required)",
+        );
+    };
+    if let Some(replay) = replay_elsewhere(state, audit, headers, &session_id) {
+        return replay;
+    }
+    let Some(session) = state.sessions.get(&session_id) else {
+        audit.note = Some("unknown session");
+        return rpc_error(audit, 404, Value::Null, -32001, "Session not found");
+    };
+    audit.era = "handshake";
+    audit.protocol_version = Some(session.protocol_version.clone());
+    if let Some(rejected) = unsupported_version(audit, headers, Value::Null) {
+        return rejected;
+    }
+    if session.protocol_version != "2025-03-26" {
+        return rpc_error(
+            audit,
+            400,
+            Value::Null,
+            -32600,
+            "JSON-RPC batches are not supported after protocol version 2025-03-26; send one message per POST",
+        );
+    }
+    let is_request = |m: &Value| m.get("method").is_some() && m.get("id").is_some();
+    if batch
+        .iter()
+        .any(|m| m.get("method").and_then(Value::as_str) == Some("initialize"))
+    {
+        return rpc_error(
+            audit,
+            400,
+            Value::Null,
+            -32600,
+            "initialize must not be part of a JSON-RPC batch",
+        );
+    }
+    for message in &batch {
+        if let Err(denied) = state.auth.allows(granted, message) {
+            return refuse(state, audit, &denied);
+        }
+    }
+    for _ in batch.iter().filter(|m| is_request(m)).skip(1) {
+        if let Some(limited) = rate_refusal(state, audit, granted) {
+            return limited;
+        }
+    }
+    let mut requests = Vec::new();
+    for message in batch {
+        if !is_request(&message) {
+            if forward_from_client(&session, message).is_err() {
+                return rpc_error(audit, 404, Value::Null, -32001, "Session not found");
+            }
+            continue;
+        }
+        requests.push(message);
+    }
+    if requests.is_empty() {
+        return StatusCode::ACCEPTED.into_response();
+    }
+    let calls = requests.into_iter().map(|mut message| {
+        let (state, session) = (state.clone(), session.clone());
+        async move {
+            let method = message["method"].as_str().unwrap_or_default().to_string();
+            let id = message["id"].clone();
+            if let Some(answer) =
+                answered_at_bridge(&state, &session, &mut message, &method, &id).await
+            {
+                return answer;
+            }
+            let Ok(mut handle) = session.child.request(message, Some(&session.id)) else {
+                return error_response(id, -32001, "Session not found");
+            };
+            let answer = tokio::time::timeout(state.config.request_timeout, async {
+                while let Some(mut m) = handle.rx.recv().await {
+                    if !is_response(&m) {
+                        session.deliver(m);
+                        continue;
+                    }
+                    if method == "tools/list" {
+                        state.tools.rewrite_list(&mut m);
+                    }
+                    return Some(m);
+                }
+                None
+            })
+            .await;
+            match answer {
+                Ok(Some(answer)) => answer,
+                // The client cancelled it: a cancelled request is not answered, so it has no entry here.
+                Ok(None) => Value::Null,
+                Err(_) => {
+                    session
+                        .child
+                        .cancel(handle.bridge_id, "request timed out at the bridge");
+                    error_response(id, -32603, "request timed out")
+                }
+            }
+        }
+    });
+    let answers: Vec<Value> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter(|a| !a.is_null())
+        .collect();
+    json_response(200, &Value::Array(answers))
 }
 
 /// Starts a session: a child of its own (warm if one is, else started now) with the client's `initialize`

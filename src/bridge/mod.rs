@@ -43,7 +43,9 @@ pub const FEATURES_BY_ERA: &str = "\
 Features by protocol era:
   Handshake era (2024-11-05 .. 2025-11-25), --session-isolation per-session (default): everything the server
     does reaches the session's client: progress, sampling, elicitation, roots, logs (logging/setLevel),
-    list_changed and resources/updated. JSON-RPC batches are refused (400).
+    list_changed and resources/updated. JSON-RPC batches: accepted in a 2025-03-26 session (every request
+    through the tool policy and rate limit; the answers as one JSON array, 202 for notifications only), refused
+    with 400 from 2025-06-18 (the revision that removed them).
   Handshake era, --session-isolation shared: calls and progress; the server's requests get an error and its
     notifications are not relayed.
   2026-07-28 (one shared server process for every request):
