@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, ListParams, PostParams};
-use mcpfly::testenv::{ControlPlane, ControlPlaneOptions, process::process_is_running};
+use mcpfly::local_cluster::{ControlPlane, ControlPlaneOptions, process::process_is_running};
 
 #[tokio::test]
 async fn apiserver_is_real_and_reports_its_version() -> anyhow::Result<()> {

@@ -7,7 +7,7 @@ use fly_emulator::{EventRecord, Fault, ScriptedFault};
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{Api, ListParams};
 use mcpfly::api::{ConditionType, Phase, reason};
-use mcpfly::testenv::stack::{Stack, StackOptions};
+use mcpfly::local_cluster::stack::{Stack, StackOptions};
 
 mod controller_support;
 use controller_support::{READY, app_of, fly_client, manifest, mutations};

@@ -8,7 +8,7 @@ use fly_emulator::{InventoryMachine, LaunchFault};
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, ListParams};
 use mcpfly::api::{ConditionType, Phase};
-use mcpfly::testenv::stack::{Stack, StackOptions};
+use mcpfly::local_cluster::stack::{Stack, StackOptions};
 
 mod controller_support;
 use controller_support::{READY, app_of, manifest};

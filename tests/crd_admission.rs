@@ -7,7 +7,7 @@ use std::process::Output;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams};
 use mcpfly::api::{self, MCPDeployment, MCPDeploymentStatus};
-use mcpfly::testenv::ControlPlane;
+use mcpfly::local_cluster::ControlPlane;
 
 fn manifests(dir: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);

@@ -377,7 +377,7 @@ async fn demo_deploys_the_examples_and_serves_them_to_an_mcp_client() {
     assert!(status.success(), "demo exited with {status}");
     let left: Vec<u32> = machines
         .into_iter()
-        .filter(|p| mcpfly::testenv::process::process_is_running(*p))
+        .filter(|p| mcpfly::local_cluster::process::process_is_running(*p))
         .collect();
     assert!(
         left.is_empty(),

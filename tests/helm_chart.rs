@@ -6,7 +6,7 @@ mod ops_support;
 use std::path::Path;
 use std::process::Command;
 
-use mcpfly::testenv::ControlPlane;
+use mcpfly::local_cluster::ControlPlane;
 use ops_support::{SYSTEM_NS, helm_template};
 
 fn chart() -> std::path::PathBuf {

@@ -10,7 +10,7 @@ use fly_emulator::{Emulator, EmulatorConfig};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams};
 use mcpfly::api::MCPDeployment;
-use mcpfly::testenv::ControlPlane;
+use mcpfly::local_cluster::ControlPlane;
 use ops_support::{
     ControllerProcess, SYSTEM_NS, apply_deployment, deployment, eventually, is_ready,
 };

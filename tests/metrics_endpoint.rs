@@ -9,8 +9,8 @@ use fly_emulator::{Emulator, EmulatorConfig};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use mcpfly::api::MCPDeployment;
+use mcpfly::local_cluster::ControlPlane;
 use mcpfly::sealing::{KeyRing, Scope, Target, generate_key, seal};
-use mcpfly::testenv::ControlPlane;
 use ops_support::{ControllerProcess, apply_deployment, deployment, eventually, is_ready};
 
 const NS: &str = "metrics-test";

@@ -9,8 +9,8 @@ use fly_emulator::DEFAULT_ORG;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use mcpfly::api::{ADOPT_ANNOTATION, ALLOW_REFERENCE_LABEL, MCPDeployment, reason};
-use mcpfly::testenv::stack::{Stack, StackOptions};
-use mcpfly::testenv::{ControlPlane, ControlPlaneOptions};
+use mcpfly::local_cluster::stack::{Stack, StackOptions};
+use mcpfly::local_cluster::{ControlPlane, ControlPlaneOptions};
 
 mod controller_support;
 use controller_support::{READY, app_of, fly_client, mutations};

@@ -16,7 +16,7 @@ use fly_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use mcpfly::api::MCPDeployment;
-use mcpfly::testenv::ControlPlane;
+use mcpfly::local_cluster::ControlPlane;
 use ops_support::{
     ControllerProcess, SYSTEM_NS, apply_deployment, deployment, eventually, helm_template, is_ready,
 };

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use mcpfly::local_cluster::ControlPlane;
 use mcpfly::sealing::listener::{ApiServer, Limits};
 use mcpfly::sealing::{KeyRing, Target, unseal};
-use mcpfly::testenv::ControlPlane;
 
 const PORT: u16 = 18081;
 const CANARY: &str = "canary-via-cluster-51e2";

@@ -14,8 +14,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::client::{Body, ClientBuilder, DynBody};
 use mcpfly::api::Phase;
-use mcpfly::testenv::ControlPlane;
-use mcpfly::testenv::stack::{Stack, StackOptions};
+use mcpfly::local_cluster::ControlPlane;
+use mcpfly::local_cluster::stack::{Stack, StackOptions};
 
 mod controller_support;
 mod ops_support;

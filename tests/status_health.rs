@@ -18,7 +18,7 @@ use fly_emulator::{Fault, ScriptedFault};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, WatchEvent, WatchParams};
 use mcpfly::api::{ConditionType, MCPDeployment, Phase};
-use mcpfly::testenv::stack::{Stack, StackOptions};
+use mcpfly::local_cluster::stack::{Stack, StackOptions};
 use serde_json::Value;
 
 mod controller_support;

@@ -16,8 +16,8 @@ use fly_emulator::{Emulator, EmulatorConfig, Fault, MachineChange, MachineDriver
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use mcpfly::api::MCPDeployment;
+use mcpfly::local_cluster::ControlPlane;
 use mcpfly::sealing::{Binding, KeyRing, SecretValue, Target, keyring::generate_key, seal};
-use mcpfly::testenv::ControlPlane;
 use ops_support::{ControllerProcess, eventually};
 use survival_support::*;
 

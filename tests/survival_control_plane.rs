@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use fly_emulator::{Emulator, EmulatorConfig};
 use kube::api::{Api, DeleteParams, ListParams};
 use mcpfly::api::MCPDeployment;
-use mcpfly::testenv::{ControlPlane, ControlPlaneOptions};
+use mcpfly::local_cluster::{ControlPlane, ControlPlaneOptions};
 use ops_support::{ControllerProcess, eventually};
 use survival_support::*;
 

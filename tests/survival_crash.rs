@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use fly_emulator::{Emulator, EmulatorConfig, FaultConfig};
 use kube::api::{Api, ListParams};
 use mcpfly::api::MCPDeployment;
-use mcpfly::testenv::ControlPlane;
+use mcpfly::local_cluster::ControlPlane;
 use ops_support::ControllerProcess;
 use survival_support::*;
 

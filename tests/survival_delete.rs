@@ -16,7 +16,7 @@ use fly_emulator::{Emulator, EmulatorConfig, FaultConfig};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams};
 use mcpfly::api::MCPDeployment;
-use mcpfly::testenv::ControlPlane;
+use mcpfly::local_cluster::ControlPlane;
 use ops_support::ControllerProcess;
 use survival_support::*;
 

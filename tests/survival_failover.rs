@@ -17,7 +17,7 @@ use fly_emulator::{Emulator, EmulatorConfig};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, ListParams};
 use mcpfly::api::MCPDeployment;
-use mcpfly::testenv::ControlPlane;
+use mcpfly::local_cluster::ControlPlane;
 use ops_support::{ControllerProcess, SYSTEM_NS, eventually};
 use survival_support::*;
 

@@ -17,10 +17,10 @@ use fly_emulator::{DEFAULT_ORG, DEFAULT_TOKEN};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use mcpfly::api::{MCPDeployment, reason};
+use mcpfly::local_cluster::ControlPlane;
+use mcpfly::local_cluster::stack::{Stack, StackOptions};
 use mcpfly::packages::{RegistryResolver, ResolverConfig};
 use mcpfly::sealing::{Binding, KeyRing, SecretValue, Target, keyring::generate_key, seal};
-use mcpfly::testenv::ControlPlane;
-use mcpfly::testenv::stack::{Stack, StackOptions};
 use support::registry::{self as fake, FakeRegistry};
 
 fn manifests(dir: &str) -> Vec<PathBuf> {

@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use mcpfly::api::{APPROVE_TOOLS_ANNOTATION, ConditionType, MCPDeployment, RECONCILE_ANNOTATION};
 use mcpfly::bridge::tools_policy::POLICY_ENV;
-use mcpfly::testenv::stack::{Stack, StackOptions};
+use mcpfly::local_cluster::stack::{Stack, StackOptions};
 use serde_json::{Value, json};
 
 use controller_support::{app_of, fly_client};

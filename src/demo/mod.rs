@@ -27,7 +27,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 
 use crate::api::{ConditionType, MCPDeployment, Phase};
 use crate::controller::ControllerConfig;
-use crate::testenv::ControlPlane;
+use crate::local_cluster::ControlPlane;
 
 /// The namespace holding the demo's key-ring Secret (as the Helm chart's controller namespace would).
 pub const SYSTEM_NAMESPACE: &str = "mcpfly-system";

@@ -1,11 +1,11 @@
 //! The local driver's processes, supervised by the test harness's [`Supervised`]: the kernel kills each one
-//! when the demo dies, however it dies (one implementation of that guarantee, in `testenv::process`).
+//! when the demo dies, however it dies (one implementation of that guarantee, in `local_cluster::process`).
 
 use std::path::Path;
 
 use fly_emulator::local::{LocalProcess, ProcessSpawner};
 
-use crate::testenv::process::{Stop, Supervised};
+use crate::local_cluster::process::{Stop, Supervised};
 
 pub struct SupervisedSpawner;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use fly_adapter::client::{FlyClient, FlyClientConfig};
 use fly_emulator::{DEFAULT_TOKEN, EventRecord};
 use mcpfly::api::MCPDeployment;
-use mcpfly::testenv::stack::Stack;
+use mcpfly::local_cluster::stack::Stack;
 
 /// How long a scenario waits for a state it expects.
 pub const READY: Duration = Duration::from_secs(30);

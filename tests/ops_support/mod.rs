@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use fly_emulator::{DEFAULT_ORG, DEFAULT_TOKEN};
 use kube::api::{Api, Patch, PatchParams};
 use mcpfly::api::{ConditionType, MCPDeployment};
-use mcpfly::testenv::ControlPlane;
+use mcpfly::local_cluster::ControlPlane;
 
 /// The ServiceAccount namespace the chart is rendered for.
 pub const SYSTEM_NS: &str = "mcpfly-system";

@@ -15,7 +15,7 @@ use fly_emulator::{EmulatorHandle, Fault, FaultConfig, Inventory};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use mcpfly::api::MCPDeployment;
-use mcpfly::testenv::ControlPlane;
+use mcpfly::local_cluster::ControlPlane;
 use rand::Rng;
 
 use crate::ops_support::ControllerProcess;
@@ -248,7 +248,7 @@ pub async fn create_all(
         let params = params.clone();
         async move {
             for name in chunk {
-                let value = mcpfly::testenv::image_deployment(namespace, name);
+                let value = mcpfly::local_cluster::image_deployment(namespace, name);
                 let mut tries = 0;
                 loop {
                     match api

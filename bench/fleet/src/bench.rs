@@ -19,7 +19,7 @@ use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use mcpfly::api::{ConditionType, MCPDeployment};
-use mcpfly::testenv::{ControlPlane, ControlPlaneOptions};
+use mcpfly::local_cluster::{ControlPlane, ControlPlaneOptions};
 use serde::Serialize;
 
 /// The Fly mutations creating one deployment needs: apps.create, ips.assign (v6), ips.assign (shared v4),
@@ -461,7 +461,7 @@ async fn apply(client: &kube::Client, namespace: &str, name: &str) -> anyhow::Re
     api.patch(
         name,
         &PatchParams::apply("bench").force(),
-        &Patch::Apply(&mcpfly::testenv::image_deployment(namespace, name)),
+        &Patch::Apply(&mcpfly::local_cluster::image_deployment(namespace, name)),
     )
     .await?;
     Ok(())

@@ -6,7 +6,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
-//! let cp = mcpfly::testenv::ControlPlane::shared().await?;
+//! let cp = mcpfly::local_cluster::ControlPlane::shared().await?;
 //! cp.install_crds().await?;
 //! let client = cp.client().await?;
 //! # Ok(()) }
@@ -433,9 +433,9 @@ impl ControlPlane {
     fn kubeconfig_with_user(&self, user: &str, user_block: &str) -> String {
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: testenv\n  cluster:\n    server: {}\n    \
-             certificate-authority-data: {}\nusers:\n- name: {user}\n  user:\n{user_block}contexts:\n- name: testenv\n  \
-             context:\n    cluster: testenv\n    user: {user}\ncurrent-context: testenv\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local_cluster\n  cluster:\n    server: {}\n    \
+             certificate-authority-data: {}\nusers:\n- name: {user}\n  user:\n{user_block}contexts:\n- name: local_cluster\n  \
+             context:\n    cluster: local_cluster\n    user: {user}\ncurrent-context: local_cluster\n",
             self.server_url(),
             b64(&self.pki.serving_ca_pem),
         )
@@ -525,10 +525,10 @@ fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
     Ok(ports.try_into().expect("N ports"))
 }
 
-/// A new directory under `$TMPDIR/mcpfly-testenv/`, named after this process. Directories of processes that
+/// A new directory under `$TMPDIR/mcpfly-local_cluster/`, named after this process. Directories of processes that
 /// no longer run are removed first: a shared control plane lives in a `static`, which is never dropped.
 fn fresh_run_dir() -> anyhow::Result<PathBuf> {
-    let root = std::env::temp_dir().join("mcpfly-testenv");
+    let root = std::env::temp_dir().join("mcpfly-local_cluster");
     std::fs::create_dir_all(&root)?;
     if let Ok(entries) = std::fs::read_dir(&root) {
         for entry in entries.flatten() {

@@ -47,7 +47,7 @@ impl Pki {
         };
 
         let serving_ca_key = KeyPair::generate()?;
-        let serving_ca_params = ca_params("mcpfly-testenv-serving-ca");
+        let serving_ca_params = ca_params("mcpfly-local_cluster-serving-ca");
         let serving_ca_cert = serving_ca_params.self_signed(&serving_ca_key)?;
         let serving_issuer = Issuer::new(serving_ca_params, serving_ca_key);
 
@@ -66,7 +66,7 @@ impl Pki {
         let serving_cert = serving.signed_by(&serving_key, &serving_issuer)?;
 
         let client_ca_key = KeyPair::generate()?;
-        let client_ca_params = ca_params("mcpfly-testenv-client-ca");
+        let client_ca_params = ca_params("mcpfly-local_cluster-client-ca");
         let client_ca_cert = client_ca_params.self_signed(&client_ca_key)?;
         let client_issuer = Issuer::new(client_ca_params, client_ca_key);
 
