@@ -118,6 +118,22 @@ pub struct Realism {
     /// §7: a new machine whose first launch fails goes `launch_failed` → `destroyed` (then 404), as Fly's
     /// machine-states doc says. Off, or for a machine that ran before: `launch_failed` → `failed`.
     pub launch_failed_destroys: bool,
+    /// §7: the proxy's autostop judges each region on its own: a region needs as many machines as its load over
+    /// the service's `soft_limit` (default 20) asks for, at least one while it has had traffic within the idle
+    /// timeout; `min_machines_running` holds in the primary region only (the machines' `PRIMARY_REGION`; none
+    /// set: no region keeps a minimum); at most one machine per region is stopped per pass. Off: the whole app
+    /// is judged at once, every idle machine above `min_machines_running` stopped in one go.
+    pub autostop_per_region: bool,
+    /// §7: autostop suspends only a machine Fly can suspend (at most 2048 MB of memory, no swap, no schedule);
+    /// any other is stopped instead. Off: suspended whatever its size.
+    pub suspend_needs_small_guest: bool,
+    /// §8: the app's public URL answers 404 until the app has a public address (a shared v4, a dedicated v4 or
+    /// a v6 that is neither Flycast nor egress) and a machine with a service exposing a port with handlers.
+    /// Off: the URL answers as soon as a machine can take the request.
+    pub public_url_needs_ip_and_service: bool,
+    /// §8: `APP.fly.dev` resolves only "after a small delay" once the first public address is assigned; the
+    /// public URL answers 404 for this long after it. Zero: at once (Fly gives no figure, so it is opt-in).
+    pub public_dns_delay: Duration,
 }
 
 impl Realism {
@@ -136,6 +152,10 @@ impl Realism {
             lease_answer_bare: false,
             ip_assign_needs_org_slug: true,
             launch_failed_destroys: true,
+            autostop_per_region: true,
+            suspend_needs_small_guest: true,
+            public_url_needs_ip_and_service: true,
+            public_dns_delay: Duration::ZERO,
         }
     }
 
@@ -163,6 +183,10 @@ impl Realism {
             lease_answer_bare: false,
             ip_assign_needs_org_slug: false,
             launch_failed_destroys: false,
+            autostop_per_region: false,
+            suspend_needs_small_guest: false,
+            public_url_needs_ip_and_service: false,
+            public_dns_delay: Duration::ZERO,
         }
     }
 }
@@ -250,8 +274,23 @@ impl EmulatorControl {
         st.machine_views(app)
     }
 
+    /// The emulator's realism switches (the proxy's behaviour follows them too).
+    pub fn realism(&self) -> Option<Realism> {
+        self.shared.upgrade().map(|sh| sh.cfg.realism)
+    }
+
+    /// Why the app's public URL answers 404 (REALISM.md §8), or `None` when Fly's proxy would serve it.
+    pub fn public_url_refusal(&self, app: &str) -> Option<&'static str> {
+        let sh = self.shared.upgrade()?;
+        let now = sh.clock.now();
+        let mut st = sh.state.lock().expect("poisoned");
+        st.advance(now);
+        st.public_url_refusal(app, now)
+    }
+
     /// `start`, `stop` or `suspend` a machine the way Fly's proxy does for autostart and autostop: through the
-    /// same state machine as the API (leases do not hold the platform back). The driver is told as usual.
+    /// same state machine as the API (leases do not hold the platform back), a suspend of a machine Fly cannot
+    /// suspend becoming a stop (REALISM.md §7). The driver is told as usual.
     pub fn platform_action(&self, app: &str, machine: &str, action: &str) -> Result<(), String> {
         let sh = self.shared.upgrade().ok_or("emulator stopped")?;
         let now = sh.clock.now();

@@ -14,9 +14,11 @@
 //! config. Checks are driven by the real process: `passing` only while its `/readyz` answers 200. Like Fly's
 //! proxy, each request goes to one of the app's ready machines (load-balanced), `fly-replay` response headers and
 //! the client's `fly-force-instance-id` steer it (REALISM.md §4), and a request for an app with no running
-//! machine starts one (autostart) and waits for it to be ready;
-//! after `idle_timeout` without traffic, machines above the service's `min_machines_running` are stopped or
-//! suspended per the service's `autostop`.
+//! machine starts one (autostart) and waits for it to be ready. The public URL answers 404 until the app has a
+//! public address and an exposed service (§8). Autostop stops or suspends machines per the service's `autostop`:
+//! region by region, one per pass, keeping `min_machines_running` in the primary region only (§7,
+//! `local/autostop.rs`), or, with that realism off, every machine above `min_machines_running` once the app has
+//! had no traffic for `idle_timeout`.
 //!
 //! Processes are spawned through a [`ProcessSpawner`], so the caller decides how they are supervised (mcpfly
 //! uses its test harness's spawner, which makes the kernel kill them when the emulator's process dies).
@@ -39,6 +41,7 @@ use tokio::sync::mpsc;
 
 use super::{DriverAction, EmulatorControl, MachineChange, MachineDriver};
 
+mod autostop;
 mod replay;
 
 /// Starts processes; the returned handle stops its process when dropped.
@@ -81,6 +84,9 @@ pub struct LocalDriverConfig {
     pub idle_timeout: Duration,
     /// How long a request waits for an autostarted machine to become ready.
     pub autostart_timeout: Duration,
+    /// With `Realism::autostop_per_region`: how often the proxy judges each region (Fly: every few minutes),
+    /// stopping at most one machine per region per pass.
+    pub autostop_interval: Duration,
 }
 
 impl LocalDriverConfig {
@@ -115,6 +121,7 @@ impl LocalDriverConfig {
             .collect(),
             idle_timeout: Duration::from_secs(30),
             autostart_timeout: Duration::from_secs(120),
+            autostop_interval: Duration::from_secs(1),
         }
     }
 }
@@ -147,6 +154,9 @@ struct Inner {
     changes: mpsc::UnboundedSender<MachineChange>,
     machines: Mutex<HashMap<(String, String), Running>>,
     traffic: Mutex<HashMap<String, Traffic>>,
+    /// Per (app, region), for the per-region autostop.
+    region_load: Mutex<HashMap<(String, String), autostop::RegionLoad>>,
+    last_autostop_pass: Mutex<Instant>,
     http: reqwest::Client,
     generation: AtomicU64,
 }
@@ -196,6 +206,8 @@ impl LocalDriver {
             changes: tx,
             machines: Mutex::new(HashMap::new()),
             traffic: Mutex::new(HashMap::new()),
+            region_load: Mutex::new(HashMap::new()),
+            last_autostop_pass: Mutex::new(Instant::now()),
             http: reqwest::Client::builder()
                 .no_proxy()
                 .build()
@@ -214,7 +226,15 @@ impl LocalDriver {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let Some(inner) = weak.upgrade() else { break };
-                inner.autostop();
+                if inner
+                    .control()
+                    .and_then(|c| c.realism())
+                    .is_some_and(|r| r.autostop_per_region)
+                {
+                    inner.autostop_by_region();
+                } else {
+                    inner.autostop();
+                }
             }
         });
         Self { inner }
@@ -390,11 +410,14 @@ impl Inner {
                         _ => false,
                     }
                 };
+                self.touch(&change.app);
+                if let Some(region) = change.env.get("FLY_REGION") {
+                    self.started_in(&change.app, region);
+                }
                 if !resumed {
                     self.terminate(&key).await;
                     self.spawn(&change.app, &change.machine_id, change.config, change.env);
                 }
-                self.touch(&change.app);
             }
             DriverAction::Suspend => {
                 let mut m = self.machines.lock().expect("poisoned");
@@ -759,6 +782,8 @@ async fn probe(inner: Weak<Inner>, app: String, id: String, generation: u64, por
 struct InFlight {
     inner: Weak<Inner>,
     app: String,
+    /// The region of the machine serving it, once chosen (for the per-region autostop).
+    region: Option<String>,
 }
 
 impl InFlight {
@@ -773,7 +798,13 @@ impl InFlight {
         Self {
             inner: Arc::downgrade(inner),
             app: app.to_string(),
+            region: None,
         }
+    }
+
+    fn served_from(&mut self, inner: &Inner, region: &str) {
+        inner.serving(&self.app, region);
+        self.region = Some(region.to_string());
     }
 }
 
@@ -787,6 +818,10 @@ impl Drop for InFlight {
             });
             e.active = e.active.saturating_sub(1);
             e.last = Instant::now();
+            drop(t);
+            if let Some(region) = &self.region {
+                inner.served(&self.app, region);
+            }
         }
     }
 }
@@ -861,7 +896,11 @@ async fn forward(inner: Weak<Inner>, app: String, rest: String, req: Request) ->
     let Some(inner) = inner.upgrade() else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "emulator stopping\n");
     };
-    let guard = InFlight::new(&inner, &app);
+    // REALISM.md §8: without a public address and an exposed service, Fly's edge has nothing to route.
+    if let Some(reason) = inner.control().and_then(|c| c.public_url_refusal(&app)) {
+        return text(StatusCode::NOT_FOUND, &format!("{reason}\n"));
+    }
+    let mut guard = InFlight::new(&inner, &app);
     let forced = req
         .headers()
         .get(FORCE_INSTANCE)
@@ -983,6 +1022,7 @@ async fn forward(inner: Weak<Inner>, app: String, rest: String, req: Request) ->
             }
         };
     };
+    guard.served_from(&inner, &target.2);
     let status = upstream.status();
     let headers = copy_headers(upstream.headers());
     // Streamed through, chunk by chunk (SSE responses stay open); traffic lasts as long as the body.

@@ -153,6 +153,57 @@ struct IpRec {
     service_name: String,
     shared: bool,
     created_at: String,
+    /// When it was assigned, on the emulator clock (for the public hostname's DNS delay).
+    #[serde(skip)]
+    assigned: Duration,
+}
+
+impl IpRec {
+    /// §8: an address the public hostname resolves to: any v4, or a v6 outside fc00::/7 (Flycast and the
+    /// private network are `fdaa:`). The emulator assigns no egress addresses.
+    fn is_public(&self) -> bool {
+        let first = self
+            .ip
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        !self.ip.contains(':')
+            || !(first.len() == 4 && (first.starts_with("fc") || first.starts_with("fd")))
+    }
+}
+
+/// §7 (docs `reference/suspend-resume`): Fly suspends a machine with at most 2 GB of memory, no swap and no
+/// schedule.
+fn suspendable(config: &Value) -> bool {
+    let memory_mb = config
+        .pointer("/guest/memory_mb")
+        .and_then(Value::as_u64)
+        .unwrap_or(256);
+    let swap_mb = config
+        .pointer("/init/swap_size_mb")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let schedule = config
+        .get("schedule")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    memory_mb <= 2048 && swap_mb == 0 && schedule.is_empty()
+}
+
+/// §8: a service Fly's proxy serves the public hostname with: it exposes a port with the `http` handler.
+fn exposes_http_port(config: &Value) -> bool {
+    let services = config.get("services").and_then(Value::as_array);
+    services.into_iter().flatten().any(|service| {
+        let ports = service.get("ports").and_then(Value::as_array);
+        ports.into_iter().flatten().any(|port| {
+            let handlers = port.get("handlers").and_then(Value::as_array);
+            handlers
+                .into_iter()
+                .flatten()
+                .any(|h| h.as_str() == Some("http"))
+        })
+    })
 }
 
 #[derive(Debug)]
@@ -1593,6 +1644,7 @@ impl State {
             service_name: String::new(),
             shared,
             created_at: rfc3339(ms),
+            assigned: ctx.now,
         };
         a.ips.push(rec.clone());
         Ok((200, serde_json::to_value(rec).expect("serialises")))
@@ -1711,6 +1763,39 @@ impl State {
 
     // ------------------------------------------------------------ platform (for machine drivers)
 
+    /// §8: why the app's public hostname does not answer yet; `None` when Fly's proxy would serve it.
+    pub(crate) fn public_url_refusal(&self, app: &str, now: Duration) -> Option<&'static str> {
+        let realism = self.cfg.realism;
+        if !realism.public_url_needs_ip_and_service {
+            return None;
+        }
+        let Some(a) = self.apps.get(app).filter(|a| !a.deleting) else {
+            return Some("no such app");
+        };
+        let Some(first_public) = a
+            .ips
+            .iter()
+            .filter(|ip| ip.is_public())
+            .map(|ip| ip.assigned)
+            .min()
+        else {
+            return Some("the app has no public IP address");
+        };
+        if now < first_public + realism.public_dns_delay {
+            return Some("the app's hostname does not resolve yet");
+        }
+        let serving = a
+            .machines
+            .values()
+            .any(|m| m.state != "destroyed" && !m.gone && exposes_http_port(&m.config));
+        if !serving {
+            return Some(
+                "no machine of the app has a service exposing a port with the http handler",
+            );
+        }
+        None
+    }
+
     pub(crate) fn machine_views(&self, app: &str) -> Vec<super::MachineView> {
         let Some(a) = self.apps.get(app) else {
             return Vec::new();
@@ -1746,6 +1831,17 @@ impl State {
             .and_then(|m| m.lease.as_ref())
             .filter(|l| l.expires > now)
             .map(|l| l.nonce.clone());
+        // §7: Fly's autostop falls back to stop for a machine it cannot suspend.
+        let action = match a.machines.get(id) {
+            Some(m)
+                if action == "suspend"
+                    && self.cfg.realism.suspend_needs_small_guest
+                    && !suspendable(&m.config) =>
+            {
+                "stop"
+            }
+            _ => action,
+        };
         let ctx = Ctx {
             org: a.org.clone(),
             now,

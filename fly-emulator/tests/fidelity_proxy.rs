@@ -1,6 +1,8 @@
-//! REALISM.md §4 as assertions: the local driver's public proxy spreads requests over an app's machines, honours
-//! `fly-replay` (`instance`, `prefer_instance`, `elsewhere`, `region`, `state` → `fly-replay-src`) and the
-//! client's `fly-force-instance-id`, and each machine sees `FLY_MACHINE_ID`, `FLY_REGION`, `FLY_APP_NAME`.
+//! REALISM.md §4, §7 and §8 as assertions: the local driver's public proxy spreads requests over an app's
+//! machines, honours `fly-replay` (`instance`, `prefer_instance`, `elsewhere`, `region`, `state` →
+//! `fly-replay-src`) and the client's `fly-force-instance-id`, and each machine sees `FLY_MACHINE_ID`,
+//! `FLY_REGION`, `FLY_APP_NAME`; its autostop works region by region; the public URL needs an address and a
+//! service.
 //!
 //! The machines are in-process HTTP servers started by a test spawner (no binaries needed): each answers with
 //! the environment it was started with and the `fly-replay-src` it received, and asks for the replay that the
@@ -125,16 +127,27 @@ struct World {
 impl World {
     /// An app with one running machine per region, all ready; returns `(world, machine ids by region)`.
     async fn start(regions: &[&str]) -> (Self, Vec<String>) {
+        let world = World::empty(Realism::off(), |_| {}).await;
+        let mut ids = Vec::new();
+        for region in regions {
+            ids.push(world.add_machine(region).await);
+        }
+        world.wait_ready(&ids).await;
+        (world, ids)
+    }
+
+    /// The app without machines, on an emulator with `realism` and a local driver `tune` adjusts.
+    async fn empty(realism: Realism, tune: impl FnOnce(&mut LocalDriverConfig)) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
-        let driver = LocalDriver::new(
-            LocalDriverConfig::new(IMAGE, "/nonexistent/mcpfly".into(), dir.path().into()),
-            Arc::new(InProcess),
-        );
+        let mut driver_config =
+            LocalDriverConfig::new(IMAGE, "/nonexistent/mcpfly".into(), dir.path().into());
+        tune(&mut driver_config);
+        let driver = LocalDriver::new(driver_config, Arc::new(InProcess));
         let emu = common::emulator(EmulatorConfig {
             driver: Arc::new(driver.clone()),
             rate_limits: RateLimits::disabled(),
-            realism: Realism::off(),
+            realism,
             ..Default::default()
         })
         .await;
@@ -152,12 +165,43 @@ impl World {
                 json!({"app_name": world.app, "org_slug": "personal"}),
             )
             .await;
-        let mut ids = Vec::new();
-        for region in regions {
-            ids.push(world.add_machine(region).await);
+        world
+    }
+
+    /// A machine in `region` with `services` and `env`, running the in-process echo server.
+    async fn add_machine_with(&self, region: &str, services: Value, extra: Value) -> String {
+        let mut config = json!({"image": IMAGE,
+                                "init": {"cmd": ["mcpfly", "bridge", "--port", "8080", "--", "server"]},
+                                "services": services});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            config[k] = v.clone();
         }
-        world.wait_ready(&ids).await;
-        (world, ids)
+        let m = self
+            .api(
+                "POST",
+                &format!("/apps/{}/machines", self.app),
+                json!({"config": config, "region": region}),
+            )
+            .await;
+        m["id"].as_str().unwrap().to_string()
+    }
+
+    /// `id → state` of the app's machines, as the API reads them.
+    async fn states(&self) -> BTreeMap<String, String> {
+        let listed = self
+            .api("GET", &format!("/apps/{}/machines", self.app), Value::Null)
+            .await;
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["id"].as_str().unwrap().to_string(),
+                    m["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
     }
 
     async fn api(&self, method: &str, path: &str, body: Value) -> Value {
@@ -177,18 +221,12 @@ impl World {
     }
 
     async fn add_machine(&self, region: &str) -> String {
-        let config = json!({"image": IMAGE,
-                            "init": {"cmd": ["mcpfly", "bridge", "--port", "8080", "--", "server"]},
-                            "env": {"FLY_MACHINE_ID": "forged-by-config"},
-                            "services": [{"internal_port": 8080, "autostop": "off"}]});
-        let m = self
-            .api(
-                "POST",
-                &format!("/apps/{}/machines", self.app),
-                json!({"config": config, "region": region}),
-            )
-            .await;
-        m["id"].as_str().unwrap().to_string()
+        self.add_machine_with(
+            region,
+            json!([{"internal_port": 8080, "autostop": "off"}]),
+            json!({"env": {"FLY_MACHINE_ID": "forged-by-config"}}),
+        )
+        .await
     }
 
     /// Until a forced request reaches each machine (the proxy routes only to ready ones).
@@ -356,4 +394,195 @@ async fn force_instance_loop_guard_and_replay_size_limit() {
     assert_eq!(status, 502);
     let (status, _) = world.send(&[], Some(big)).await;
     assert_eq!(status, 200);
+}
+
+/// REALISM.md §8: the public URL answers 404 until the app has a public address (a private v6 is not one) and a
+/// machine with a service exposing a port with the http handler; then it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_url_needs_a_public_address_and_an_exposed_service() {
+    let realism = Realism {
+        public_url_needs_ip_and_service: true,
+        ..Realism::off()
+    };
+    let world = World::empty(realism, |_| {}).await;
+    let unexposed = world
+        .add_machine_with(
+            "iad",
+            json!([{"internal_port": 8080, "autostop": "off"}]),
+            json!({}),
+        )
+        .await;
+    let assign = |kind: &str| json!({"type": kind, "org_slug": "personal"});
+    let ips = format!("/apps/{}/ip_assignments", world.app);
+    let (status, body) = world.send(&[], None).await;
+    assert_eq!(status, 404, "no address yet: {body}");
+    world.api("POST", &ips, assign("private_v6")).await;
+    let (status, body) = world.send(&[], None).await;
+    assert_eq!(status, 404, "a private v6 is not public: {body}");
+    world.api("POST", &ips, assign("v6")).await;
+    let (status, body) = world.send(&[], None).await;
+    assert_eq!(
+        status, 404,
+        "an address but no service exposing a port: {body}"
+    );
+    assert!(body.to_string().contains("service"), "{body}");
+
+    let exposed = world
+        .add_machine_with(
+            "iad",
+            json!([{"internal_port": 8080, "autostop": "off",
+                    "ports": [{"port": 443, "handlers": ["tls", "http"]}]}]),
+            json!({}),
+        )
+        .await;
+    world.wait_ready(&[unexposed, exposed]).await;
+    let (status, body) = world.send(&[], None).await;
+    assert_eq!(status, 200, "address and exposed service: {body}");
+}
+
+/// REALISM.md §8 (optional DNS delay): the hostname resolves only a while after the first public address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_url_waits_for_the_dns_delay() {
+    let realism = Realism {
+        public_url_needs_ip_and_service: true,
+        public_dns_delay: Duration::from_secs(2),
+        ..Realism::off()
+    };
+    let world = World::empty(realism, |_| {}).await;
+    let id = world
+        .add_machine_with(
+            "iad",
+            json!([{"internal_port": 8080, "autostop": "off",
+                    "ports": [{"port": 80, "handlers": ["http"]}]}]),
+            json!({}),
+        )
+        .await;
+    let ips = format!("/apps/{}/ip_assignments", world.app);
+    world
+        .api(
+            "POST",
+            &ips,
+            json!({"type": "shared_v4", "org_slug": "personal"}),
+        )
+        .await;
+    let (status, body) = world.send(&[], None).await;
+    assert_eq!(status, 404, "just assigned: {body}");
+    assert!(body.to_string().contains("resolve"), "{body}");
+    world.wait_ready(&[id]).await;
+}
+
+/// Machine ids by region (`FLY_REGION` as the machines see it) and each one's time of its last `stopping` or
+/// `suspending` event, from the machines API.
+async fn parked_at(world: &World) -> BTreeMap<String, (String, Option<i64>)> {
+    let listed = world
+        .api("GET", &format!("/apps/{}/machines", world.app), Value::Null)
+        .await;
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let parked = m["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| matches!(e["status"].as_str(), Some("stopping" | "suspending")))
+                .filter_map(|e| e["timestamp"].as_i64())
+                .max();
+            (
+                m["id"].as_str().unwrap().to_string(),
+                (m["region"].as_str().unwrap().to_string(), parked),
+            )
+        })
+        .collect()
+}
+
+/// REALISM.md §7: idle machines are stopped region by region, at most one per region per pass, and
+/// `min_machines_running` holds in the primary region (`PRIMARY_REGION`) only: the other region goes to zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autostop_works_per_region_and_keeps_the_minimum_in_the_primary_region_only() {
+    const PASS: Duration = Duration::from_millis(400);
+    let realism = Realism {
+        autostop_per_region: true,
+        ..Realism::off()
+    };
+    let world = World::empty(realism, |c| {
+        c.idle_timeout = Duration::from_millis(300);
+        c.autostop_interval = PASS;
+    })
+    .await;
+    let services = json!([{"internal_port": 8080, "autostop": "stop", "min_machines_running": 1}]);
+    let env = json!({"env": {"PRIMARY_REGION": "iad"}});
+    for region in ["iad", "iad", "ord", "ord"] {
+        world
+            .add_machine_with(region, services.clone(), env.clone())
+            .await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let states = loop {
+        let states = world.states().await;
+        let parked = parked_at(&world).await;
+        let running_in = |region: &str| {
+            states
+                .iter()
+                .filter(|(id, s)| *s == "started" && parked[*id].0 == region)
+                .count()
+        };
+        if running_in("ord") == 0 && states.values().all(|s| s == "started" || s == "stopped") {
+            // The pass that parked ord's last machine judged iad as well: it keeps its minimum.
+            assert_eq!(running_in("iad"), 1, "{states:?}");
+            break parked;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never settled: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let ord: Vec<i64> = states
+        .values()
+        .filter(|(region, _)| region == "ord")
+        .map(|(_, at)| at.expect("ord machines were stopped"))
+        .collect();
+    let apart = (ord[0] - ord[1]).unsigned_abs();
+    assert!(
+        apart >= (PASS.as_millis() as u64) * 3 / 4,
+        "one machine per region per pass: ord's two were stopped {apart} ms apart"
+    );
+}
+
+/// REALISM.md §7: autostop suspends only a machine Fly can suspend (≤ 2 GB, no swap, no schedule); a larger one
+/// is stopped instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autostop_stops_a_machine_too_large_to_suspend() {
+    let realism = Realism {
+        autostop_per_region: true,
+        suspend_needs_small_guest: true,
+        ..Realism::off()
+    };
+    let world = World::empty(realism, |c| {
+        c.idle_timeout = Duration::from_millis(300);
+        c.autostop_interval = Duration::from_millis(300);
+    })
+    .await;
+    let services = json!([{"internal_port": 8080, "autostop": "suspend"}]);
+    let guest = |mb: u64| json!({"guest": {"cpu_kind": "shared", "cpus": 2, "memory_mb": mb}});
+    let small = world
+        .add_machine_with("iad", services.clone(), guest(2048))
+        .await;
+    let large = world.add_machine_with("ord", services, guest(4096)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let states = world.states().await;
+        if states.values().all(|s| s == "suspended" || s == "stopped") {
+            assert_eq!(states[&small], "suspended", "{states:?}");
+            assert_eq!(states[&large], "stopped", "{states:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never parked: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
