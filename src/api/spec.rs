@@ -329,6 +329,10 @@ pub struct SecretKeyRef {
         .message("minMachinesRunning must not exceed machinesPerRegion")
 )]
 #[x_kube(
+    validation = Rule::new("!has(self.guest) || self.guest.memoryMb <= 2048 || (has(self.autoStop) && self.autoStop != 'suspend')")
+        .message("autoStop: suspend (the default) needs guest.memoryMb of at most 2048: Fly suspends only machines of up to 2 GB and stops larger ones instead; set autoStop to stop (or \"off\") or lower memoryMb")
+)]
+#[x_kube(
     validation = Rule::new("(has(self.app) ? self.app : '') == (has(oldSelf.app) ? oldSelf.app : '')")
         .message("fly.app cannot change: the deployment is bound to its Fly app; create a new MCPDeployment instead")
 )]
@@ -372,8 +376,9 @@ pub struct FlySpec {
     #[serde(default)]
     pub guest: GuestSpec,
     /// What Fly does with idle machines: `off` keeps them running, `stop` stops them, `suspend` snapshots them
-    /// for a fast resume. Fly starts them again on the next request. Quote `"off"` in YAML, where a plain off is
-    /// the boolean false.
+    /// for a fast resume. Fly starts them again on the next request. Fly suspends only machines with at most
+    /// 2048 MB of memory, so `suspend` (the default) requires guest.memoryMb ≤ 2048. Quote `"off"` in YAML, where
+    /// a plain off is the boolean false.
     #[serde(default)]
     pub auto_stop: AutoStop,
     /// Machines Fly keeps running even when idle, at most machinesPerRegion. Fly applies this in the app's
