@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use fly_emulator::EmulatorConfig;
 use fly_emulator::{EventRecord, Fault, ScriptedFault};
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{Api, ListParams};
@@ -833,6 +834,56 @@ async fn fleet_wide_listing_finds_drift_and_idles_on_one_call_per_poll() -> anyh
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
+}
+
+/// REALISM.md §5: Fly answers the org-wide listing with `error_regions` now and then. Each such answer used to turn
+/// the whole fleet over to per-resource polling; the next listing covers what a partial one missed instead.
+#[tokio::test]
+async fn partial_listings_now_and_then_do_not_turn_on_per_resource_polling() -> anyhow::Result<()> {
+    let mut emulator = EmulatorConfig::default();
+    // Every other listing is partial: whenever a reconcile asks, the last listing may have failed.
+    emulator.realism.org_listing_error_every = 2;
+    let options = StackOptions {
+        emulator,
+        resync: Duration::from_secs(3600),
+        fallback_resync: Some(Duration::from_secs(1)),
+        fleet_poll: Some(Duration::from_secs(1)),
+        ..Default::default()
+    };
+    let stack = Stack::start("ctl-fleet-partial", options).await?;
+    let names = ["partial-a", "partial-b", "partial-c"];
+    for name in names {
+        stack.apply(&manifest(name, "")).await?;
+    }
+    for name in names {
+        stack.wait_ready(name, READY).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // A touch reconciles a Ready resource: one look (one machine listing), after which it picks its next look by
+    // the listing's health. Touches 350 ms apart land all over the 1 s poll cycle, so with half the listings
+    // failing some land right after a failed one.
+    stack.emulator.reset_counters();
+    let touches: usize = 9;
+    for touch in 0..touches {
+        let name = names[touch % names.len()];
+        let touched = manifest(name, "").replace(
+            &format!("metadata: {{name: {name}}}"),
+            &format!("metadata: {{name: {name}, annotations: {{test-touch: \"{touch}\"}}}}"),
+        );
+        stack.apply(&touched).await?;
+        tokio::time::sleep(Duration::from_millis(350)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let polls = stack.emulator.count("orgs.machines");
+    assert!(polls >= 5, "the listing ran all along (saw {polls})");
+    assert_eq!(
+        stack.emulator.count("machines.list") as usize,
+        touches,
+        "one look per touch and none after: Ready resources must not be polled one by one while the \
+         org-wide listing works most of the time"
+    );
     Ok(())
 }
 

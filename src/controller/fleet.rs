@@ -8,11 +8,13 @@
 //!
 //! The endpoint is not in Fly's public documentation (it is in Fly's own Go client), so the controller falls
 //! back to per-resource resyncs when it fails: [`FleetWatch::healthy`] tells the reconciler which requeue to use.
+//! One failed listing (Fly names `error_regions` now and then) changes nothing at once: the cursor stays, so the
+//! next listing reports what this one missed; only a listing that has not worked for [`TOLERATED_POLLS`] intervals
+//! turns per-resource resyncs on (otherwise every occasional partial answer sent the fleet polling one by one).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fly_adapter::client::types::{Machine, OrgMachinesQuery};
 use fly_adapter::client::{FlyClient, FlyError};
@@ -30,17 +32,41 @@ const PAGE: u32 = 500;
 /// whole-second resolution. What was already seen is skipped by (machine, updated_at, state, version).
 const OVERLAP_MS: i64 = 60_000;
 
+/// How many poll intervals without a working listing are tolerated before per-resource resyncs take over.
+pub const TOLERATED_POLLS: u32 = 3;
+
 #[derive(Default)]
 pub struct FleetWatch {
-    healthy: AtomicBool,
+    listing: Mutex<ListingHealth>,
     /// Per app, each machine's (`updated_at` in ms, state, version) as the last reconcile observed it.
     observed: Mutex<HashMap<String, HashMap<String, Seen>>>,
 }
 
+/// When the org-wide listing last worked, and how long without one is tolerated.
+#[derive(Default)]
+struct ListingHealth {
+    last_success: Option<Instant>,
+    tolerance: Duration,
+}
+
 impl FleetWatch {
-    /// Whether the last org-wide listing worked, so Ready resources need no per-resource resync.
+    /// Whether the org-wide listing works, so Ready resources need no per-resource resync.
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.healthy_at(Instant::now())
+    }
+
+    fn healthy_at(&self, now: Instant) -> bool {
+        let listing = self.listing.lock().unwrap();
+        listing
+            .last_success
+            .is_some_and(|at| now.saturating_duration_since(at) <= listing.tolerance)
+    }
+
+    /// A listing worked at `now`; until [`TOLERATED_POLLS`] intervals pass without another, it still counts.
+    fn listed(&self, now: Instant, interval: Duration) {
+        let mut listing = self.listing.lock().unwrap();
+        listing.last_success = Some(now);
+        listing.tolerance = interval * TOLERATED_POLLS;
     }
 
     /// A reconcile looked at `app` and saw `machines`.
@@ -111,15 +137,18 @@ pub async fn run(
 ) {
     let mut cursor: Option<i64> = None;
     let mut seen: HashSet<(String, String, String, String)> = HashSet::new();
+    let mut warned = false;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         match poll(&fly, &org, cursor).await {
             Ok(changes) => {
-                if !watch.healthy.swap(true, Ordering::Relaxed) {
+                if !watch.healthy() {
                     debug!("org-wide machine listing works: per-resource resyncs are off");
                 }
+                watch.listed(Instant::now(), interval);
+                warned = false;
                 // The first listing is the baseline: every resource is reconciled at start-up anyway.
                 if cursor.is_some() {
                     let fresh: Vec<&Change> = changes
@@ -135,11 +164,15 @@ pub async fn run(
                 }
                 seen = changes.iter().map(Change::key).collect();
             }
-            Err(e) => {
-                if watch.healthy.swap(false, Ordering::Relaxed) || cursor.is_none() {
-                    warn!(error = %e, "org-wide machine listing failed; falling back to per-resource resyncs");
-                }
+            // The cursor stays where it was: the next listing that works reports what this one missed.
+            Err(e) if watch.healthy() => {
+                debug!(error = %e, "org-wide machine listing failed; the next poll covers what it missed");
             }
+            Err(e) if !warned => {
+                warned = true;
+                warn!(error = %e, "org-wide machine listing is failing; falling back to per-resource resyncs");
+            }
+            Err(e) => debug!(error = %e, "org-wide machine listing still failing"),
         }
     }
 }
@@ -262,6 +295,23 @@ mod tests {
             state: "started".into(),
             version: String::new(),
         }
+    }
+
+    /// REALISM.md §5: Fly answers a listing with `error_regions` now and then. One failed listing must not turn on
+    /// per-resource polling for the whole fleet; a listing failing for longer than the tolerance must.
+    #[test]
+    fn an_occasional_failed_listing_keeps_the_fleet_watch_healthy() {
+        let watch = FleetWatch::default();
+        let start = Instant::now();
+        let interval = Duration::from_secs(60);
+        assert!(!watch.healthy_at(start), "no listing has worked yet");
+        watch.listed(start, interval);
+        // A failed poll records nothing: the next one comes an interval later.
+        assert!(watch.healthy_at(start + interval));
+        assert!(watch.healthy_at(start + interval * TOLERATED_POLLS));
+        assert!(!watch.healthy_at(start + interval * TOLERATED_POLLS + Duration::from_millis(1)));
+        watch.listed(start + interval * 4, interval);
+        assert!(watch.healthy_at(start + interval * 4));
     }
 
     /// REALISM.md §5: the listing may have whole-second timestamps, so a second change within the same second has

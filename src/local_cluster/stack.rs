@@ -22,6 +22,8 @@ pub struct StackOptions {
     pub resync: Duration,
     /// Org-wide machine listing interval; `None` polls each Ready resource every `resync` instead.
     pub fleet_poll: Option<Duration>,
+    /// Per-resource resync while the org-wide listing is failing; `None`: `resync`.
+    pub fallback_resync: Option<Duration>,
     pub converge_interval: Duration,
     /// Handshake through each deployment's URL once Ready (needs machines that really run).
     pub verify: bool,
@@ -55,6 +57,7 @@ impl Default for StackOptions {
             keyring: None,
             resync: Duration::from_secs(3600),
             fleet_poll: None,
+            fallback_resync: None,
             verify: false,
             url_template: "https://{app}.fly.dev/mcp".into(),
             label_selector: None,
@@ -132,7 +135,11 @@ impl Stack {
             keyring_file: None,
             resync_seconds: options.resync.as_secs().max(1),
             fleet_poll_seconds: options.fleet_poll.map_or(0, |d| d.as_secs().max(1)),
-            fallback_resync_seconds: options.resync.as_secs().max(1),
+            fallback_resync_seconds: options
+                .fallback_resync
+                .unwrap_or(options.resync)
+                .as_secs()
+                .max(1),
             converge_interval_ms: options.converge_interval.as_millis() as u64,
             concurrency: 8,
             fly_org_mutations_per_second: None,
