@@ -37,7 +37,7 @@ use super::modern::{self, Primary};
 use super::ratelimit::{Limiter, Rate};
 use super::session::Sessions;
 use super::tools_policy::{Admission, ToolsPolicy};
-use super::warm::WarmPool;
+use super::warm::{Warm, WarmPool};
 use super::{BridgeArgs, SessionIsolation};
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
@@ -125,6 +125,13 @@ impl State {
             }),
             shutdown,
         }
+    }
+
+    /// Warm children the session limit leaves room for, with `starting` sessions about to be counted.
+    pub fn warm_room(&self, starting: usize) -> usize {
+        self.sessions
+            .max()
+            .saturating_sub(self.sessions.len() + starting)
     }
 }
 
@@ -757,16 +764,17 @@ async fn initialize(state: &Arc<State>, audit: &mut AuditRecord, mut message: Va
             audit.note = Some("warm");
             Ok(warm)
         }
-        None => Child::spawn(&state.spec),
+        None => Warm::spawn(&state.spec),
     };
-    // Refill off the request path, within what the session limit leaves once this session is counted.
-    let room = state
-        .sessions
-        .max()
-        .saturating_sub(state.sessions.len() + 1);
-    let warm = state.warm.clone();
+    // Refill now, beside this session's initialize rather than before it, within what the session limit leaves
+    // once this session is counted.
+    let (warm, room) = (state.warm.clone(), state.warm_room(1));
     tokio::spawn(async move { warm.fill(room) });
-    let (child, unsolicited) = match spawned {
+    let Warm {
+        child,
+        unsolicited,
+        spawned,
+    } = match spawned {
         Ok(spawned) => spawned,
         Err(error) => {
             tracing::error!(%error, "cannot start a session's MCP server");
@@ -784,7 +792,10 @@ async fn initialize(state: &Arc<State>, audit: &mut AuditRecord, mut message: Va
     })
     .await;
     let response = match answer {
-        Ok(Some(response)) => response,
+        Ok(Some(response)) => {
+            state.warm.answered(spawned);
+            response
+        }
         Ok(None) | Err(_) => {
             child.shutdown(Duration::from_secs(2)).await;
             return rpc_error(
