@@ -16,8 +16,9 @@ if [ ! -x "$peers/venv/bin/mcp-proxy" ]; then
   # mcp-proxy brings the official Python MCP SDK, which the slow-starting child uses too.
   "$peers/venv/bin/pip" install --quiet --disable-pip-version-check 'mcp-proxy==0.13.0'
 fi
-cargo build --release --locked -p mcpfly --bin mcpfly
-cargo build --release --locked -p mcpfly-bridge-bench --bin bridge-bench
+# One cargo invocation: built one package at a time, the shared dependencies get different feature sets and are
+# compiled twice (a cold release build here takes tens of minutes).
+cargo build --release --locked -p mcpfly -p mcpfly-bridge-bench
 exec target/release/bridge-bench \
   --mcpfly target/release/mcpfly \
   --supergateway-js "$peers/npm/node_modules/supergateway/dist/index.js" \

@@ -1039,6 +1039,50 @@ async fn new_sessions_take_servers_started_ahead_and_the_pool_stays_within_the_s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_sessions_grows_the_warm_pool_so_the_next_burst_takes_servers_done_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spawned, ready) = (dir.path().join("spawned"), dir.path().join("ready"));
+    // A server that takes half a second to start, as a Python one does (or longer): its pid goes to `spawned` when started and to
+    // `ready` once it reads stdin.
+    let script = format!(
+        "echo $$ >> '{}'; sleep 0.5; echo $$ >> '{}'; exec '{}'",
+        spawned.display(),
+        ready.display(),
+        test_server().display()
+    );
+    let bridge = start_bridge_cmd(
+        &["--warm-sessions", "1", "--warm-sessions-max", "4"],
+        Auth::bearer(TOKEN.into()),
+        &["/bin/sh", "-c", &script],
+    )
+    .await;
+    wait_ready(&bridge).await;
+    let u = url(&bridge);
+    let client = http();
+    // Three sessions back to back: faster than one spare can be started again.
+    for _ in 0..3 {
+        open_session(&client, &u).await;
+    }
+    eventually(
+        "the pool grown to the burst and done starting",
+        async || bridge.warm_children() >= 2 && lines(&ready).len() == lines(&spawned).len(),
+    )
+    .await;
+    // The next burst: each session runs a server that was ready before the session was opened, so no
+    // initialize waited for a start.
+    let ready_before = lines(&ready);
+    for n in 1..=2 {
+        let session = open_session(&client, &u).await;
+        let pid = session_tool(&client, &u, &session, "pid", json!({})).await;
+        assert!(
+            ready_before.contains(&pid),
+            "session {n} of the burst ran a server still starting ({pid}; ready before: {ready_before:?})"
+        );
+    }
+    bridge.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_isolation_serves_every_session_from_one_server() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("pids");

@@ -4,7 +4,8 @@
 //! Lines are written off the request path: a handler hands its finished record to an [`Auditor`] (a bounded
 //! channel, never waiting), and one task formats and writes them. When the writer falls behind (a slow log sink),
 //! records beyond the channel's capacity are shed rather than slowing requests, and every shed record is counted
-//! and reported in a warning line when the writer catches up, so a gap in the audit trail is never silent.
+//! and reported in a warning line when the writer catches up and on the bridge's `/metrics` (which a sink that
+//! never catches up cannot block), so a gap in the audit trail is never silent.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

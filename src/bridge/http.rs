@@ -37,7 +37,7 @@ use super::modern::{self, Primary};
 use super::ratelimit::{Limiter, Rate};
 use super::session::Sessions;
 use super::tools_policy::{Admission, ToolsPolicy};
-use super::warm::WarmPool;
+use super::warm::{Warm, WarmPool};
 use super::{BridgeArgs, SessionIsolation};
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
@@ -126,6 +126,13 @@ impl State {
             shutdown,
         }
     }
+
+    /// Warm children the session limit leaves room for, with `starting` sessions about to be counted.
+    pub fn warm_room(&self, starting: usize) -> usize {
+        self.sessions
+            .max()
+            .saturating_sub(self.sessions.len() + starting)
+    }
 }
 
 pub fn router(state: Arc<State>) -> Router {
@@ -133,6 +140,7 @@ pub fn router(state: Arc<State>) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route(&path, any(mcp));
     // Discovery only in OAuth mode: a client such as Cursor drops its configured bearer header once a server
     // answers it.
@@ -152,6 +160,34 @@ async fn readyz(AxumState(state): AxumState<Arc<State>>) -> Response {
         Some(_) => (StatusCode::OK, "ready").into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "MCP server not ready").into_response(),
     }
+}
+
+/// Prometheus text: what an operator needs to see that no log line can say (a stalled log sink cannot report its
+/// own shed lines). Beside `/healthz` and `/readyz`, outside the token like them, so Fly's checks and a scraper on
+/// the internal port reach it; counts only: no identity, session id, tool name or argument.
+async fn metrics(AxumState(state): AxumState<Arc<State>>) -> Response {
+    let body = format!(
+        "# HELP mcpfly_bridge_audit_lines_shed_total Audit lines dropped because the log sink fell behind.\n\
+         # TYPE mcpfly_bridge_audit_lines_shed_total counter\n\
+         mcpfly_bridge_audit_lines_shed_total {}\n\
+         # HELP mcpfly_bridge_sessions Handshake-era sessions open.\n\
+         # TYPE mcpfly_bridge_sessions gauge\n\
+         mcpfly_bridge_sessions {}\n\
+         # HELP mcpfly_bridge_warm_children Server processes started and waiting for a session.\n\
+         # TYPE mcpfly_bridge_warm_children gauge\n\
+         mcpfly_bridge_warm_children {}\n",
+        state.audit.shed(),
+        state.sessions.len(),
+        state.warm.len(),
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn mcp(
@@ -757,16 +793,17 @@ async fn initialize(state: &Arc<State>, audit: &mut AuditRecord, mut message: Va
             audit.note = Some("warm");
             Ok(warm)
         }
-        None => Child::spawn(&state.spec),
+        None => Warm::spawn(&state.spec),
     };
-    // Refill off the request path, within what the session limit leaves once this session is counted.
-    let room = state
-        .sessions
-        .max()
-        .saturating_sub(state.sessions.len() + 1);
-    let warm = state.warm.clone();
+    // Refill now, beside this session's initialize rather than before it, within what the session limit leaves
+    // once this session is counted.
+    let (warm, room) = (state.warm.clone(), state.warm_room(1));
     tokio::spawn(async move { warm.fill(room) });
-    let (child, unsolicited) = match spawned {
+    let Warm {
+        child,
+        unsolicited,
+        spawned,
+    } = match spawned {
         Ok(spawned) => spawned,
         Err(error) => {
             tracing::error!(%error, "cannot start a session's MCP server");
@@ -784,7 +821,10 @@ async fn initialize(state: &Arc<State>, audit: &mut AuditRecord, mut message: Va
     })
     .await;
     let response = match answer {
-        Ok(Some(response)) => response,
+        Ok(Some(response)) => {
+            state.warm.answered(spawned);
+            response
+        }
         Ok(None) | Err(_) => {
             child.shutdown(Duration::from_secs(2)).await;
             return rpc_error(
@@ -1404,4 +1444,74 @@ where
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bridge::modern::Backoff;
+    use axum::body::Body;
+    use tower::ServiceExt as _;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shed_audit_lines_show_on_metrics_which_the_token_does_not_guard() {
+        let args = BridgeArgs::parse_from(["--", "/nonexistent/mcp-server"]).unwrap();
+        let spec = ChildSpec {
+            program: "/nonexistent/mcp-server".into(),
+            args: vec![],
+        };
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let primary = Primary::start(
+            spec.clone(),
+            Duration::from_secs(1),
+            Backoff {
+                initial: Duration::from_secs(30),
+                max: Duration::from_secs(30),
+                healthy_after: Duration::from_secs(60),
+            },
+            shutdown_rx.clone(),
+        );
+        // A sink that never returns, as a stalled stderr pipe: one line sits in it, one in the queue of one, and
+        // the rest is shed — and no log line can say so.
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let stuck = std::sync::Mutex::new(stuck);
+        let (auditor, writer) = Auditor::start(1, move |_| {
+            let _ = stuck.lock().unwrap().recv();
+        });
+        let state = Arc::new(State::new(
+            &args,
+            Auth::bearer("the-token".into()),
+            spec.clone(),
+            primary,
+            WarmPool::new(spec, 0, 0),
+            auditor.clone(),
+            shutdown_rx,
+        ));
+        for _ in 0..10 {
+            auditor.submit(AuditRecord::new("POST", "a".into()).finish(200));
+        }
+        let shed = auditor.shed();
+        assert!(shed >= 8, "shed {shed}");
+        let response = router(state)
+            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(
+            body.contains(&format!("\nmcpfly_bridge_audit_lines_shed_total {shed}\n")),
+            "{body}"
+        );
+        assert!(body.contains("\nmcpfly_bridge_sessions 0\n"), "{body}");
+        drop(release);
+        drop(auditor);
+        let _ = shutdown_tx.send(true);
+        tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .unwrap()
+            .unwrap();
+    }
 }

@@ -143,10 +143,15 @@ pub struct BridgeArgs {
     #[arg(long, default_value_t = 32)]
     pub max_sessions: usize,
     /// Server processes kept started ahead of new sessions, so an `initialize` does not wait for a cold start
-    /// (0: none; at most 8, and never more than `--max-sessions` leaves room for). Unused with
-    /// `--session-isolation shared`.
+    /// (0: none). The pool grows above this when sessions arrive faster than the server starts (as many as arrived
+    /// within one start time, remembered for 5 minutes), up to `--warm-sessions-max`; never more than
+    /// `--max-sessions` leaves room for. Unused with `--session-isolation shared`.
     #[arg(long, default_value_t = 1)]
     pub warm_sessions: usize,
+    /// Most server processes kept warm when sessions come in bursts (at most 8): each is a whole idle server, so
+    /// this times the server's memory is what the pool can cost.
+    #[arg(long, default_value_t = 4)]
+    pub warm_sessions_max: usize,
     /// `per-session`: each handshake-era session runs its own server process (no state shared between
     /// clients). `shared`: every handshake-era session is served by the one process that also serves 2026-07-28
     /// requests — for servers known to be stateless; the server then cannot reach a handshake-era client
@@ -330,6 +335,7 @@ pub async fn start(
             SessionIsolation::PerSession => args.warm_sessions,
             SessionIsolation::Shared => 0,
         },
+        args.warm_sessions_max,
     );
     warm.fill(args.max_sessions);
     let mut state = http::State::new(
@@ -351,7 +357,11 @@ pub async fn start(
         let mut tick = tokio::time::interval(Duration::from_secs(30).min(idle));
         loop {
             tokio::select! {
-                _ = tick.tick() => reaper_state.sessions.reap(idle, Duration::from_secs(2)).await,
+                _ = tick.tick() => {
+                    reaper_state.sessions.reap(idle, Duration::from_secs(2)).await;
+                    // Once a burst is past the pool's horizon, its extra idle servers are stopped here.
+                    reaper_state.warm.fill(reaper_state.warm_room(0));
+                }
                 _ = modern::until_shutdown(&mut reaper_shutdown) => break,
             }
         }

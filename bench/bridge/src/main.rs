@@ -676,7 +676,7 @@ fn median(values: &[f64]) -> f64 {
     percentile(values, 50.0)
 }
 
-/// One report row: a figure per contender and mcpfly's ratio to each peer (>1 means mcpfly is better).
+/// One report row: a figure per contender, then mcpfly's ratios to the comparable peers (>1 means mcpfly is better).
 struct Row {
     name: String,
     lower_is_better: bool,
@@ -809,9 +809,18 @@ fn report(
                 ChildKind::Slow => "`bench/bridge/slow_server.py` (official Python SDK)",
             }
         ));
-        let peers: Vec<usize> = (0..columns.len())
-            .filter(|i| !matches!(columns[*i], Contender::Mcpfly | Contender::McpflyShared))
-            .collect();
+        // Like with like: mcpfly's per-session mode against supergateway (stateful, a child per session), its
+        // shared mode against mcp-proxy (one shared child), and each mode against the floor.
+        let index = |c: Contender| columns.iter().position(|x| *x == c);
+        let pairs: Vec<(usize, usize)> = [
+            (Contender::Mcpfly, Contender::Supergateway),
+            (Contender::McpflyShared, Contender::McpProxy),
+            (Contender::Mcpfly, Contender::Floor),
+            (Contender::McpflyShared, Contender::Floor),
+        ]
+        .into_iter()
+        .filter_map(|(ours, peer)| Some((index(ours)?, index(peer)?)))
+        .collect();
         out.push_str("| | ");
         out.push_str(
             &columns
@@ -820,38 +829,28 @@ fn report(
                 .collect::<Vec<_>>()
                 .join(" | "),
         );
-        for &p in &peers {
-            out.push_str(&format!(" | mcpfly vs {}", columns[p].name()));
+        for &(ours, peer) in &pairs {
+            out.push_str(&format!(
+                " | {} vs {}",
+                columns[ours].name(),
+                columns[peer].name()
+            ));
         }
         out.push_str(" |\n|---|");
-        out.push_str(&"---:|".repeat(columns.len() + peers.len()));
+        out.push_str(&"---:|".repeat(columns.len() + pairs.len()));
         out.push('\n');
         for row in &rows {
             out.push_str(&format!("| {} |", row.name));
             for v in &row.values {
                 out.push_str(&format!(" {} |", fmt(*v)));
             }
-            // The better of mcpfly's two modes against each peer, as a factor (> 1: mcpfly is ahead).
-            let best = columns
-                .iter()
-                .zip(&row.values)
-                .filter(|(c, _)| matches!(c, Contender::Mcpfly | Contender::McpflyShared))
-                .map(|(_, v)| *v)
-                .fold(f64::NAN, |acc, v| {
-                    if acc.is_nan() {
-                        v
-                    } else if row.lower_is_better {
-                        acc.min(v)
-                    } else {
-                        acc.max(v)
-                    }
-                });
-            for &p in &peers {
-                let peer = row.values[p];
+            // As a factor, > 1: mcpfly is ahead (against the floor, < 1 is expected: 0.5× is twice its time).
+            for &(ours, peer) in &pairs {
+                let (ours, peer) = (row.values[ours], row.values[peer]);
                 let ratio = if row.lower_is_better {
-                    peer / best
+                    peer / ours
                 } else {
-                    best / peer
+                    ours / peer
                 };
                 out.push_str(&format!(" {}× |", fmt(ratio)));
             }
