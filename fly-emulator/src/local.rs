@@ -40,6 +40,7 @@ use tokio::sync::mpsc;
 use super::{DriverAction, EmulatorControl, MachineChange, MachineDriver};
 
 mod replay;
+pub mod runc;
 
 /// Starts processes; the returned handle stops its process when dropped.
 pub trait ProcessSpawner: Send + Sync + 'static {
@@ -81,6 +82,8 @@ pub struct LocalDriverConfig {
     pub idle_timeout: Duration,
     /// How long a request waits for an autostarted machine to become ready.
     pub autostart_timeout: Duration,
+    /// Run runtime-image machines as containers of this image under runc instead of as host processes.
+    pub runc: Option<Arc<runc::RuncImage>>,
 }
 
 impl LocalDriverConfig {
@@ -115,6 +118,7 @@ impl LocalDriverConfig {
             .collect(),
             idle_timeout: Duration::from_secs(30),
             autostart_timeout: Duration::from_secs(120),
+            runc: None,
         }
     }
 }
@@ -452,7 +456,7 @@ impl Inner {
                 return;
             }
         };
-        let process = match self.argv(&config, port) {
+        let process = match self.launch(app, id, &config, &env, port) {
             None => {
                 let image = config.get("image").and_then(Value::as_str).unwrap_or("");
                 tracing::warn!(
@@ -463,7 +467,7 @@ impl Inner {
                 );
                 None
             }
-            Some(argv) => match self.start_process(app, id, &argv, &env) {
+            Some(started) => match started {
                 Ok(p) => {
                     tracing::info!(
                         app,
@@ -497,6 +501,31 @@ impl Inner {
             let weak = Arc::downgrade(self);
             let (app, id) = (app.to_string(), id.to_string());
             tokio::spawn(async move { probe(weak, app, id, generation, port).await });
+        }
+    }
+
+    /// Starts a machine's process (a runc container when configured); `None` when its image cannot run here.
+    fn launch(
+        &self,
+        app: &str,
+        id: &str,
+        config: &Value,
+        env: &std::collections::BTreeMap<String, String>,
+        port: u16,
+    ) -> Option<io::Result<Box<dyn LocalProcess>>> {
+        match &self.cfg.runc {
+            Some(image)
+                if config.get("image").and_then(Value::as_str) == Some(&self.cfg.runtime_image) =>
+            {
+                let dir = self.cfg.work_dir.join(app).join(id);
+                Some(
+                    std::fs::create_dir_all(&dir).and_then(|()| {
+                        image.start(&*self.spawner, &dir, (app, id), config, env, port)
+                    }),
+                )
+            }
+            Some(_) => None,
+            None => Some(self.start_process(app, id, &self.argv(config, port)?, env)),
         }
     }
 
