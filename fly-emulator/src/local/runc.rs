@@ -336,7 +336,16 @@ impl LocalProcess for Container {
         self.process.as_ref().is_some_and(|p| p.is_running())
     }
     fn pause(&self) {
-        if let Err(e) = runc(&["pause", &self.id]) {
+        // runc gives up on the cgroup v1 freezer quickly ("unable to freeze") on a loaded host: try again.
+        let mut last = None;
+        for _ in 0..10 {
+            match runc(&["pause", &self.id]) {
+                Ok(()) => return,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if let Some(e) = last {
             tracing::warn!(container = %self.id, error = %e, "runc pause failed");
         }
     }
