@@ -172,11 +172,25 @@ async fn rpc(
     if text.trim().is_empty() {
         return Ok((Value::Null, session));
     }
-    let json = text
+    // An SSE stream may carry notifications before the answer: take the message with the request's id.
+    let messages: Vec<Value> = match text
         .lines()
-        .find_map(|l| l.strip_prefix("data:"))
-        .unwrap_or(&text);
-    Ok((serde_json::from_str(json.trim())?, session))
+        .filter_map(|l| l.strip_prefix("data:"))
+        .collect::<Vec<_>>()
+    {
+        data if data.is_empty() => vec![serde_json::from_str(text.trim())?],
+        data => data
+            .iter()
+            .filter_map(|d| serde_json::from_str(d.trim()).ok())
+            .collect(),
+    };
+    let answer = messages
+        .iter()
+        .find(|m| m.get("id") == body.get("id") && m.get("method").is_none())
+        .or(messages.last())
+        .cloned()
+        .unwrap_or(Value::Null);
+    Ok((answer, session))
 }
 
 async fn initialize(w: &World, d: &Deployed) -> anyhow::Result<(Value, Option<String>)> {
