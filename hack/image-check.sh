@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# CI's image check: installs the tools, builds both images twice (the digests must match), then runs the
-# container smoke test under runc. Needs root; elsewhere it says SKIPPED loudly and exits 0.
+# CI's image check: installs the tools, builds both images twice (the digests must match), runs the container
+# smoke test under runc, then the end-to-end test whose machines are runc containers of the runtime image
+# (tests/runc_machines.rs, ignored in `cargo test` because it needs root, runc and this image). Needs root;
+# elsewhere it says SKIPPED loudly and exits 0.
 #   MCPFLY_IMAGES=skip hack/test.sh     # skips it on purpose (also printed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,4 +29,14 @@ for image in runtime controller; do
 done
 rm -rf "$second"
 hack/image-smoke.sh "$first"
+# The controller deploys npm and image deployments to the emulator, whose machines run under runc.
+export MCPFLY_CONTROL_PLANE_BINS="${MCPFLY_CONTROL_PLANE_BINS:-$(hack/control-plane-bins.sh)}"
+export MCPFLY_EMULATOR_RUNC_IMAGE="$first/runtime:mcpfly-runtime"
+t=$SECONDS
+if ! CARGO_INCREMENTAL=0 cargo test --locked --test runc_machines -- --ignored --exact \
+    npm_and_image_deployments_run_as_runc_machines_behind_the_proxy; then
+  banner "FAIL: runc machines end to end (tests/runc_machines.rs)"
+  exit 1
+fi
+echo "runc machines end to end: $((SECONDS - t)) s"
 banner "PASSED in $((SECONDS - start)) s"

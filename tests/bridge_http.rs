@@ -1038,6 +1038,45 @@ async fn new_sessions_take_servers_started_ahead_and_the_pool_stays_within_the_s
     bridge.shutdown().await.unwrap();
 }
 
+/// A server whose start installs into a shared cache, as `npx -y` / `uvx` do on a cold cache: a second install
+/// while one is running leaves the cache corrupt, and every later start fails (npm's ENOTEMPTY, then missing
+/// modules). Each start records its pid in `marker`.
+fn installing_server(cache: &std::path::Path, marker: &std::path::Path) -> String {
+    format!(
+        "c='{cache}'; mkdir \"$c/installing\" 2>/dev/null || touch \"$c/corrupt\"; sleep 0.5; \
+         rmdir \"$c/installing\" 2>/dev/null; [ -e \"$c/corrupt\" ] && exit 1; echo $$ >> '{marker}'; exec '{server}'",
+        cache = cache.display(),
+        marker = marker.display(),
+        server = test_server().display()
+    )
+}
+
+/// The warm server starts only after the first one is up: at boot both would install the package into one
+/// empty cache at once, and the machine would never become ready (seen with `npx` in the runtime image).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_warm_server_starts_after_the_first_so_package_installs_never_race() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("pids");
+    let script = installing_server(dir.path(), &marker);
+    let bridge = start_bridge_cmd(
+        &["--warm-sessions", "1"],
+        Auth::bearer(TOKEN.into()),
+        &["/bin/sh", "-c", &script],
+    )
+    .await;
+    wait_ready(&bridge).await;
+    eventually("the shared server and a warm one", async || {
+        lines(&marker).len() == 2
+    })
+    .await;
+    assert_eq!(bridge.warm_children(), 1);
+    assert!(
+        !dir.path().join("corrupt").exists(),
+        "two installs overlapped"
+    );
+    bridge.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_sessions_grows_the_warm_pool_so_the_next_burst_takes_servers_done_starting() {
     let dir = tempfile::tempdir().unwrap();

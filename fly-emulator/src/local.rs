@@ -43,6 +43,7 @@ use super::{DriverAction, EmulatorControl, MachineChange, MachineDriver};
 
 mod autostop;
 mod replay;
+pub mod runc;
 
 /// Starts processes; the returned handle stops its process when dropped.
 pub trait ProcessSpawner: Send + Sync + 'static {
@@ -87,6 +88,8 @@ pub struct LocalDriverConfig {
     /// With `Realism::autostop_per_region`: how often the proxy judges each region (Fly: every few minutes),
     /// stopping at most one machine per region per pass.
     pub autostop_interval: Duration,
+    /// Run runtime-image machines as containers of this image under runc instead of as host processes.
+    pub runc: Option<Arc<runc::RuncImage>>,
 }
 
 impl LocalDriverConfig {
@@ -122,6 +125,7 @@ impl LocalDriverConfig {
             idle_timeout: Duration::from_secs(30),
             autostart_timeout: Duration::from_secs(120),
             autostop_interval: Duration::from_secs(1),
+            runc: None,
         }
     }
 }
@@ -475,7 +479,7 @@ impl Inner {
                 return;
             }
         };
-        let process = match self.argv(&config, port) {
+        let process = match self.launch(app, id, &config, &env, port) {
             None => {
                 let image = config.get("image").and_then(Value::as_str).unwrap_or("");
                 tracing::warn!(
@@ -486,7 +490,7 @@ impl Inner {
                 );
                 None
             }
-            Some(argv) => match self.start_process(app, id, &argv, &env) {
+            Some(started) => match started {
                 Ok(p) => {
                     tracing::info!(
                         app,
@@ -520,6 +524,31 @@ impl Inner {
             let weak = Arc::downgrade(self);
             let (app, id) = (app.to_string(), id.to_string());
             tokio::spawn(async move { probe(weak, app, id, generation, port).await });
+        }
+    }
+
+    /// Starts a machine's process (a runc container when configured); `None` when its image cannot run here.
+    fn launch(
+        &self,
+        app: &str,
+        id: &str,
+        config: &Value,
+        env: &std::collections::BTreeMap<String, String>,
+        port: u16,
+    ) -> Option<io::Result<Box<dyn LocalProcess>>> {
+        match &self.cfg.runc {
+            Some(image)
+                if config.get("image").and_then(Value::as_str) == Some(&self.cfg.runtime_image) =>
+            {
+                let dir = self.cfg.work_dir.join(app).join(id);
+                Some(
+                    std::fs::create_dir_all(&dir).and_then(|()| {
+                        image.start(&*self.spawner, &dir, (app, id), config, env, port)
+                    }),
+                )
+            }
+            Some(_) => None,
+            None => Some(self.start_process(app, id, &self.argv(config, port)?, env)),
         }
     }
 

@@ -337,7 +337,6 @@ pub async fn start(
         },
         args.warm_sessions_max,
     );
-    warm.fill(args.max_sessions);
     let mut state = http::State::new(
         &args,
         auth,
@@ -349,6 +348,21 @@ pub async fn start(
     );
     state.tools = tools;
     let state = Arc::new(state);
+    // Warm children start once the primary has: a first start may download the package (`npx`/`uvx` into an
+    // empty cache, as on every boot of a stopped machine), and two installs racing into one cache corrupt it for
+    // good (npm: ENOTEMPTY, then modules missing on every restart).
+    let warm_state = state.clone();
+    let room = args.max_sessions;
+    tokio::spawn(async move {
+        if warm_state
+            .primary
+            .wait_ready(Duration::from_secs(24 * 3600))
+            .await
+            .is_some()
+        {
+            warm_state.warm.fill(room);
+        }
+    });
     let bridge_state = state.clone();
     let reaper_state = state.clone();
     let mut reaper_shutdown = shutdown_rx.clone();

@@ -2,7 +2,8 @@
 //!
 //! A real control plane (the test harness's etcd + kube-apiserver), the Fly emulator with the
 //! [local driver](fly_emulator::local) (machines run as local processes; apps' public URLs are served
-//! by the emulator), and the controller in-process. It installs the CRD, loads the demo-only key ring, applies
+//! by the emulator; with `--runc`, as containers of the built runtime image under runc), and the controller
+//! in-process. It installs the CRD, loads the demo-only key ring, applies
 //! `examples/`, prints progress while the deployments converge, and ends with a table of each deployment, its
 //! phase, URL and tools. With `FLY_API_TOKEN` and `FLY_ORG` set it targets real Fly instead of the emulator.
 //!
@@ -60,6 +61,12 @@ pub struct DemoArgs {
     /// the final table only). Default: mcpfly-demo-PID.log in the temporary directory.
     #[arg(long)]
     pub log_file: Option<PathBuf>,
+    /// Run the machines as containers of the built runtime image under runc, each in its own network namespace
+    /// like a Fly machine (needs root, runc and umoci; build the image with hack/build-images.sh). The value is
+    /// the image's OCI layout.
+    #[arg(long, value_name = "OCI_LAYOUT", num_args = 0..=1,
+          default_missing_value = "target/images/runtime", env = fly_emulator::local::runc::RUNC_IMAGE_ENV)]
+    pub runc: Option<String>,
 }
 
 impl DemoArgs {
@@ -187,6 +194,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             work.path().join("machines"),
         );
         driver_config.idle_timeout = Duration::from_secs(args.idle_timeout_secs.max(1));
+        if let Some(layout) = args.runc.clone() {
+            let dir = work.path().join("runc");
+            let image = tokio::task::spawn_blocking(move || {
+                fly_emulator::local::runc::RuncImage::prepare(&layout, &dir)
+                    .with_context(|| format!("preparing the runtime image {layout} for runc"))
+            })
+            .await??;
+            driver_config.runc = Some(Arc::new(image));
+        }
         let driver = LocalDriver::new(driver_config, Arc::new(processes::SupervisedSpawner));
         let emulator_config = EmulatorConfig {
             driver: Arc::new(driver.clone()),
@@ -200,8 +216,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         )
         .await
         .context("starting the Fly emulator")?;
+        let machines = match &args.runc {
+            Some(layout) => format!("machines run as runc containers of {layout}"),
+            None => "machines run as local processes".to_string(),
+        };
         println!(
-            "fly emulator:  {} (machines run as local processes; public URLs under http://{}/apps/APP/)",
+            "fly emulator:  {} ({machines}; public URLs under http://{}/apps/APP/)",
             emulator.base_url(),
             emulator.addr()
         );
@@ -229,10 +249,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for path in &args.apply {
         apply(&cp, path)?;
     }
-    tool_notes();
+    // Host processes need npx/uvx here; containers bring their own.
+    let host_machines = !real_fly && args.runc.is_none();
+    if host_machines {
+        tool_notes();
+    }
 
     let deadline = started + Duration::from_secs(args.timeout_secs);
-    let rows = converge(&client, started, deadline, !real_fly).await?;
+    let rows = converge(&client, started, deadline, host_machines).await?;
     print_table(&rows);
     print_usage(&cp, &rows);
 
@@ -246,7 +270,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 _ = sigterm.recv() => break,
                 _ = tick.tick() => {
                     // Later changes (kubectl edits, autostop, new manifests) are reported as they happen.
-                    if let Ok(now) = snapshot(&client, !real_fly).await {
+                    if let Ok(now) = snapshot(&client, host_machines).await {
                         for row in &now {
                             if !last.iter().any(|r| r.name == row.name && r.phase == row.phase && r.verified == row.verified) {
                                 println!("[{:>6.1}s] {}: {} {}", started.elapsed().as_secs_f64(), row.name, row.phase, row.note);
