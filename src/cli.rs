@@ -52,7 +52,7 @@ pub enum Command {
     /// `Last-Event-ID`), server requests and notifications relayed; with several machines, a request for another
     /// machine's session is sent there with `fly-replay` (see `--machine-id`).
     #[command(after_help = mcpfly::bridge::FEATURES_BY_ERA)]
-    Bridge(mcpfly::bridge::BridgeArgs),
+    Bridge(Box<mcpfly::bridge::BridgeArgs>),
     /// Serve the Fly Machines API emulator (for local runs and benchmarks; API under /v1, admin under /__emulator/).
     Emulator(EmulatorArgs),
     /// Run everything on this machine: a local control plane, the Fly emulator running machines as local
@@ -131,7 +131,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Seal(args) => crate::cli_sealing::run_seal(args).await,
         Command::Reseal(args) => crate::cli_sealing::run_reseal(args).await,
         Command::Unseal(args) => crate::cli_sealing::run_unseal(args).await,
-        Command::Bridge(args) => mcpfly::bridge::run(args).await,
+        Command::Bridge(args) => mcpfly::bridge::run(*args).await,
         Command::Emulator(args) => {
             let mut config = fly_emulator::EmulatorConfig::from_knobs(
                 std::time::Duration::from_millis(args.start_latency_ms),
