@@ -403,7 +403,8 @@ async fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir).await?;
     }
-    let partial = path.with_extension("partial");
+    // Per process: bridges sharing a folder (local machines on one host) must not write into each other's file.
+    let partial = path.with_extension(format!("partial-{}", std::process::id()));
     tokio::fs::write(&partial, bytes).await?;
     tokio::fs::rename(&partial, path).await
 }
