@@ -11,7 +11,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p mcpfly --bin mcpfly \
+    cargo build --release --locked -p mcpfly --bin mcpfly --no-default-features \
     && install -D -m 0755 target/release/mcpfly /out/mcpfly
 
 FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f

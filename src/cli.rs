@@ -52,17 +52,42 @@ pub enum Command {
     /// `Last-Event-ID`), server requests and notifications relayed; with several machines, a request for another
     /// machine's session is sent there with `fly-replay` (see `--machine-id`).
     #[command(after_help = mcpfly::bridge::FEATURES_BY_ERA)]
-    Bridge(mcpfly::bridge::BridgeArgs),
+    Bridge(Box<mcpfly::bridge::BridgeArgs>),
     /// Serve the Fly Machines API emulator (for local runs and benchmarks; API under /v1, admin under /__emulator/).
+    #[cfg(feature = "demo")]
     Emulator(EmulatorArgs),
     /// Run everything on this machine: a local control plane, the Fly emulator running machines as local
     /// processes, and the controller; apply examples/ and show each deployment's phase, URL and tools.
+    #[cfg(feature = "demo")]
     Demo(mcpfly::demo::DemoArgs),
+    /// Not in this build: the local harness (`demo` feature) is left out of the images' binary.
+    #[cfg(not(feature = "demo"))]
+    #[command(hide = true)]
+    Emulator(HarnessLeftOut),
+    /// Not in this build: the local harness (`demo` feature) is left out of the images' binary.
+    #[cfg(not(feature = "demo"))]
+    #[command(hide = true)]
+    Demo(HarnessLeftOut),
     /// The built-in example MCP server on stdio (what the runtime image runs without an init command).
     #[command(hide = true)]
     ExampleServer,
 }
 
+/// Whatever `mcpfly demo`/`mcpfly emulator` were given, in a build without them: they only get the explanation.
+#[cfg(not(feature = "demo"))]
+#[derive(Args, Debug)]
+pub struct HarnessLeftOut {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    _ignored: Vec<String>,
+}
+
+/// Why `mcpfly demo`/`mcpfly emulator` fail in the images' binary.
+#[cfg(not(feature = "demo"))]
+pub const HARNESS_LEFT_OUT: &str = "is not in this build: the images' binary is built without the local harness \
+    (cargo feature `demo`: the demo, the Fly emulator and the local control plane). Run it from a source checkout \
+    (`cargo run -- demo`) or a binary built with default features";
+
+#[cfg(feature = "demo")]
 #[derive(Args, Debug)]
 pub struct EmulatorArgs {
     /// Port on 127.0.0.1 (0: any free port).
@@ -131,7 +156,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Seal(args) => crate::cli_sealing::run_seal(args).await,
         Command::Reseal(args) => crate::cli_sealing::run_reseal(args).await,
         Command::Unseal(args) => crate::cli_sealing::run_unseal(args).await,
-        Command::Bridge(args) => mcpfly::bridge::run(args).await,
+        Command::Bridge(args) => mcpfly::bridge::run(*args).await,
+        #[cfg(not(feature = "demo"))]
+        Command::Emulator(_) => anyhow::bail!("`mcpfly emulator` {HARNESS_LEFT_OUT}"),
+        #[cfg(not(feature = "demo"))]
+        Command::Demo(_) => anyhow::bail!("`mcpfly demo` {HARNESS_LEFT_OUT}"),
+        #[cfg(feature = "demo")]
         Command::Emulator(args) => {
             let mut config = fly_emulator::EmulatorConfig::from_knobs(
                 std::time::Duration::from_millis(args.start_latency_ms),
@@ -149,7 +179,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             Ok(())
         }
+        #[cfg(feature = "demo")]
         Command::Demo(args) => mcpfly::demo::run(args).await,
-        Command::ExampleServer => mcpfly::demo::example_server::run().await,
+        Command::ExampleServer => mcpfly::example_server::run().await,
     }
 }

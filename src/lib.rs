@@ -6,7 +6,13 @@
 pub mod api;
 pub mod bridge;
 pub mod controller;
+/// The local harness (the demo, the local control plane): only with the `demo` feature, never in the images.
+#[cfg(feature = "demo")]
 pub mod demo;
+/// The runtime image's default server (`mcpfly example-server`), so it is outside the `demo` feature.
+#[path = "demo/example_server.rs"]
+pub mod example_server;
+#[cfg(feature = "demo")]
 pub mod local_cluster;
 pub mod packages;
 pub mod reconcile;

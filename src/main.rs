@@ -9,6 +9,7 @@ fn main() -> std::process::ExitCode {
     // kube and reqwest use rustls with the ring provider; one process-wide default avoids ambiguity.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = cli::Cli::parse();
+    #[cfg(feature = "demo")]
     if let cli::Command::Demo(demo) = &args.command {
         // The demo keeps the terminal for progress lines and its table; everything else goes to its log file.
         cli::init_logging(&args.log, Some(&demo.log_path()));
@@ -17,6 +18,8 @@ fn main() -> std::process::ExitCode {
     } else {
         cli::init_logging(&args.log, None);
     }
+    #[cfg(not(feature = "demo"))]
+    cli::init_logging(&args.log, None);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

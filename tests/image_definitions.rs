@@ -250,3 +250,31 @@ fn code_compiled_into_the_release_binary_does_not_embed_the_build_folder() {
         "these files embed the build folder into the release binary: {embedding:?}"
     );
 }
+
+/// The images' binary is built without the `demo` feature (the demo, the Fly emulator, the local control plane), in
+/// all three places that build it. hack/release-binary.sh also refuses a built binary that still carries the
+/// harness (its strings, or a `mcpfly demo` that does not say it is left out); CI builds it in hack/image-check.sh.
+#[test]
+fn every_image_build_leaves_the_local_harness_out() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in ["Dockerfile", "runtime/Dockerfile", "hack/release-binary.sh"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let builds: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("cargo build") || l.contains("build_flags=("))
+            .collect();
+        assert!(!builds.is_empty(), "{file}: no cargo build found");
+        for line in builds {
+            assert!(
+                line.contains("--no-default-features") || line.contains("\"${build_flags[@]}\""),
+                "{file} builds the image's binary with the local harness: {line}"
+            );
+        }
+    }
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains("fly-emulator = { workspace = true, optional = true }")
+            && manifest.contains("demo = [\"dep:fly-emulator\"]"),
+        "the emulator must stay behind the `demo` feature"
+    );
+}

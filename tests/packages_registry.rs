@@ -2,6 +2,8 @@
 //! every supply-chain check, ranges and dist-tags, scoped names, PEP 503 names, the cache, retries and timeouts.
 //! One opt-in test (`MCPFLY_TEST_PUBLIC_REGISTRIES=1`) asks the public registries.
 
+#[path = "support/bridge_env.rs"]
+mod bridge_env;
 mod support;
 
 use std::sync::Arc;
@@ -631,4 +633,280 @@ async fn public_registries() {
         .unwrap_err();
     eprintln!("npm crossenv: {e}");
     assert_eq!(e.reason, reason::SECURITY_PLACEHOLDER);
+}
+
+/// A package whose entry point records that it ran (`marker` gets `label`), then becomes the stdio test server.
+struct FakePackage {
+    label: &'static str,
+    marker: std::path::PathBuf,
+}
+
+impl FakePackage {
+    fn node_bin(&self) -> String {
+        format!(
+            "#!/usr/bin/env node\nrequire('fs').writeFileSync({marker:?}, {label:?});\n\
+             const r = require('child_process').spawnSync({server:?}, [], {{stdio: 'inherit'}});\n\
+             process.exit(r.status === null ? 1 : r.status);\n",
+            marker = self.marker.to_str().unwrap(),
+            label = self.label,
+            server = bridge_env::test_server().to_str().unwrap(),
+        )
+    }
+
+    fn python_main(&self) -> String {
+        format!(
+            "import os\n\ndef main():\n    open({marker:?}, 'w').write({label:?})\n    os.execv({server:?}, [{server:?}])\n",
+            marker = self.marker.to_str().unwrap(),
+            label = self.label,
+            server = bridge_env::test_server().to_str().unwrap(),
+        )
+    }
+}
+
+/// An npm tarball (`package/` prefix, as `npm pack` makes) of `@acme/pinned@1.0.0` with bin `pinned`.
+fn npm_tarball(dir: &std::path::Path, package: &FakePackage) -> Vec<u8> {
+    let root = dir.join(package.label);
+    std::fs::create_dir_all(root.join("package")).unwrap();
+    std::fs::write(
+        root.join("package/package.json"),
+        r#"{"name": "@acme/pinned", "version": "1.0.0", "bin": {"pinned": "index.js"}}"#,
+    )
+    .unwrap();
+    std::fs::write(root.join("package/index.js"), package.node_bin()).unwrap();
+    let status = std::process::Command::new("tar")
+        .current_dir(&root)
+        .args(["czf", "pinned.tgz", "package"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::read(root.join("pinned.tgz")).unwrap()
+}
+
+/// A pure-Python wheel of `pinned-srv==1.0.0` with console script `pinned-srv`.
+fn wheel(dir: &std::path::Path, package: &FakePackage) -> Vec<u8> {
+    let path = dir.join(format!("{}.whl", package.label));
+    let script = r#"
+import sys, zipfile
+path, main = sys.argv[1], sys.argv[2]
+info = "pinned_srv-1.0.0.dist-info"
+files = {
+    "pinned_srv/__init__.py": main,
+    info + "/METADATA": "Metadata-Version: 2.1\nName: pinned-srv\nVersion: 1.0.0\n",
+    info + "/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    info + "/entry_points.txt": "[console_scripts]\npinned-srv = pinned_srv:main\n",
+}
+with zipfile.ZipFile(path, "w") as z:
+    for name, text in files.items():
+        z.writestr(name, text)
+    z.writestr(info + "/RECORD", "".join(name + ",,\n" for name in files) + info + "/RECORD,,\n")
+"#;
+    let status = std::process::Command::new(bridge_env::python())
+        .args(["-c", script, path.to_str().unwrap(), &package.python_main()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::read(path).unwrap()
+}
+
+fn sri_sha512(bytes: &[u8]) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    format!(
+        "sha512-{}",
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha512::digest(bytes))
+    )
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The registry serves `tarball` as `@acme/pinned@1.0.0`, its packument consistent with it (as a registry that was
+/// tampered with, or a mirror serving other bytes, would).
+fn serve_npm_package(registry: &FakeRegistry, tarball: Vec<u8>) {
+    let url = format!("{}/@acme/pinned/-/pinned-1.0.0.tgz", registry.url);
+    registry.serve(
+        "/@acme%2Fpinned",
+        json!({
+            "name": "@acme/pinned",
+            "dist-tags": {"latest": "1.0.0"},
+            "versions": {"1.0.0": {
+                "name": "@acme/pinned", "version": "1.0.0", "bin": {"pinned": "index.js"},
+                "dist": {"integrity": sri_sha512(&tarball), "tarball": url},
+            }},
+        }),
+    );
+    registry.serve_file("/@acme/pinned/-/pinned-1.0.0.tgz", tarball);
+}
+
+/// The same for `pinned-srv==1.0.0` on the index: JSON API (the controller), Simple API (the machine), the file.
+fn serve_pypi_package(registry: &FakeRegistry, wheel: Vec<u8>) {
+    let filename = "pinned_srv-1.0.0-py3-none-any.whl";
+    let sha = sha256_hex(&wheel);
+    registry.serve(
+        "/pypi/pinned-srv/json",
+        json!({
+            "info": {"name": "pinned-srv", "version": "1.0.0"},
+            "releases": {"1.0.0": [{
+                "filename": filename, "packagetype": "bdist_wheel", "digests": {"sha256": sha}, "yanked": false,
+            }]},
+            "urls": [],
+        }),
+    );
+    registry.serve(
+        "/simple/pinned-srv/",
+        json!({
+            "meta": {"api-version": "1.1"},
+            "name": "pinned-srv",
+            "files": [{"filename": filename, "url": format!("../../files/{filename}"), "hashes": {"sha256": sha}}],
+        }),
+    );
+    registry.serve_file(&format!("/files/{filename}"), wheel);
+}
+
+/// A bridge as a machine runs it: the controller's pin, registry settings and server command.
+async fn machine_bridge(
+    registry: &FakeRegistry,
+    pin: &str,
+    artifacts: &std::path::Path,
+    command: Vec<String>,
+) -> mcpfly::bridge::Bridge {
+    let mut args: Vec<String> = [
+        "--path",
+        "/mcp",
+        "--artifact-integrity",
+        pin,
+        "--npm-registry",
+        &registry.url,
+        "--pypi-index",
+        &format!("{}/simple", registry.url),
+        "--artifact-dir",
+        artifacts.to_str().unwrap(),
+        "--",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(command);
+    let args = mcpfly::bridge::BridgeArgs::parse_from(args).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    mcpfly::bridge::start(args, mcpfly::bridge::auth::Auth::disabled(), listener)
+        .await
+        .unwrap()
+}
+
+async fn readyz(bridge: &mcpfly::bridge::Bridge) -> (u16, String) {
+    let r = reqwest::get(format!("http://{}/readyz", bridge.addr()))
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn initialize(bridge: &mcpfly::bridge::Bridge) -> u16 {
+    reqwest::Client::new()
+        .post(bridge_env::url(bridge))
+        .header("accept", "application/json, text/event-stream")
+        .json(
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"}}}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Issue #18 item 4: a tampered artifact served after the controller pinned the package is refused with one log
+/// line (package, expected, got) and a readiness check that never passes; the right one runs, from the verified file.
+async fn only_the_pinned_artifact_runs(
+    registry: &FakeRegistry,
+    source: Source,
+    program: Option<std::path::PathBuf>,
+    dir: &std::path::Path,
+    serve: impl Fn(&FakeRegistry, Vec<u8>),
+    build: impl Fn(&std::path::Path, &FakePackage) -> Vec<u8>,
+) {
+    let logs = bridge_env::logs();
+    let genuine = FakePackage {
+        label: "genuine",
+        marker: dir.join("genuine-ran"),
+    };
+    let tampered = FakePackage {
+        label: "tampered",
+        marker: dir.join("tampered-ran"),
+    };
+    let genuine_bytes = build(dir, &genuine);
+    let tampered_bytes = build(dir, &tampered);
+    serve(registry, genuine_bytes.clone());
+    let resolved = resolver(&config(registry)).resolve(&source).await.unwrap();
+    let pin = mcpfly::packages::artifact::machine_pin(&resolved).expect("a verifiable pin");
+    let mut command = server_argv(&resolved).unwrap();
+    // The test machine's `uvx` is the venv's, not on PATH.
+    if let Some(program) = program {
+        command[0] = program.to_string_lossy().into_owned();
+    }
+
+    // After the check, the registry serves other bytes.
+    serve(registry, tampered_bytes);
+    let refused = machine_bridge(registry, &pin, &dir.join("artifacts"), command.clone()).await;
+    assert_eq!(readyz(&refused).await.0, 503);
+    assert_eq!(initialize(&refused).await, 503);
+    let line = logs
+        .text()
+        .lines()
+        .find(|l| {
+            l.contains("does not match the integrity the controller pinned") && l.contains(&pin)
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no refusal line naming {pin}:\n{}", logs.text()));
+    assert!(line.contains("pinned") && line.contains("got "), "{line}");
+    refused.shutdown().await.unwrap();
+
+    // The genuine artifact, same pin: it runs, from the file that was verified.
+    serve(registry, genuine_bytes);
+    let running = machine_bridge(registry, &pin, &dir.join("artifacts"), command).await;
+    bridge_env::wait_ready(&running).await;
+    assert_eq!(initialize(&running).await, 200);
+    assert_eq!(std::fs::read_to_string(&genuine.marker).unwrap(), "genuine");
+    assert!(
+        !tampered.marker.exists(),
+        "the tampered package ran (the genuine one did, so running leaves its marker)"
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_machine_runs_only_the_npm_tarball_the_controller_pinned() {
+    let registry = FakeRegistry::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    only_the_pinned_artifact_runs(
+        &registry,
+        npm("@acme/pinned", Some("1.0.0")),
+        None,
+        dir.path(),
+        serve_npm_package,
+        npm_tarball,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_machine_runs_only_the_pypi_wheel_the_controller_pinned() {
+    let registry = FakeRegistry::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let uvx = bridge_env::python().parent().unwrap().join("uvx");
+    let mut source = pypi("pinned-srv", Some("1.0.0"));
+    source.pypi.as_mut().unwrap().command = Some("pinned-srv".into());
+    only_the_pinned_artifact_runs(
+        &registry,
+        source,
+        Some(uvx),
+        dir.path(),
+        serve_pypi_package,
+        wheel,
+    )
+    .await;
 }

@@ -22,6 +22,7 @@ pub mod ratelimit;
 pub mod session;
 pub mod tools_policy;
 pub mod verify;
+pub mod verify_artifact;
 pub mod warm;
 
 use std::net::SocketAddr;
@@ -179,6 +180,29 @@ pub struct BridgeArgs {
     /// On SIGTERM, how long in-flight requests may finish, in seconds, before servers are stopped.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+    /// The integrity the controller pinned for the server's package (npm SRI, PyPI `sha256:<hex>`). Set, the
+    /// package is fetched once before the server runs, verified, and run from that file; a mismatch is refused.
+    #[arg(long, env = crate::packages::artifact::INTEGRITY_ENV)]
+    pub artifact_integrity: Option<String>,
+    /// npm registry the pinned package is fetched from: npx's own setting, which the controller sets.
+    #[arg(
+        long,
+        env = "npm_config_registry",
+        default_value = "https://registry.npmjs.org",
+        hide = true
+    )]
+    pub npm_registry: String,
+    /// PyPI Simple API the pinned package is fetched from: uv's own setting, which the controller sets.
+    #[arg(
+        long,
+        env = "UV_DEFAULT_INDEX",
+        default_value = "https://pypi.org/simple",
+        hide = true
+    )]
+    pub pypi_index: String,
+    /// Folder the verified package is kept in (default: `mcpfly-artifacts` in the temporary folder).
+    #[arg(long, env = "MCPFLY_ARTIFACT_DIR", hide = true)]
+    pub artifact_dir: Option<std::path::PathBuf>,
     /// The stdio MCP server to run, after `--`: program and arguments, never through a shell.
     #[arg(last = true, required = true, num_args = 1..)]
     pub command: Vec<String>,
@@ -276,7 +300,8 @@ pub struct Bridge {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
-    state: Arc<http::State>,
+    /// `None` when the server was refused before it started ([`verify_artifact`]).
+    state: Option<Arc<http::State>>,
 }
 
 impl Bridge {
@@ -286,16 +311,16 @@ impl Bridge {
 
     /// Server processes started and waiting for a session.
     pub fn warm_children(&self) -> usize {
-        self.state.warm.len()
+        self.state.as_ref().map_or(0, |s| s.warm.len())
     }
 
     /// 2026-07-28 requests waiting for their client's `inputResponses`.
     pub fn held_for_input(&self) -> usize {
-        self.state.held.len()
+        self.state.as_ref().map_or(0, |s| s.held.len())
     }
     /// Audit lines shed so far because the log sink fell behind.
     pub fn audit_lines_shed(&self) -> u64 {
-        self.state.audit.shed()
+        self.state.as_ref().map_or(0, |s| s.audit.shed())
     }
 
     /// Graceful shutdown, as on SIGTERM; waits until every server process is stopped.
@@ -305,12 +330,17 @@ impl Bridge {
     }
 }
 
-/// Starts serving on `listener`.
+/// Starts serving on `listener`. With `--artifact-integrity`, the server's package is fetched and verified first;
+/// a refused package leaves the bridge serving only its refusal (never ready).
 pub async fn start(
-    args: BridgeArgs,
+    mut args: BridgeArgs,
     auth: auth::Auth,
     listener: TcpListener,
 ) -> anyhow::Result<Bridge> {
+    match verify_artifact::prepare(&args).await? {
+        verify_artifact::Prepared::Run(command) => args.command = command,
+        verify_artifact::Prepared::Refused => return verify_artifact::serve_refusal(listener),
+    }
     let addr = listener.local_addr()?;
     let tools = tools_policy::ToolsPolicy::parse(args.tools_policy.as_deref().unwrap_or(""))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -424,7 +454,7 @@ pub async fn start(
         addr,
         shutdown: shutdown_tx,
         done,
-        state: bridge_state,
+        state: Some(bridge_state),
     })
 }
 

@@ -9,7 +9,7 @@
 //!
 //! - [`example_server`]: `mcpfly example-server`, the stdio MCP server the offline example runs.
 
-pub mod example_server;
+pub use crate::example_server;
 pub mod processes;
 
 use std::collections::BTreeMap;

@@ -9,6 +9,7 @@
 //! registry call, for as long as the spec asks for the same thing and no force-reconcile is requested, so a reboot,
 //! a controller restart or a new `latest` upstream never changes what runs.
 
+pub mod artifact;
 mod cache;
 mod config;
 mod http;

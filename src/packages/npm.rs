@@ -41,6 +41,9 @@ pub struct Dist {
     pub integrity: Option<String>,
     #[serde(default)]
     pub shasum: Option<String>,
+    /// Where the version's tarball is; the runtime fetches and verifies it (see `artifact`).
+    #[serde(default)]
+    pub tarball: Option<String>,
 }
 
 impl Manifest {

@@ -59,8 +59,6 @@ pub struct File {
     #[serde(default)]
     pub filename: String,
     #[serde(default)]
-    pub packagetype: String,
-    #[serde(default)]
     pub digests: BTreeMap<String, String>,
     #[serde(default)]
     pub yanked: bool,
@@ -260,16 +258,41 @@ pub fn choose(package: &str, wanted: &Wanted, doc: &ProjectDoc) -> Result<Chosen
     })
 }
 
-/// `sha256:<hex>` of the file uv installs on the runtime image: a pure-Python wheel when there is one, else the
-/// source distribution, else the first file.
+/// `sha256:<hex>` of the release file that is pinned (see [`preferred_file`]).
 fn integrity(files: &[File]) -> Option<String> {
     let files: Vec<&File> = files.iter().filter(|f| !f.yanked).collect();
-    let pick = files
-        .iter()
-        .find(|f| f.filename.ends_with("-none-any.whl"))
-        .or_else(|| files.iter().find(|f| f.packagetype == "sdist"))
-        .or_else(|| files.first())?;
+    let pick = preferred_file(&files, |f| &f.filename)?;
     pick.digests.get("sha256").map(|h| format!("sha256:{h}"))
+}
+
+/// The one file of a release that is pinned and, on the machine, verified and installed: a pure-Python wheel when
+/// there is one, else the source distribution, else the first file. The controller (pinning) and the runtime
+/// (verifying) both choose with this, so they agree on the file.
+pub fn preferred_file<T>(files: &[T], filename: impl Fn(&T) -> &str) -> Option<&T> {
+    files
+        .iter()
+        .find(|f| filename(f).ends_with("-none-any.whl"))
+        .or_else(|| files.iter().find(|f| is_sdist(filename(f))))
+        .or_else(|| files.first())
+}
+
+/// Source distributions by name (PEP 625: `.tar.gz`; older ones `.zip`), as the Simple API lists no file type.
+pub fn is_sdist(filename: &str) -> bool {
+    filename.ends_with(".tar.gz") || filename.ends_with(".zip")
+}
+
+/// The release version a distribution file name carries (`name-1.0-py3-none-any.whl`, `name-1.0.tar.gz`).
+/// Wheel names escape `-` in the project name, so the version is the second field; sdist names end in it.
+pub fn file_version(filename: &str) -> Option<Version> {
+    let text = if let Some(stem) = filename.strip_suffix(".whl") {
+        stem.split('-').nth(1)?
+    } else {
+        let stem = filename
+            .strip_suffix(".tar.gz")
+            .or_else(|| filename.strip_suffix(".zip"))?;
+        stem.rsplit_once('-')?.1
+    };
+    Version::from_str(text).ok()
 }
 
 #[cfg(test)]
@@ -356,5 +379,20 @@ mod tests {
         let active = s(serde_json::json!({"status": "active"}));
         assert!(check_status("p", active.as_ref()).unwrap().is_empty());
         assert!(check_status("p", None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn file_versions() {
+        let v = |s| Version::from_str(s).unwrap();
+        assert_eq!(
+            file_version("mcp_server_time-1.0-py3-none-any.whl"),
+            Some(v("1.0.0"))
+        );
+        assert_eq!(
+            file_version("mcp-server-time-2.1rc1.tar.gz"),
+            Some(v("2.1rc1"))
+        );
+        assert_eq!(file_version("old-1.0.zip"), Some(v("1.0")));
+        assert_eq!(file_version("p-1.0.exe"), None);
     }
 }

@@ -15,9 +15,10 @@ use super::{
 use crate::api::validation::{is_npm_package, is_pypi_package};
 use crate::api::{PackageSource, PypiSource, Source, SourceKind};
 
-const NPM_ACCEPT: &str = "application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8, */*";
+pub(super) const NPM_ACCEPT: &str =
+    "application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8, */*";
 const PYPI_JSON_ACCEPT: &str = "application/json";
-const PYPI_SIMPLE_ACCEPT: &str = "application/vnd.pypi.simple.v1+json";
+pub(super) const PYPI_SIMPLE_ACCEPT: &str = "application/vnd.pypi.simple.v1+json";
 
 /// Why a [`RegistryResolver`] cannot be built from its configuration.
 #[derive(Debug, thiserror::Error)]

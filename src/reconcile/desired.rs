@@ -306,6 +306,12 @@ fn base_config(
     }
     let mut env = spec.env.clone();
     env.extend(registry_env(&inputs.resolved.kind, settings));
+    // The bridge verifies the fetched package against this before running it; `MCPFLY_` is reserved in spec.env.
+    if init.is_some()
+        && let Some(pin) = crate::packages::artifact::machine_pin(inputs.resolved)
+    {
+        env.insert(crate::packages::artifact::INTEGRITY_ENV.to_string(), pin);
+    }
     if init.is_some() {
         // Only the bridge enforces tool policy; `MCPFLY_` is reserved in spec.env, so a deployment cannot set it.
         let mode = crate::bridge::tools_policy::effective_mode(spec, settings.tools_policy);

@@ -597,6 +597,56 @@ fn machines_fetch_from_the_registry_the_package_was_checked_against() {
     assert!(!env.contains_key("npm_config_registry"));
 }
 
+#[test]
+fn machines_get_the_pinned_integrity_to_verify_before_running() {
+    let spec = spec(BASE);
+    let desired_env = |kind: ResolvedKind, integrity: Option<&str>| {
+        let resolved = Resolved {
+            kind,
+            integrity: integrity.map(str::to_string),
+        };
+        let inputs = Inputs {
+            namespace: "team-a",
+            name: "github",
+            uid: UID,
+            spec: &spec,
+            resolved: &resolved,
+            secrets: BTreeMap::new(),
+            approved_tools: None,
+        };
+        desired(&inputs, &settings()).machines[0].config.env.clone()
+    };
+    let npm = ResolvedKind::Npm {
+        package: "@acme/server".into(),
+        version: "1.2.3".into(),
+        args: vec![],
+    };
+    let sha512 = format!("sha512-{}==", "A".repeat(86));
+    let env = desired_env(npm.clone(), Some(&sha512));
+    assert_eq!(
+        env.get("MCPFLY_ARTIFACT_INTEGRITY"),
+        Some(&sha512),
+        "the bridge reads the pin from here"
+    );
+    let sha256 = format!("sha256:{}", "ab".repeat(32));
+    let pypi = ResolvedKind::Pypi {
+        package: "mcp-server-time".into(),
+        version: "1.0.0".into(),
+        command: "mcp-server-time".into(),
+        args: vec![],
+    };
+    assert_eq!(
+        desired_env(pypi, Some(&sha256)).get("MCPFLY_ARTIFACT_INTEGRITY"),
+        Some(&sha256)
+    );
+    // Nothing to verify against: no pin rather than one that refuses every start.
+    assert!(!desired_env(npm.clone(), None).contains_key("MCPFLY_ARTIFACT_INTEGRITY"));
+    assert!(
+        !desired_env(npm, Some("sha1-2jmj7l5rSw0yVb/vlWAYkK/YBwk="))
+            .contains_key("MCPFLY_ARTIFACT_INTEGRITY")
+    );
+}
+
 /// REALISM.md §2: Fly reports no check result before a check's first run, so a started machine with an empty (or
 /// short) `checks` list is not serving yet; a rolling update must not count it.
 #[test]

@@ -15,9 +15,16 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 #[derive(Clone)]
+enum Content {
+    Json(Value),
+    /// A file (tarball, wheel) as `application/octet-stream`.
+    Bytes(Vec<u8>),
+}
+
+#[derive(Clone)]
 struct Route {
     status: StatusCode,
-    body: Value,
+    body: Content,
     delay: Duration,
     /// Answer 503 this many times before the real answer.
     fail_first: u32,
@@ -73,9 +80,22 @@ impl FakeRegistry {
             path.to_string(),
             Route {
                 status,
-                body,
+                body: Content::Json(body),
                 delay,
                 fail_first,
+            },
+        );
+    }
+
+    /// Serve a file's `bytes` at `path`.
+    pub fn serve_file(&self, path: &str, bytes: Vec<u8>) {
+        self.state.lock().unwrap().routes.insert(
+            path.to_string(),
+            Route {
+                status: StatusCode::OK,
+                body: Content::Bytes(bytes),
+                delay: Duration::ZERO,
+                fail_first: 0,
             },
         );
     }
@@ -139,7 +159,15 @@ async fn answer(state: Arc<Mutex<State>>, req: Request<Body>) -> Response {
             .into_response(),
         Some(Ok(route)) => {
             tokio::time::sleep(route.delay).await;
-            (route.status, axum::Json(route.body)).into_response()
+            match route.body {
+                Content::Json(body) => (route.status, axum::Json(body)).into_response(),
+                Content::Bytes(bytes) => (
+                    route.status,
+                    [(header::CONTENT_TYPE, "application/octet-stream")],
+                    bytes,
+                )
+                    .into_response(),
+            }
         }
     }
 }
