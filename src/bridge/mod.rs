@@ -403,8 +403,11 @@ pub async fn start(
             tokio::select! {
                 _ = tick.tick() => {
                     reaper_state.sessions.reap(idle, Duration::from_secs(2)).await;
-                    // Once a burst is past the pool's horizon, its extra idle servers are stopped here.
-                    reaper_state.warm.fill(reaper_state.warm_room(0));
+                    // Once a burst is past the pool's horizon, its extra idle servers are stopped here. Not before
+                    // the primary is up: the first tick comes at once, while a first start may still be installing.
+                    if reaper_state.primary.current().is_some() {
+                        reaper_state.warm.fill(reaper_state.warm_room(0));
+                    }
                 }
                 _ = modern::until_shutdown(&mut reaper_shutdown) => break,
             }
