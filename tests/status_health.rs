@@ -453,8 +453,12 @@ async fn a_fly_incident_backs_off_writes_status_rarely_and_recovers() -> anyhow:
     stack.apply(&manifest("storm", "")).await?;
     let app = app_of(&stack.wait_ready("storm", READY).await?);
 
-    // Fly's incident: the rolling update's machine updates answer 503, then 409, several times in a row.
-    let faults = [503, 503, 503, 409, 409, 409];
+    // Fly's incident: the rolling update's machine updates answer 503, then 409, several times in a row. Seven
+    // failures, because the backoff only outgrows the client's per-machine rate limit (one update a second) late:
+    // with a 200 ms base the wait after the n-th failure is 200·2^(n-1) ms scaled by jitter into [½, 1], so the
+    // wait after the sixth is at least 3.2 s whatever the jitter, more than twice the ~1 s the rate limit spaces
+    // the early attempts. With six failures the last wait (≥ 1.6 s) beat twice the shortest only on lucky jitter.
+    let faults = [503, 503, 503, 503, 409, 409, 409];
     stack
         .emulator
         .script_faults(faults.map(|status| ScriptedFault {
@@ -464,7 +468,7 @@ async fn a_fly_incident_backs_off_writes_status_rarely_and_recovers() -> anyhow:
     stack
         .apply(&manifest("storm", "  env: {LOG_LEVEL: debug}\n"))
         .await?;
-    // The incident costs about ten seconds of waits on top of a normal rollout.
+    // The incident costs up to about fifteen seconds of waits on top of a normal rollout.
     let ready = stack.wait_ready("storm", 2 * READY).await?;
     assert_eq!(ready.status.unwrap().phase, Some(Phase::Ready));
 
