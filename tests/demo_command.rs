@@ -1,8 +1,8 @@
 //! The README's first command, run as a user would: the real `mcpfly demo` binary (control plane, Fly emulator
 //! with local machines, controller). The offline example must become Ready and Verified with its tools and answer
 //! `tools/call` through its public URL with a real MCP client (rmcp), before and after autostop; the sealed
-//! credential must reach its server; the npm and PyPI examples' outcomes are reported, whatever they are (but a
-//! missing `uvx` is not an acceptable outcome: the demo prepares it as the test command does); the terminal shows
+//! credential must reach its server; the npm and PyPI examples must become Ready and Verified with their tools too
+//! (the test command installs node and uv, and the demo locates `uvx` as the test command does); the terminal shows
 //! progress and the table only, the logs going to the file the demo names; and Ctrl-C must leave no machine
 //! process behind.
 //!
@@ -254,8 +254,12 @@ async fn demo_deploys_the_examples_and_serves_them_to_an_mcp_client() {
     for name in ["mcpfly-demo/sealed", "mcpfly-demo/global"] {
         assert_eq!(table[name].verified, "True", "{name}: {:?}", table[name]);
     }
-    // npm and PyPI need npx/uvx and their registries: report what happened, whatever it was.
-    for name in ["mcpfly-demo/everything", "mcpfly-demo/fetch"] {
+    // npm and PyPI: the test command installs node and uv, and the registries are reachable where it runs, so
+    // these become Ready too (issue 18: every example Ready on a fresh machine), each with its own tool.
+    for (name, tool) in [
+        ("mcpfly-demo/everything", "echo"),
+        ("mcpfly-demo/fetch", "fetch"),
+    ] {
         let row = &table[name];
         let note = lines
             .iter()
@@ -268,6 +272,16 @@ async fn demo_deploys_the_examples_and_serves_them_to_an_mcp_client() {
             row.verified,
             row.tools.join(","),
             note.trim()
+        );
+        assert_eq!(
+            (row.phase.as_str(), row.verified.as_str()),
+            ("Ready", "True"),
+            "{name}: {row:?} {}",
+            note.trim()
+        );
+        assert!(
+            row.tools.iter().any(|t| t == tool),
+            "{name}: {tool} missing: {row:?}"
         );
     }
 

@@ -250,6 +250,7 @@ pub struct MachineView {
     pub name: String,
     pub state: String,
     pub config: Value,
+    pub region: String,
 }
 
 impl EmulatorControl {

@@ -673,27 +673,25 @@ impl Inner {
         (n > 0).then(|| ready.swap_remove(rand::random_range(0..n)))
     }
 
-    /// Starts a stopped or suspended machine of `app` (Fly proxy autostart), if none is on its way.
-    fn autostart(&self, app: &str) {
-        let Some(control) = self.control() else {
-            return;
-        };
+    /// Starts a stopped or suspended machine of `app` (Fly proxy autostart), if none is on its way. Returns the
+    /// region of the machine the waiting request should expect (the one on its way, or the one started).
+    fn autostart(&self, app: &str) -> Option<String> {
+        let control = self.control()?;
         let machines = control.machines(app);
-        if machines
-            .iter()
-            .any(|m| matches!(m.state.as_str(), "started" | "starting"))
-        {
-            return;
-        }
         if let Some(m) = machines
             .iter()
-            .find(|m| matches!(m.state.as_str(), "stopped" | "suspended") && autostart(&m.config))
+            .find(|m| matches!(m.state.as_str(), "started" | "starting"))
         {
-            tracing::info!(app, machine = %m.id, "autostart: request for an app with no running machine");
-            if let Err(e) = control.platform_action(app, &m.id, "start") {
-                tracing::debug!(app, machine = %m.id, error = %e, "autostart refused");
-            }
+            return Some(m.region.clone());
         }
+        let m = machines.iter().find(|m| {
+            matches!(m.state.as_str(), "stopped" | "suspended") && autostart(&m.config)
+        })?;
+        tracing::info!(app, machine = %m.id, "autostart: request for an app with no running machine");
+        if let Err(e) = control.platform_action(app, &m.id, "start") {
+            tracing::debug!(app, machine = %m.id, error = %e, "autostart refused");
+        }
+        Some(m.region.clone())
     }
 }
 
@@ -831,7 +829,15 @@ impl InFlight {
         }
     }
 
+    /// Counts the request as load in `region` from now on (moving it there if it was counted elsewhere): where
+    /// it waits for an autostarted machine, then where the machine that answers it runs.
     fn served_from(&mut self, inner: &Inner, region: &str) {
+        if self.region.as_deref() == Some(region) {
+            return;
+        }
+        if let Some(previous) = self.region.take() {
+            inner.served(&self.app, &previous);
+        }
         inner.serving(&self.app, region);
         self.region = Some(region.to_string());
     }
@@ -954,9 +960,14 @@ async fn forward(inner: Weak<Inner>, app: String, rest: String, req: Request) ->
             if inner.control().is_none_or(|c| c.machines(&app).is_empty()) {
                 return text(StatusCode::NOT_FOUND, "no such app or no machines\n");
             }
-            inner.autostart(&app);
+            // The waiting request is load where its machine starts, so the per-region autostop (REALISM.md §7)
+            // does not park that machine before it is ready, however slow its start; and if the machine is
+            // parked or stops anyway, the proxy starts one again, as Fly's holds the request for a machine.
             let deadline = Instant::now() + inner.cfg.autostart_timeout;
             loop {
+                if let Some(region) = inner.autostart(&app) {
+                    guard.served_from(&inner, &region);
+                }
                 if let Some(t) = inner.pick(&app, &route) {
                     break t;
                 }
@@ -985,6 +996,9 @@ async fn forward(inner: Weak<Inner>, app: String, rest: String, req: Request) ->
     let mut replays = 0;
     let upstream = loop {
         let (id, port, region) = &target;
+        // Load in the machine's region from the moment the proxy hands it the request, as Fly's proxy counts
+        // concurrency, not once the answer's head is back.
+        guard.served_from(&inner, region);
         let sent = inner
             .http
             .request(
@@ -1051,7 +1065,6 @@ async fn forward(inner: Weak<Inner>, app: String, rest: String, req: Request) ->
             }
         };
     };
-    guard.served_from(&inner, &target.2);
     let status = upstream.status();
     let headers = copy_headers(upstream.headers());
     // Streamed through, chunk by chunk (SSE responses stay open); traffic lasts as long as the body.

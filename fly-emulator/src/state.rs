@@ -1812,6 +1812,7 @@ impl State {
                 name: m.name.clone(),
                 state: m.state.to_string(),
                 config: m.config.clone(),
+                region: m.region.clone(),
             })
             .collect()
     }

@@ -77,11 +77,28 @@ impl ProcessSpawner for InProcess {
                 ))
             })
             .collect();
+        // `READY_AFTER_MS` in the machine's env: its readiness check fails for that long after the start, like a
+        // server that installs its package first.
+        let ready_at = std::time::Instant::now()
+            + Duration::from_millis(
+                env.get("READY_AFTER_MS")
+                    .and_then(|ms| ms.parse().ok())
+                    .unwrap_or(0),
+            );
         let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let app = axum::Router::new()
-            .route("/readyz", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                axum::routing::get(move || async move {
+                    if std::time::Instant::now() < ready_at {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        axum::http::StatusCode::OK
+                    }
+                }),
+            )
             .fallback(echo)
             .with_state(Arc::new(env));
         let task = tokio::spawn(async move {
@@ -585,4 +602,47 @@ async fn autostop_stops_a_machine_too_large_to_suspend() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// REALISM.md §7: a request waiting for the machine it autostarted is load in that machine's region, so the
+/// per-region autostop never parks the machine under it, however long its start takes (here five idle timeouts).
+/// Positive control in the same run: once the request is answered, the same autostop parks the machine again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autostop_never_parks_a_machine_a_waiting_request_autostarted() {
+    let realism = Realism {
+        autostop_per_region: true,
+        ..Realism::off()
+    };
+    let world = World::empty(realism, |c| {
+        c.idle_timeout = Duration::from_millis(300);
+        c.autostop_interval = Duration::from_millis(100);
+        c.autostart_timeout = Duration::from_secs(10);
+    })
+    .await;
+    let services = json!([{"internal_port": 8080, "autostop": "stop",
+                           "checks": [{"type": "http", "path": "/readyz", "interval": "1s"}]}]);
+    let id = world
+        .add_machine_with("iad", services, json!({"env": {"READY_AFTER_MS": "1500"}}))
+        .await;
+    let stopped = || async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let states = world.states().await;
+            if states[&id] == "stopped" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never stopped: {states:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    stopped().await;
+
+    let started = std::time::Instant::now();
+    let (status, body) = world.send(&[], None).await;
+    assert_eq!(status, 200, "after {:?}: {body}", started.elapsed());
+    assert_eq!(body["machine"], id.as_str());
+    stopped().await;
 }
