@@ -43,11 +43,9 @@ impl Fleet {
             Arc::new(mcpfly::demo::processes::SupervisedSpawner),
         );
         let emu = Emulator::start(EmulatorConfig {
-            driver: Arc::new(driver.clone()),
-            default_check_status: "critical".into(),
             rate_limits: RateLimits::disabled(),
             realism: Realism::off(),
-            ..EmulatorConfig::default()
+            ..driver.emulator_config()
         })
         .await
         .unwrap();

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use fly_adapter::client::FlyClient;
 use fly_adapter::client::types::{ListMachinesQuery, StopRequest};
-use fly_emulator::EmulatorConfig;
 use fly_emulator::local::runc::{RUNC_IMAGE_ENV, RuncImage};
 use fly_emulator::local::{LocalDriver, LocalDriverConfig};
 use k8s_openapi::api::core::v1::Secret;
@@ -70,17 +69,7 @@ async fn world(namespace: &str, cache: bool) -> anyhow::Result<World> {
         driver_config,
         Arc::new(mcpfly::demo::processes::SupervisedSpawner),
     );
-    let options = StackOptions {
-        emulator: EmulatorConfig {
-            driver: Arc::new(driver.clone()),
-            default_check_status: "critical".into(),
-            ..EmulatorConfig::default()
-        },
-        verify: true,
-        url_template: "http://{emulator}/apps/{app}/mcp".into(),
-        ..Default::default()
-    };
-    let stack = Stack::start(namespace, options).await?;
+    let stack = Stack::start(namespace, StackOptions::with_local_machines(&driver)).await?;
     let fly = fly_client(&stack);
     Ok(World {
         stack,

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use fly_adapter::client::types::ListMachinesQuery;
-use fly_emulator::EmulatorConfig;
 use fly_emulator::local::{LocalDriver, LocalDriverConfig, LocalProcess, ProcessSpawner};
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -208,17 +207,7 @@ async fn a_changed_description_is_detected_blocked_and_approved() -> anyhow::Res
             bin: bin.display().to_string(),
         }),
     );
-    let options = StackOptions {
-        emulator: EmulatorConfig {
-            driver: Arc::new(driver.clone()),
-            default_check_status: "critical".into(),
-            ..EmulatorConfig::default()
-        },
-        verify: true,
-        url_template: "http://{emulator}/apps/{app}/mcp".into(),
-        ..Default::default()
-    };
-    let stack = Stack::start("tools-review", options).await?;
+    let stack = Stack::start("tools-review", StackOptions::with_local_machines(&driver)).await?;
     let api = stack.deployments().await?;
 
     // Version 1, nothing approved yet: every tool is new, and block refuses them all.

@@ -244,6 +244,16 @@ impl LocalDriver {
         Self { inner }
     }
 
+    /// An emulator whose machines this driver runs. A machine's checks read `critical` until its process answers
+    /// its readiness probe (the driver reports each answer), as a real machine's do before a passing run.
+    pub fn emulator_config(&self) -> super::EmulatorConfig {
+        super::EmulatorConfig {
+            driver: Arc::new(self.clone()),
+            default_check_status: "critical".into(),
+            ..Default::default()
+        }
+    }
+
     /// Stops every process now (also done when the last clone is dropped).
     pub fn shutdown(&self) {
         let all: Vec<Running> = {

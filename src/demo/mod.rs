@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Args, Parser};
 use fly_emulator::local::{LocalDriver, LocalDriverConfig};
-use fly_emulator::{DEFAULT_ORG, DEFAULT_TOKEN, Emulator, EmulatorConfig, EmulatorHandle};
+use fly_emulator::{DEFAULT_ORG, DEFAULT_TOKEN, Emulator, EmulatorHandle};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -204,14 +204,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             driver_config.runc = Some(Arc::new(image));
         }
         let driver = LocalDriver::new(driver_config, Arc::new(processes::SupervisedSpawner));
-        let emulator_config = EmulatorConfig {
-            driver: Arc::new(driver.clone()),
-            // Checks pass only when the local process answers /readyz (the driver reports it).
-            default_check_status: "critical".into(),
-            ..EmulatorConfig::default()
-        };
         let emulator = Emulator::start_on(
-            emulator_config,
+            driver.emulator_config(),
             SocketAddr::from(([127, 0, 0, 1], args.port)),
         )
         .await

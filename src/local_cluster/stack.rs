@@ -75,6 +75,19 @@ impl Default for StackOptions {
     }
 }
 
+impl StackOptions {
+    /// Machines that really run, on `driver`: the controller handshakes through each app's URL on the emulator's
+    /// proxy once Ready.
+    pub fn with_local_machines(driver: &fly_emulator::local::LocalDriver) -> Self {
+        Self {
+            emulator: driver.emulator_config(),
+            verify: true,
+            url_template: "http://{emulator}/apps/{app}/mcp".into(),
+            ..Default::default()
+        }
+    }
+}
+
 pub struct Stack {
     pub cp: &'static ControlPlane,
     pub namespace: String,
