@@ -16,6 +16,15 @@ use mcpfly::local_cluster::ControlPlane;
 /// The ServiceAccount namespace the chart is rendered for.
 pub const SYSTEM_NS: &str = "mcpfly-system";
 
+/// The longest a follower may take to lead after the leader died without releasing the Lease, by construction
+/// of the controller's timing: it sees the leader's last renewal (made at or before the death) within one retry
+/// period, and takes over on its first look a lease duration after that, at most one retry period late; 3 s
+/// cover the API server round trips of those looks and the test's own poll (15 + 2·2 + 3 = 22 s).
+pub fn takeover_bound() -> Duration {
+    let timing = mcpfly::controller::leader::LeaseTiming::default();
+    timing.lease_duration + 2 * timing.retry_period + Duration::from_secs(3)
+}
+
 /// A `mcpfly controller` process; killed (SIGKILL) when dropped.
 pub struct ControllerProcess {
     child: Option<Child>,
