@@ -91,11 +91,12 @@ async fn fleet_bench_small_n() -> anyhow::Result<()> {
         "{app_gets} app GETs per create: {summary}"
     );
     // Here that is 4 (one look while the image is pulled, one while starting, one once started, one after the
-    // grace period), sometimes 5 when a look lands just before the start completes; each echo reconciled would
-    // add one.
+    // grace period), sometimes 5 when a look lands just before the start completes, so the mean of the creates
+    // is at most 5 whatever the luck (4.5 failed when two of three were 5). Each echo reconciled would add one
+    // per status write, and a create writes status several times: with echoes reconciled it was 6.00.
     let listings = per_create.get("machines.list").copied().unwrap_or_default();
     assert!(
-        listings <= 4.5,
+        listings <= 5.0,
         "{listings} machine listings per create: {summary}"
     );
     assert_eq!(report.singles.calls_after_ready, 0.0, "{summary}");

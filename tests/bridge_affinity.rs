@@ -18,7 +18,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const IMAGE: &str = "registry.example/mcpfly-runtime:test";
 const APP: &str = "affinity";
-const SESSIONS: usize = 10;
+/// Per client and round: enough that the proxy's uniform spread puts some on each of three machines whatever the
+/// luck (none on one machine out of 2×20: (2/3)^40, about 1e-7).
+const SESSIONS: usize = 20;
 const CALLS: usize = 4;
 
 struct Fleet {
@@ -96,7 +98,7 @@ impl Fleet {
     async fn add_machine(&self) -> String {
         // A service check on /readyz, so the proxy routes to a machine only once its bridge is ready. Without
         // auth every request is limited per client address, and here every client is 127.0.0.1 (the emulator's
-        // proxy sets no Fly-Client-IP): 40 sessions' calls, some counted twice by a replay, would exceed the
+        // proxy sets no Fly-Client-IP): 80 sessions' calls, some counted twice by a replay, would exceed the
         // per-address burst of 100, which is not what this test is about.
         let mut cmd: Vec<String> = [
             "mcpfly",
@@ -275,8 +277,8 @@ async fn official_clients_keep_handshake_sessions_across_machines_and_a_replacem
         assert_round(label, &second);
         reinitialized += second["reinitialized"].as_u64().unwrap();
     }
-    // The positive control for the spread: 2×10 sessions over 3 machines, so some lived on the replaced one
-    // (their clients had to start over; all on the other two has odds of (2/3)^20) and some on the others.
+    // The positive control for the spread: 2×20 sessions over 3 machines, so some lived on the replaced one
+    // (their clients had to start over; all on the other two has odds of (2/3)^40) and some on the others.
     assert!(
         reinitialized > 0,
         "no session lived on the replaced machine; the replacement was not exercised"

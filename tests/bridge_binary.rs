@@ -8,12 +8,34 @@ use std::time::Duration;
 
 use support::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("[::1]:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The port the bridge logged it listens on (`--port 0`: the kernel picks a free one at bind, so nothing can
+/// take it between a pick and the bind). The rest of the log is passed on to the test's stderr, so the pipe
+/// never fills.
+async fn listening_port(stderr: tokio::process::ChildStderr) -> u16 {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let port = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            eprintln!("{line}");
+            let Ok(line) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if line["message"] == "bridge listening" {
+                let addr: std::net::SocketAddr = line["addr"].as_str().unwrap().parse().unwrap();
+                assert!(addr.ip().is_unspecified(), "not listening on `::`: {addr}");
+                return addr.port();
+            }
+        }
+        panic!("the bridge exited without listening");
+    })
+    .await
+    .expect("the bridge never logged its address");
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+        }
+    });
+    port
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,21 +51,17 @@ async fn mcpfly_bridge_process_serves_and_stops_on_sigterm() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("MCP_AUTH_TOKEN"));
 
-    let port = free_port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mcpfly"))
-        .args([
-            "bridge",
-            "--port",
-            &port.to_string(),
-            "--path",
-            "/mcp",
-            "--",
-        ])
+        .args(["bridge", "--port", "0", "--path", "/mcp", "--"])
         .arg(&server)
         .env("MCP_AUTH_TOKEN", TOKEN)
+        .env("MCPFLY_LOG_FORMAT", "json")
+        .env("MCPFLY_LOG", "info")
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let port = listening_port(child.stderr.take().unwrap()).await;
     let http = {
         logs();
         reqwest::Client::new()

@@ -748,8 +748,8 @@ fn rpc_response(body: &str) -> Value {
 
 /// Regression guard for the delayed-ACK stall: an SSE answer goes out in several writes, and with Nagle on, every
 /// write after the first waited for the client's delayed ACK (~40 ms) on a kept-alive connection. Not a benchmark:
-/// a call takes a few ms here and 40+ ms with the stall, so the median and the 90th percentile tell them apart
-/// even on a loaded 2-core machine.
+/// a call takes a few ms here and 40+ ms with the stall. The stall is a floor under every call, so the fastest
+/// quarter tells them apart; load only makes some calls slow, never the fastest ten of forty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_streamed_calls_on_one_connection_never_wait_for_a_delayed_ack() {
     let bridge = start_bridge(&[], Auth::bearer(TOKEN.into())).await;
@@ -807,11 +807,12 @@ async fn sequential_streamed_calls_on_one_connection_never_wait_for_a_delayed_ac
     }
     for (era, mut times) in [("handshake", handshake), ("2026-07-28", modern_era)] {
         times.sort();
-        let median = times[times.len() / 2];
-        let p90 = times[times.len() * 9 / 10];
+        // With Nagle on every call waits >= 40 ms, so even the lower quartile does; without it a call takes a few
+        // ms, and 30 ms leaves ten times that for the quickest ten calls on a loaded machine.
+        let lower_quartile = times[times.len() / 4];
         assert!(
-            median < Duration::from_millis(20) && p90 < Duration::from_millis(35),
-            "{era}: sequential calls stall (median {median:?}, p90 {p90:?}): is TCP_NODELAY off?"
+            lower_quartile < Duration::from_millis(30),
+            "{era}: sequential calls stall (lower quartile {lower_quartile:?}, all {times:?}): is TCP_NODELAY off?"
         );
     }
     bridge.shutdown().await.unwrap();

@@ -41,12 +41,13 @@ fn hydra_binary() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Free ports for a process that binds them itself. Each stays held until all are picked, so no two are the same;
+/// what the kernel hands out after the release cannot be helped for a process (Hydra) that cannot bind port 0
+/// and say which.
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: [std::net::TcpListener; N] =
+        std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|l| l.local_addr().unwrap().port())
 }
 
 struct Hydra {
@@ -58,8 +59,9 @@ struct Hydra {
 /// Hydra in memory, with DCR on, JWT access tokens, and login/consent delegated to [`consent_app`].
 async fn start_hydra() -> Hydra {
     logs(); // installs the crypto provider reqwest needs
-    let (public, admin) = (free_port(), free_port());
+    // The consent app binds first, so Hydra's ports are never its.
     let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let [public, admin] = free_ports();
     let app_url = format!("http://{}", app.local_addr().unwrap());
     let issuer = format!("http://127.0.0.1:{public}");
     let admin_url = format!("http://127.0.0.1:{admin}");

@@ -369,8 +369,11 @@ fn envelope(capabilities: Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_required_is_bound_checked_single_use_and_bounded() {
     let python = python().to_string_lossy().into_owned();
+    // Long enough for the round trips between an input request and its answer below (through a Python child,
+    // on a loaded machine); the abandoned request then costs this long.
+    let input_timeout = std::time::Duration::from_secs(10);
     let bridge = start_bridge_cmd(
-        &["--input-timeout-secs", "2"],
+        &["--input-timeout-secs", &input_timeout.as_secs().to_string()],
         Auth::bearer(TOKEN.into()),
         &[&python, &feature_server(), "stdio"],
     )
@@ -483,7 +486,7 @@ async fn input_required_is_bound_checked_single_use_and_bounded() {
         while_held["result"]["isError"] == true || while_held.get("error").is_some(),
         "{while_held}"
     );
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + input_timeout + std::time::Duration::from_secs(18);
     loop {
         let (_, again) = modern_call(&url, 8, "sample", ask(&sampling), &[]).await;
         if again["result"]["resultType"] == "input_required" {

@@ -130,12 +130,29 @@ async fn metrics_health_and_readiness_of_a_running_controller() -> anyhow::Resul
         "mean reconcile {sum}/{count} s"
     );
 
-    // Every Fly exchange the emulator answered is in the metrics, by endpoint and status.
-    for ((label, status), n) in emulator.call_counts() {
-        let series =
-            format!("mcpfly_fly_api_calls_total{{endpoint=\"{label}\",status=\"{status}\"}}");
-        assert_eq!(m.value(&series), Some(n as f64), "{series}");
+    // Every Fly exchange the emulator answered is in the metrics, by endpoint and status. The controller keeps
+    // looking, so a call may be answered but not yet counted at one scrape: compare until a scrape agrees
+    // (bounded); a call missing from the metrics never does.
+    let mut disagreement = Vec::new();
+    for _ in 0..50 {
+        let answered = emulator.call_counts();
+        let scraped = controller.metrics().await;
+        disagreement = answered
+            .iter()
+            .filter_map(|((label, status), n)| {
+                let series = format!(
+                    "mcpfly_fly_api_calls_total{{endpoint=\"{label}\",status=\"{status}\"}}"
+                );
+                let value = scraped.value(&series);
+                (value != Some(*n as f64)).then(|| format!("{series}: {value:?}, answered {n}"))
+            })
+            .collect();
+        if disagreement.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert!(disagreement.is_empty(), "{disagreement:#?}");
     assert_eq!(m.fly_calls("apps.create"), 1.0, "exactly one app created");
     assert_eq!(
         m.fly_calls("machines.create"),

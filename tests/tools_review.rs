@@ -102,18 +102,50 @@ async fn python_calls(url: &str, token: &str) -> Value {
     bridge_env::client_json(command, "the Python client").await
 }
 
-async fn machine_states(stack: &Stack, app: &str) -> anyhow::Result<Vec<String>> {
+/// `call` until it answers, asking again while Fly rate-limits it (about once a second per app); bounded.
+async fn patiently<T, E, Fut>(what: &str, mut call: impl FnMut() -> Fut) -> anyhow::Result<T>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
     for _ in 0..10 {
-        match fly_client(stack)
-            .list_machines(app, &ListMachinesQuery::default())
-            .await
+        if let Ok(answer) = call().await {
+            return Ok(answer);
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    anyhow::bail!("cannot {what}")
+}
+
+async fn machine_states(stack: &Stack, app: &str) -> anyhow::Result<Vec<String>> {
+    let (fly, query) = (fly_client(stack), ListMachinesQuery::default());
+    let machines = patiently(&format!("list the machines of {app}"), || {
+        fly.list_machines(app, &query)
+    })
+    .await?;
+    Ok(machines.into_iter().map(|m| m.state).collect())
+}
+
+/// Whether a machine of `app` has a `start` event at or after `since` (Unix ms on the emulator's clock).
+async fn started_since(stack: &Stack, app: &str, since: i64) -> anyhow::Result<bool> {
+    let (fly, query) = (fly_client(stack), ListMachinesQuery::default());
+    let machines = patiently(&format!("list the machines of {app}"), || {
+        fly.list_machines(app, &query)
+    })
+    .await?;
+    for machine in machines {
+        let events = patiently(
+            &format!("read the events of machine {}", machine.id),
+            || fly.machine_events(app, &machine.id, 50),
+        )
+        .await?;
+        if events
+            .iter()
+            .any(|e| e.kind == "start" && e.timestamp >= since)
         {
-            Ok(machines) => return Ok(machines.into_iter().map(|m| m.state).collect()),
-            // Rate-limited (about once a second per app): ask again.
-            Err(_) => tokio::time::sleep(Duration::from_millis(1100)).await,
+            return Ok(true);
         }
     }
-    anyhow::bail!("cannot list the machines of {app}")
+    Ok(false)
 }
 
 async fn wait_states(stack: &Stack, app: &str, state: &str) -> anyhow::Result<()> {
@@ -350,13 +382,13 @@ async fn a_changed_description_is_detected_blocked_and_approved() -> anyhow::Res
             .all(|s| s == "stopped"),
         "a reconcile woke the idle machine"
     );
+    let clock = stack.emulator.clock();
+    let wake_began = clock.wall_ms(clock.now());
     let woke = python_calls(&url, &token).await;
     assert_eq!(woke["calls"][0]["text"], "hi", "{woke}");
+    // The start event, not the state: the 3 s autostop may park the machine again before a look.
     assert!(
-        machine_states(&stack, &app)
-            .await?
-            .iter()
-            .any(|s| s == "started"),
+        started_since(&stack, &app, wake_began).await?,
         "the positive control did not start the machine"
     );
 

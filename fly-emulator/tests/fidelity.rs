@@ -488,7 +488,7 @@ async fn leases_and_wait() {
     let raw2 = Raw::new(&emu_slow);
     let ms = app_with_machine(&raw2, "slow", json!({})).await;
     let p2 = format!("/apps/slow/machines/{}", ms["id"].as_str().unwrap());
-    let waiter = tokio::spawn(async move {
+    let mut waiter = tokio::spawn(async move {
         raw2.call(
             "GET",
             &format!("{p2}/wait?state=started&timeout=2"),
@@ -498,9 +498,22 @@ async fn leases_and_wait() {
         .await
         .0
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    emu_slow.clock().advance(Duration::from_secs(3));
-    assert_eq!(waiter.await.unwrap(), 408);
+    // Nothing says when the long-poll has reached the emulator, so time moves a second at a time until it
+    // answers: a wait registered at emulator time t expires at t + 2 s, and 29 steps stay short of the 30 s
+    // start, so the only answer it can get is the 408 (a loaded machine only costs more steps).
+    let mut status = None;
+    for _ in 0..29 {
+        emu_slow.clock().advance(Duration::from_secs(1));
+        if let Ok(answer) = tokio::time::timeout(Duration::from_millis(500), &mut waiter).await {
+            status = Some(answer.unwrap());
+            break;
+        }
+    }
+    assert_eq!(
+        status,
+        Some(408),
+        "the long-poll did not expire within 29 s of emulator time"
+    );
     assert_eq!(
         raw.call("POST", &format!("{p}/stop"), None, None).await.0,
         200

@@ -192,28 +192,32 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stuck_log_sink_never_blocks_a_request_and_shedding_is_counted() {
-        // The sink blocks until released, as a stalled stderr pipe would.
+        // The sink blocks until released, as a stalled stderr pipe would; it says when it holds the first record.
         let gate = Arc::new(std::sync::Barrier::new(2));
+        let taken = Arc::new(tokio::sync::Notify::new());
         let written = Arc::new(Mutex::new(0u32));
-        let (sink_gate, sink_written) = (gate.clone(), written.clone());
+        let (sink_gate, sink_taken, sink_written) = (gate.clone(), taken.clone(), written.clone());
         let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (auditor, writer) = Auditor::start(2, move |_| {
             if first.swap(false, Ordering::SeqCst) {
+                sink_taken.notify_one();
                 sink_gate.wait();
             }
             *sink_written.lock().unwrap() += 1;
         });
+        auditor.submit(AuditRecord::new("POST", "a".into()).finish(200));
+        tokio::time::timeout(Duration::from_secs(10), taken.notified())
+            .await
+            .expect("the writer never took the first record");
         let submitted = std::time::Instant::now();
-        for _ in 0..10 {
+        for _ in 0..9 {
             auditor.submit(AuditRecord::new("POST", "a".into()).finish(200));
-            // Let the writer take the first record and block on it.
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(
             submitted.elapsed() < Duration::from_secs(2),
             "submitting waited for the sink"
         );
-        // One record is in the stuck sink, two fit the queue: seven were shed, and counted.
+        // One record is in the stuck sink, two of the other nine fit the queue: seven were shed, and counted.
         assert_eq!(auditor.shed(), 7);
         gate.wait();
         auditor.close().await;

@@ -107,7 +107,10 @@ mod tests {
 
     #[tokio::test]
     async fn expires_after_ttl_and_forgets_transient_errors() {
-        let cache = TtlCache::<u32>::new(Duration::from_millis(30));
+        // The cache reads the real clock, so the TTL must outlast any preemption between two back-to-back
+        // look-ups on a loaded machine (30 ms did not); the sleep past it is what the test pays.
+        let ttl = Duration::from_secs(2);
+        let cache = TtlCache::<u32>::new(ttl);
         let calls = AtomicUsize::new(0);
         let fetch = || async {
             calls.fetch_add(1, Ordering::SeqCst);
@@ -116,7 +119,7 @@ mod tests {
         cache.get_or_fetch("k", fetch).await.unwrap();
         cache.get_or_fetch("k", fetch).await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::sleep(ttl + Duration::from_millis(50)).await;
         cache.get_or_fetch("k", fetch).await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
 

@@ -3,9 +3,9 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use fly_emulator::{DEFAULT_ORG, DEFAULT_TOKEN};
@@ -16,22 +16,24 @@ use mcpfly::local_cluster::ControlPlane;
 /// The ServiceAccount namespace the chart is rendered for.
 pub const SYSTEM_NS: &str = "mcpfly-system";
 
+/// The longest a follower may take to lead after the leader died without releasing the Lease, by construction
+/// of the controller's timing: it sees the leader's last renewal (made at or before the death) within one retry
+/// period, and takes over on its first look a lease duration after that, at most one retry period late; 3 s
+/// cover the API server round trips of those looks and the test's own poll (15 + 2·2 + 3 = 22 s).
+pub fn takeover_bound() -> Duration {
+    let timing = mcpfly::controller::leader::LeaseTiming::default();
+    timing.lease_duration + 2 * timing.retry_period + Duration::from_secs(3)
+}
+
 /// A `mcpfly controller` process; killed (SIGKILL) when dropped.
 pub struct ControllerProcess {
     child: Option<Child>,
     pub name: String,
-    pub http: String,
-    /// The seal listener's base URL.
-    pub seal: String,
+    /// Base URLs of the HTTP server and the seal listener, once read from the log ([`Self::http`],
+    /// [`Self::seal`]).
+    http: OnceLock<String>,
+    seal: OnceLock<String>,
     log: PathBuf,
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl ControllerProcess {
@@ -44,7 +46,6 @@ impl ControllerProcess {
         fly_url: &str,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        let (port, seal_port) = (free_port(), free_port());
         let log = cp.dir().join(format!("controller-{name}.log"));
         let file = std::fs::File::create(&log)?;
         // A benchmark may compare another build of the controller (BENCHMARKS.md, "Secrets by metadata").
@@ -56,8 +57,10 @@ impl ControllerProcess {
             .env("FLY_API_BASE_URL", fly_url)
             .env("FLY_API_TOKEN", DEFAULT_TOKEN)
             .env("FLY_ORG", DEFAULT_ORG)
-            .env("MCPFLY_METRICS_ADDR", format!("127.0.0.1:{port}"))
-            .env("MCPFLY_SEAL_ADDR", format!("127.0.0.1:{seal_port}"))
+            // Port 0: the kernel picks a free port at bind, so nothing else can take it between a pick here
+            // and the child's bind (many controllers start at once in some tests); the log says which.
+            .env("MCPFLY_METRICS_ADDR", "127.0.0.1:0")
+            .env("MCPFLY_SEAL_ADDR", "127.0.0.1:0")
             .env("MCPFLY_LOG_FORMAT", "json")
             .env("MCPFLY_LOG", "info")
             .env("MCPFLY_CLUSTER_NAME", "ops-tests")
@@ -80,10 +83,39 @@ impl ControllerProcess {
         Ok(Self {
             child: Some(child),
             name: name.into(),
-            http: format!("http://127.0.0.1:{port}"),
-            seal: format!("http://127.0.0.1:{seal_port}"),
+            http: OnceLock::new(),
+            seal: OnceLock::new(),
             log,
         })
+    }
+
+    /// The HTTP server's base URL (/metrics, /healthz, /readyz), or `None` until the process has bound it.
+    pub fn http(&self) -> Option<String> {
+        self.listening(&self.http, "serving /metrics, /healthz and /readyz")
+    }
+
+    /// The seal listener's base URL, or `None` until the process has bound it.
+    pub fn seal(&self) -> Option<String> {
+        self.listening(
+            &self.seal,
+            "serving /seal (TokenReview + SubjectAccessReview)",
+        )
+    }
+
+    /// The address in the JSON log line whose message is `message` (the controller logs each listener's bound
+    /// address), as a base URL.
+    fn listening(&self, known: &OnceLock<String>, message: &str) -> Option<String> {
+        if let Some(url) = known.get() {
+            return Some(url.clone());
+        }
+        let addr = self
+            .log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|line| line["message"] == message)?["addr"]
+            .as_str()?
+            .to_string();
+        Some(known.get_or_init(|| format!("http://{addr}")).clone())
     }
 
     pub fn pid(&self) -> u32 {
@@ -132,7 +164,7 @@ impl ControllerProcess {
     /// GET on the controller's HTTP server: `(status, body)`, or `None` while it does not answer.
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
         let response = reqwest::Client::new()
-            .get(format!("{}{path}", self.http))
+            .get(format!("{}{path}", self.http()?))
             .timeout(Duration::from_secs(2))
             .send()
             .await
