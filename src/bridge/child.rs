@@ -245,7 +245,7 @@ impl Child {
     }
 
     /// Sends a 2026-07-28 request: like [`Child::request`], and a request or log message the child sends while
-    /// this is the only request it is serving is routed to this handle (see [`Child::attribute`]).
+    /// this is the only request it is serving is routed to this handle (see [`attribute`]).
     pub fn request_modern(&self, message: Value) -> Result<RequestHandle, ChildError> {
         self.send_request(message, None, Origin::Modern)
     }
@@ -365,30 +365,6 @@ impl Child {
             }
             None => false,
         }
-    }
-
-    /// Routes a message the child sent on its own (a request to its client, or a log message) to the one
-    /// 2026-07-28 request it can belong to: stdio carries no link between a server's request and the client
-    /// request that caused it, so it is attributed only when exactly one client request (counting ones cancelled
-    /// within [`CANCELLED_LINGER`]) is running and that one is modern. Anything else is ambiguous, and guessing
-    /// could show one client's data to another: the message is handed back.
-    pub fn attribute(&self, message: Value) -> Result<(), Value> {
-        let mut routes = self.routes.lock().unwrap();
-        let now = tokio::time::Instant::now();
-        routes
-            .cancelled
-            .retain(|_, at| now.duration_since(*at) < CANCELLED_LINGER);
-        let mut running = routes
-            .pending
-            .values()
-            .filter(|p| p.origin != Origin::Bridge);
-        let (Some(only), None) = (running.next(), running.next()) else {
-            return Err(message);
-        };
-        if only.origin != Origin::Modern || !routes.cancelled.is_empty() {
-            return Err(message);
-        }
-        only.tx.send(message).map_err(|e| e.0)
     }
 
     /// Sends a request and waits for its response (progress is ignored).
@@ -516,7 +492,49 @@ fn route(routes: &Mutex<Routes>, mut message: Value, unsolicited: &mpsc::Unbound
         // Progress for a token we do not know (cancelled, or invented by the server) is dropped.
         return;
     }
+    // Attributed here, in the order the child wrote, not later by the owner: a server usually writes the answer
+    // right behind a log, and once the answer is routed nothing is left running to attribute the log to.
+    let message = if needs_attribution(&message) {
+        match attribute(&mut routes.lock().unwrap(), message) {
+            Ok(()) => return,
+            Err(message) => message,
+        }
+    } else {
+        message
+    };
     let _ = unsolicited.send(message);
+}
+
+/// What the child sends on its own that belongs to the client request that caused it: its requests to the client
+/// (sampling, elicitation, roots) and its log messages.
+fn needs_attribution(message: &Value) -> bool {
+    let Some(method) = message.get("method").and_then(Value::as_str) else {
+        return false;
+    };
+    message.get("id").is_some() || method == "notifications/message"
+}
+
+/// Routes a message the child sent on its own to the one 2026-07-28 request it can belong to: stdio carries no
+/// link between a server's request or log and the client request that caused it, so it is attributed only when
+/// exactly one client request (counting ones cancelled within [`CANCELLED_LINGER`]) is running and that one is
+/// modern. Anything else is ambiguous, and guessing could show one client's data to another: the message is
+/// handed back (to the owner's channel: a session's child sends it to its session).
+fn attribute(routes: &mut Routes, message: Value) -> Result<(), Value> {
+    let now = tokio::time::Instant::now();
+    routes
+        .cancelled
+        .retain(|_, at| now.duration_since(*at) < CANCELLED_LINGER);
+    let mut running = routes
+        .pending
+        .values()
+        .filter(|p| p.origin != Origin::Bridge);
+    let (Some(only), None) = (running.next(), running.next()) else {
+        return Err(message);
+    };
+    if only.origin != Origin::Modern || !routes.cancelled.is_empty() {
+        return Err(message);
+    }
+    only.tx.send(message).map_err(|e| e.0)
 }
 
 fn client_key(scope: &str, client_id: &Value) -> String {
@@ -531,4 +549,41 @@ pub fn is_response(message: &Value) -> bool {
 
 pub fn error_response(id: Value, code: i64, message: &str) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that logs and answers in one breath: the log must reach the request before its answer, even when
+    /// the owner's channel (where unattributed messages go) is not read at all.
+    #[tokio::test]
+    async fn a_log_written_just_before_the_answer_reaches_the_one_modern_request() {
+        let script = r#"read line
+id=$(printf '%s' "$line" | sed -n 's/.*"id":\([0-9]*\).*/\1/p')
+printf '%s\n%s\n' '{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"warning","data":"warning line"}}' "{\"jsonrpc\":\"2.0\",\"id\":$id,\"result\":{}}"
+sleep 30"#;
+        let spec = ChildSpec {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+        };
+        let (child, _never_read) = Child::spawn(&spec).unwrap();
+        let mut handle = child
+            .request_modern(
+                json!({"jsonrpc": "2.0", "id": "client-1", "method": "tools/call",
+                                   "params": {"name": "chatty"}}),
+            )
+            .unwrap();
+        let mut next = async || {
+            tokio::time::timeout(Duration::from_secs(10), handle.rx.recv())
+                .await
+                .expect("the child answers")
+                .expect("the request's channel stays open until its answer")
+        };
+        let first = next().await;
+        assert_eq!(first["method"], "notifications/message", "{first}");
+        let second = next().await;
+        assert_eq!(second["id"], "client-1", "{second}");
+        child.shutdown(Duration::from_millis(100)).await;
+    }
 }
