@@ -350,8 +350,9 @@ impl Primary {
                             );
                             let _ = healthy_tx.send(true);
                             child.shutdown(Duration::from_secs(2)).await;
+                            // Gone (the bridge dropped without a shutdown) is not a request to start.
                             tokio::select! {
-                                _ = wanted_rx.wait_for(|w| *w) => continue,
+                                wanted = wanted_rx.wait_for(|w| *w) => if wanted.is_ok() { continue } else { break },
                                 _ = until_shutdown(&mut shutdown) => break,
                             }
                         }
