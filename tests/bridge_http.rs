@@ -1151,7 +1151,16 @@ async fn the_2026_07_28_server_starts_on_first_use_unless_kept_warm() {
         bridge.warm_children() == 1 && lines(&marker).len() == 2 && running(&marker).len() == 1
     })
     .await;
-    // The first 2026-07-28 request is served, by a process it started.
+    // server/discover is answered from what the probe said, and starts nothing.
+    let response = post_modern(&url(&bridge), "server/discover", json!({})).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["result"]["_meta"]["io.modelcontextprotocol/serverInfo"]["name"].is_string(),
+        "{body}"
+    );
+    assert_eq!(lines(&marker).len(), 2, "discover started a process");
+    // The first 2026-07-28 request that needs the server is served, by a process it started.
     let response = post_modern(&url(&bridge), "tools/list", json!({})).await;
     assert_eq!(response.status(), StatusCode::OK);
     let body: Value = response.json().await.unwrap();

@@ -1116,6 +1116,16 @@ async fn modern_post(
     if modern::not_served(&method) {
         return rpc_error(audit, 404, id, modern::METHOD_NOT_FOUND, "Method not found");
     }
+    // What the server said when it last answered `initialize` (the boot probe's, for a lazy primary): discover
+    // needs nothing else, so it neither starts nor waits for the shared process.
+    if method == "server/discover"
+        && let Some(init) = state.primary.last_init()
+    {
+        return json_response(
+            200,
+            &json!({"jsonrpc": "2.0", "id": id, "result": modern::discover_result(&init)}),
+        );
+    }
     // discover must answer well inside the clients' 10 s probe timeout; other methods may wait for a cold start.
     let wait = if method == "server/discover" {
         Duration::from_secs(8).min(state.config.init_timeout)

@@ -296,6 +296,8 @@ pub struct Primary {
     /// True once a start answered `initialize`; false while the child is down after a crash or failed start.
     healthy: watch::Receiver<bool>,
     wanted: Arc<watch::Sender<bool>>,
+    /// The `InitializeResult` of the latest start that answered (the probe's included).
+    last_init: Arc<Mutex<Option<Value>>>,
 }
 
 /// Tool input schemas by tool name.
@@ -334,6 +336,8 @@ impl Primary {
         let (healthy_tx, healthy) = watch::channel(false);
         let wanted = Arc::new(watch::channel(eager).0);
         let mut wanted_rx = wanted.subscribe();
+        let last_init = Arc::new(Mutex::new(None));
+        let answered = last_init.clone();
         tokio::spawn(async move {
             let mut delay = backoff.initial;
             loop {
@@ -343,7 +347,8 @@ impl Primary {
                 let started = tokio::time::Instant::now();
                 match Child::spawn(&spec) {
                     Ok((child, unsolicited)) => match child.initialize(init_timeout).await {
-                        Ok(_) if !*wanted_rx.borrow_and_update() => {
+                        Ok(init) if !*wanted_rx.borrow_and_update() => {
+                            *answered.lock().unwrap() = Some(init);
                             tracing::info!(
                                 pid = child.pid(),
                                 "MCP server answered initialize; ready (its 2026-07-28 process starts on first use)"
@@ -373,6 +378,7 @@ impl Primary {
                                 subscribed: Arc::default(),
                             };
                             tokio::spawn(dispatch_unsolicited(ready.clone(), unsolicited));
+                            *answered.lock().unwrap() = Some(ready.init.clone());
                             let _ = tx.send(Some(ready));
                             let _ = healthy_tx.send(true);
                             tokio::select! {
@@ -413,7 +419,14 @@ impl Primary {
             state: rx,
             healthy,
             wanted,
+            last_init,
         }
+    }
+
+    /// What the server answered to the bridge's latest `initialize` (the boot probe's for a lazy primary not yet
+    /// used), for `server/discover`; `None` before any start answered.
+    pub fn last_init(&self) -> Option<Value> {
+        self.last_init.lock().unwrap().clone()
     }
 
     /// The running child, if it is initialized.
