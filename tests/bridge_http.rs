@@ -1122,6 +1122,76 @@ async fn a_burst_of_sessions_grows_the_warm_pool_so_the_next_burst_takes_servers
     bridge.shutdown().await.unwrap();
 }
 
+/// Of the pids in `marker`, those of server processes still running (not exited, not a zombie).
+fn running(marker: &std::path::Path) -> Vec<String> {
+    lines(marker)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, r)| !r.starts_with('Z'))
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_2026_07_28_server_starts_on_first_use_unless_kept_warm() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("pids");
+    let script = recording_server(&marker);
+    let bridge = start_bridge_cmd(
+        &["--warm-sessions", "1"],
+        Auth::bearer(TOKEN.into()),
+        &["/bin/sh", "-c", &script],
+    )
+    .await;
+    // Ready: a probe answered initialize. Then only the warm process runs; the probe is stopped.
+    wait_ready(&bridge).await;
+    eventually("the warm process, and nothing else, running", async || {
+        bridge.warm_children() == 1 && lines(&marker).len() == 2 && running(&marker).len() == 1
+    })
+    .await;
+    // server/discover is answered from what the probe said, and starts nothing.
+    let response = post_modern(&url(&bridge), "server/discover", json!({})).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["result"]["_meta"]["io.modelcontextprotocol/serverInfo"]["name"].is_string(),
+        "{body}"
+    );
+    assert_eq!(lines(&marker).len(), 2, "discover started a process");
+    // The first 2026-07-28 request that needs the server is served, by a process it started.
+    let response = post_modern(&url(&bridge), "tools/list", json!({})).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body.pointer("/result/tools").is_some_and(Value::is_array),
+        "{body}"
+    );
+    assert_eq!(lines(&marker).len(), 3);
+    assert_eq!(running(&marker).len(), 2);
+    bridge.shutdown().await.unwrap();
+
+    // Kept warm by choice: started at boot, with no 2026-07-28 request.
+    let marker = dir.path().join("pids-warm");
+    let script = recording_server(&marker);
+    let bridge = start_bridge_cmd(
+        &["--warm-sessions", "1", "--modern-warm"],
+        Auth::bearer(TOKEN.into()),
+        &["/bin/sh", "-c", &script],
+    )
+    .await;
+    wait_ready(&bridge).await;
+    eventually(
+        "the 2026-07-28 process and the warm one running",
+        async || bridge.warm_children() == 1 && running(&marker).len() == 2,
+    )
+    .await;
+    assert_eq!(lines(&marker).len(), 2, "no probe beside a kept process");
+    bridge.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_isolation_serves_every_session_from_one_server() {
     let dir = tempfile::tempdir().unwrap();

@@ -127,11 +127,16 @@ impl State {
         }
     }
 
-    /// Warm children the session limit leaves room for, with `starting` sessions about to be counted.
-    pub fn warm_room(&self, starting: usize) -> usize {
-        self.sessions
-            .max()
-            .saturating_sub(self.sessions.len() + starting)
+    /// Warm children the session limit leaves room for.
+    pub fn warm_room(&self) -> usize {
+        self.sessions.max().saturating_sub(self.sessions.len())
+    }
+
+    /// Brings the warm pool to its target in the background ([`WarmPool::refill`]).
+    pub fn refill_warm(self: &Arc<Self>) {
+        let state = Arc::downgrade(self);
+        self.warm
+            .refill(move || state.upgrade().map_or(0, |state| state.warm_room()));
     }
 }
 
@@ -154,11 +159,12 @@ pub fn router(state: Arc<State>) -> Router {
     router.with_state(state)
 }
 
-/// 200 only while the shared child is initialized (it answered `initialize`); 503 while it starts or restarts.
+/// 200 once the server answered `initialize` ([`Primary::healthy`]); 503 while it first starts or restarts.
 async fn readyz(AxumState(state): AxumState<Arc<State>>) -> Response {
-    match state.primary.current() {
-        Some(_) => (StatusCode::OK, "ready").into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "MCP server not ready").into_response(),
+    if state.primary.healthy() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "MCP server not ready").into_response()
     }
 }
 
@@ -175,10 +181,14 @@ async fn metrics(AxumState(state): AxumState<Arc<State>>) -> Response {
          mcpfly_bridge_sessions {}\n\
          # HELP mcpfly_bridge_warm_children Server processes started and waiting for a session.\n\
          # TYPE mcpfly_bridge_warm_children gauge\n\
-         mcpfly_bridge_warm_children {}\n",
+         mcpfly_bridge_warm_children {}\n\
+         # HELP mcpfly_bridge_warm_starts_total Server processes the warm pool has started.\n\
+         # TYPE mcpfly_bridge_warm_starts_total counter\n\
+         mcpfly_bridge_warm_starts_total {}\n",
         state.audit.shed(),
         state.sessions.len(),
         state.warm.len(),
+        state.warm.started(),
     );
     (
         [(
@@ -195,6 +205,8 @@ async fn mcp(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
+    // Until the handler answers (the whole call for a JSON answer): the warm pool starts nothing meanwhile.
+    let _busy = state.warm.activity().begin();
     let client = client_address(&state.config, request.headers(), peer);
     let mut audit = AuditRecord::new(method_name(request.method()), client);
     let origin = request
@@ -795,10 +807,8 @@ async fn initialize(state: &Arc<State>, audit: &mut AuditRecord, mut message: Va
         }
         None => Warm::spawn(&state.spec),
     };
-    // Refill now, beside this session's initialize rather than before it, within what the session limit leaves
-    // once this session is counted.
-    let (warm, room) = (state.warm.clone(), state.warm_room(1));
-    tokio::spawn(async move { warm.fill(room) });
+    // Refilled once requests pause, within what the session limit leaves then.
+    state.refill_warm();
     let Warm {
         child,
         unsolicited,
@@ -1105,6 +1115,16 @@ async fn modern_post(
     }
     if modern::not_served(&method) {
         return rpc_error(audit, 404, id, modern::METHOD_NOT_FOUND, "Method not found");
+    }
+    // What the server said when it last answered `initialize` (the boot probe's, for a lazy primary): discover
+    // needs nothing else, so it neither starts nor waits for the shared process.
+    if method == "server/discover"
+        && let Some(init) = state.primary.last_init()
+    {
+        return json_response(
+            200,
+            &json!({"jsonrpc": "2.0", "id": id, "result": modern::discover_result(&init)}),
+        );
     }
     // discover must answer well inside the clients' 10 s probe timeout; other methods may wait for a cold start.
     let wait = if method == "server/discover" {
@@ -1470,6 +1490,7 @@ mod tests {
                 healthy_after: Duration::from_secs(60),
             },
             shutdown_rx.clone(),
+            true,
         );
         // A sink that never returns, as a stalled stderr pipe: one line sits in it, one in the queue of one, and
         // the rest is shed — and no log line can say so.

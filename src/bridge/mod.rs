@@ -159,6 +159,11 @@ pub struct BridgeArgs {
     /// (sampling, elicitation, roots, log and change notifications are not relayed to sessions).
     #[arg(long, value_enum, default_value_t = SessionIsolation::PerSession)]
     pub session_isolation: SessionIsolation,
+    /// Start the server process that serves 2026-07-28 requests at boot and keep it running, so the first such
+    /// request does not wait for a start. Without it, that process starts on the first 2026-07-28 request (with
+    /// `--session-isolation shared` it serves every session and always starts at boot).
+    #[arg(long)]
+    pub modern_warm: bool,
     /// How long, in seconds, a 2026-07-28 request that returned `input_required` waits for its client to retry
     /// with `inputResponses`; after that the server's question gets an error and its request is cancelled.
     #[arg(long, default_value_t = 300)]
@@ -357,6 +362,7 @@ pub async fn start(
             healthy_after: Duration::from_secs(60),
         },
         shutdown_rx.clone(),
+        args.modern_warm || args.session_isolation == SessionIsolation::Shared,
     );
     let (auditor, audit_writer) = audit::Auditor::start(audit::QUEUE, audit::Finished::write);
     let warm = warm::WarmPool::new(
@@ -378,19 +384,17 @@ pub async fn start(
     );
     state.tools = tools;
     let state = Arc::new(state);
-    // Warm children start once the primary has: a first start may download the package (`npx`/`uvx` into an
-    // empty cache, as on every boot of a stopped machine), and two installs racing into one cache corrupt it for
-    // good (npm: ENOTEMPTY, then modules missing on every restart).
+    // Warm children start once the primary (or its probe) has answered: a first start may download the package
+    // (`npx`/`uvx` into an empty cache, as on every boot of a stopped machine), and two installs racing into one
+    // cache corrupt it for good (npm: ENOTEMPTY, then modules missing on every restart).
     let warm_state = state.clone();
-    let room = args.max_sessions;
     tokio::spawn(async move {
         if warm_state
             .primary
-            .wait_ready(Duration::from_secs(24 * 3600))
+            .wait_answered(Duration::from_secs(24 * 3600))
             .await
-            .is_some()
         {
-            warm_state.warm.fill(room);
+            warm_state.refill_warm();
         }
     });
     let bridge_state = state.clone();
@@ -404,9 +408,10 @@ pub async fn start(
                 _ = tick.tick() => {
                     reaper_state.sessions.reap(idle, Duration::from_secs(2)).await;
                     // Once a burst is past the pool's horizon, its extra idle servers are stopped here. Not before
-                    // the primary is up: the first tick comes at once, while a first start may still be installing.
-                    if reaper_state.primary.current().is_some() {
-                        reaper_state.warm.fill(reaper_state.warm_room(0));
+                    // the server has answered once: the first tick comes at once, while a first start may still be
+                    // installing.
+                    if reaper_state.primary.healthy() {
+                        reaper_state.refill_warm();
                     }
                 }
                 _ = modern::until_shutdown(&mut reaper_shutdown) => break,

@@ -279,13 +279,25 @@ pub fn from_child(mut message: Value, method: &str, init: &Value) -> Value {
     message
 }
 
-/// The shared child: started at boot, initialized by the bridge, restarted with backoff when it exits.
+/// The shared child: initialized by the bridge, restarted with backoff when it exits.
 ///
 /// Restart rather than exit: exiting the bridge would also kill every healthy session's child and drop its
 /// client, and Fly's restart of the whole machine is slower than restarting one process. Readiness is false
 /// while the child is down, so Fly's health check and the controller see it.
+///
+/// Started at boot when it is known to be needed (`--session-isolation shared`: every session uses it) or asked
+/// to be (`--modern-warm`); otherwise on the first request that needs it (a 2026-07-28 one): a bridge whose
+/// clients all speak the handshake era then keeps no process for a path nobody uses. Readiness still means the
+/// server answered `initialize`: at boot, a lazy primary starts once as a probe, is initialized and stopped. The
+/// probe also runs any package install the first start does (`npx`/`uvx` into an empty cache) before the warm
+/// pool starts anything ([`Primary::wait_answered`]), so two installs never race.
 pub struct Primary {
     state: watch::Receiver<Option<Ready>>,
+    /// True once a start answered `initialize`; false while the child is down after a crash or failed start.
+    healthy: watch::Receiver<bool>,
+    wanted: Arc<watch::Sender<bool>>,
+    /// The `InitializeResult` of the latest start that answered (the probe's included).
+    last_init: Arc<Mutex<Option<Value>>>,
 }
 
 /// Tool input schemas by tool name.
@@ -311,13 +323,21 @@ pub struct Backoff {
 }
 
 impl Primary {
+    /// `eager`: start the child now and keep it; otherwise probe once and start it at the first
+    /// [`Primary::wait_ready`].
     pub fn start(
         spec: ChildSpec,
         init_timeout: Duration,
         backoff: Backoff,
         mut shutdown: watch::Receiver<bool>,
+        eager: bool,
     ) -> Self {
         let (tx, rx) = watch::channel(None);
+        let (healthy_tx, healthy) = watch::channel(false);
+        let wanted = Arc::new(watch::channel(eager).0);
+        let mut wanted_rx = wanted.subscribe();
+        let last_init = Arc::new(Mutex::new(None));
+        let answered = last_init.clone();
         tokio::spawn(async move {
             let mut delay = backoff.initial;
             loop {
@@ -327,6 +347,20 @@ impl Primary {
                 let started = tokio::time::Instant::now();
                 match Child::spawn(&spec) {
                     Ok((child, unsolicited)) => match child.initialize(init_timeout).await {
+                        Ok(init) if !*wanted_rx.borrow_and_update() => {
+                            *answered.lock().unwrap() = Some(init);
+                            tracing::info!(
+                                pid = child.pid(),
+                                "MCP server answered initialize; ready (its 2026-07-28 process starts on first use)"
+                            );
+                            let _ = healthy_tx.send(true);
+                            child.shutdown(Duration::from_secs(2)).await;
+                            // Gone (the bridge dropped without a shutdown) is not a request to start.
+                            tokio::select! {
+                                wanted = wanted_rx.wait_for(|w| *w) => if wanted.is_ok() { continue } else { break },
+                                _ = until_shutdown(&mut shutdown) => break,
+                            }
+                        }
                         Ok(init) => {
                             tracing::info!(
                                 pid = child.pid(),
@@ -344,7 +378,9 @@ impl Primary {
                                 subscribed: Arc::default(),
                             };
                             tokio::spawn(dispatch_unsolicited(ready.clone(), unsolicited));
+                            *answered.lock().unwrap() = Some(ready.init.clone());
                             let _ = tx.send(Some(ready));
+                            let _ = healthy_tx.send(true);
                             tokio::select! {
                                 _ = child.wait_exit() => {
                                     tracing::warn!("MCP server exited; not ready until it is restarted");
@@ -364,6 +400,7 @@ impl Primary {
                     Err(error) => tracing::error!(%error, "cannot start the MCP server"),
                 }
                 let _ = tx.send(None);
+                let _ = healthy_tx.send(false);
                 if started.elapsed() >= backoff.healthy_after {
                     delay = backoff.initial;
                 }
@@ -378,15 +415,44 @@ impl Primary {
                 delay = (delay * 2).min(backoff.max);
             }
         });
-        Self { state: rx }
+        Self {
+            state: rx,
+            healthy,
+            wanted,
+            last_init,
+        }
     }
 
+    /// What the server answered to the bridge's latest `initialize` (the boot probe's for a lazy primary not yet
+    /// used), for `server/discover`; `None` before any start answered.
+    pub fn last_init(&self) -> Option<Value> {
+        self.last_init.lock().unwrap().clone()
+    }
+
+    /// The running child, if it is initialized.
     pub fn current(&self) -> Option<Ready> {
         self.state.borrow().clone()
     }
 
-    /// Waits up to `timeout` for the child to be ready.
+    /// Readiness: the server answered `initialize` at its last start (the probe's, for a lazy primary not yet
+    /// used), and the child is not down after a crash or a failed start.
+    pub fn healthy(&self) -> bool {
+        *self.healthy.borrow()
+    }
+
+    /// Waits up to `timeout` for [`Primary::healthy`], without starting the child.
+    pub async fn wait_answered(&self, timeout: Duration) -> bool {
+        let mut healthy = self.healthy.clone();
+        matches!(
+            tokio::time::timeout(timeout, healthy.wait_for(|h| *h)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Starts the child if it is not (a lazy primary's first use) and waits up to `timeout` for it to be ready.
     pub async fn wait_ready(&self, timeout: Duration) -> Option<Ready> {
+        self.wanted
+            .send_if_modified(|wanted| !std::mem::replace(wanted, true));
         let mut state = self.state.clone();
         let ready = tokio::time::timeout(timeout, state.wait_for(|s| s.is_some())).await;
         match ready {

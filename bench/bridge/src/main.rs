@@ -71,6 +71,16 @@ struct Cli {
     /// Skip the slow-starting child.
     #[arg(long)]
     no_slow: bool,
+    /// Skip the fast child.
+    #[arg(long)]
+    no_fast: bool,
+    /// Only these contenders (a diagnosis, not a comparison): mcpfly, mcpfly-shared, supergateway, mcp-proxy,
+    /// floor.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// An extra argument for both mcpfly contenders (repeat), e.g. `--mcpfly-arg=--warm-sessions-max=1`.
+    #[arg(long, allow_hyphen_values = true)]
+    mcpfly_arg: Vec<String>,
     /// A quick run: 1 round, few samples, 1 s throughput windows (a smoke test of the harness, not figures).
     #[arg(long)]
     smoke: bool,
@@ -98,6 +108,16 @@ enum Contender {
 }
 
 impl Contender {
+    fn key(self) -> &'static str {
+        match self {
+            Contender::Mcpfly => "mcpfly",
+            Contender::McpflyShared => "mcpfly-shared",
+            Contender::Supergateway => "supergateway",
+            Contender::McpProxy => "mcp-proxy",
+            Contender::Floor => "floor",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Contender::Mcpfly => "mcpfly",
@@ -121,6 +141,10 @@ struct Samples {
     call_ms: Vec<f64>,
     throughput: BTreeMap<usize, Vec<f64>>,
     cpu_ms_per_1000: Vec<f64>,
+    /// Processes the contender started from the sequential phase's handshake to its last call.
+    seq_starts: Vec<f64>,
+    /// Times the contender's processes were preempted (involuntary context switches) per 100 sequential calls.
+    seq_preempted: Vec<f64>,
     rss_per_session_mib: Vec<f64>,
     bridge_rss_mib: Vec<f64>,
 }
@@ -161,7 +185,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         contenders.push(Contender::McpProxy);
     }
     contenders.push(Contender::Floor);
-    let mut kinds = vec![ChildKind::Fast];
+    if !cli.only.is_empty() {
+        contenders.retain(|c| cli.only.iter().any(|o| o == c.key()));
+    }
+    let mut kinds = Vec::new();
+    if !cli.no_fast {
+        kinds.push(ChildKind::Fast);
+    }
     if !cli.no_slow {
         if cli.python.is_none() {
             bail!("--python is required for the slow-starting child (or pass --no-slow)");
@@ -273,6 +303,7 @@ async fn start(cli: &Cli, contender: Contender, kind: ChildKind) -> anyhow::Resu
             if contender == Contender::McpflyShared {
                 a.extend(["--session-isolation".into(), "shared".into()]);
             }
+            a.extend(cli.mcpfly_arg.iter().cloned());
             a.push("--".into());
             a.extend(child);
             a
@@ -520,16 +551,27 @@ async fn measure_running(
     }
 
     // Sequential calls on one kept-alive connection.
+    let before = descendants(running.pid);
     let http = client();
     let session = handshake(&http, url).await?;
     for id in 0..10 {
         call(&http, url, &session, id).await?;
     }
+    let preempted_before = preemptions(running.pid);
     for id in 0..cli.calls as u64 {
         let t = Instant::now();
         call(&http, url, &session, 100 + id).await?;
         samples.call_ms.push(ms(t.elapsed()));
     }
+    let preempted = preemptions(running.pid).saturating_sub(preempted_before);
+    samples
+        .seq_preempted
+        .push(preempted as f64 * 100.0 / cli.calls.max(1) as f64);
+    let started = descendants(running.pid)
+        .iter()
+        .filter(|pid| !before.contains(pid))
+        .count();
+    samples.seq_starts.push(started as f64);
     end(&http, url, &session).await;
 
     if kind == ChildKind::Fast {
@@ -629,6 +671,31 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// RSS of `root` and every descendant.
 fn tree_rss_kib(root: u32) -> u64 {
+    descendants(root).iter().map(|pid| rss_kib(*pid)).sum()
+}
+
+/// Involuntary context switches of `root` and its descendants, all their threads: each is a moment a runnable
+/// thread of the contender waited for the CPU while something else ran.
+fn preemptions(root: u32) -> u64 {
+    let mut total = 0;
+    for pid in descendants(root) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            total += status
+                .lines()
+                .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
+/// `root` and every process below it.
+fn descendants(root: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
@@ -659,7 +726,7 @@ fn tree_rss_kib(root: u32) -> u64 {
         );
         i += 1;
     }
-    tree.iter().map(|pid| rss_kib(*pid)).sum()
+    tree
 }
 
 fn percentile(values: &[f64], p: f64) -> f64 {
@@ -751,6 +818,24 @@ fn report(
                 values: columns
                     .iter()
                     .map(|c| percentile(&get(*c).call_ms, 99.0))
+                    .collect(),
+            },
+            Row {
+                name: "preemptions per 100 sequential calls (contender's processes)".into(),
+                lower_is_better: true,
+                values: columns
+                    .iter()
+                    .map(|c| median(&get(*c).seq_preempted))
+                    .collect(),
+            },
+            Row {
+                name:
+                    "processes started, sequential phase (its handshake included; most in a round)"
+                        .into(),
+                lower_is_better: true,
+                values: columns
+                    .iter()
+                    .map(|c| percentile(&get(*c).seq_starts, 100.0))
                     .collect(),
             },
         ];
@@ -847,6 +932,11 @@ fn report(
             // As a factor, > 1: mcpfly is ahead (against the floor, < 1 is expected: 0.5× is twice its time).
             for &(ours, peer) in &pairs {
                 let (ours, peer) = (row.values[ours], row.values[peer]);
+                // A count (processes started) has no meaningful factor when one side is zero.
+                if ours == 0.0 || peer == 0.0 {
+                    out.push_str(" – |");
+                    continue;
+                }
                 let ratio = if row.lower_is_better {
                     peer / ours
                 } else {
