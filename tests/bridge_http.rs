@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use mcpfly::bridge::auth::Auth;
+use mcpfly::bridge::{Bridge, auth::Auth};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::*;
@@ -85,13 +85,7 @@ async fn missing_or_wrong_token_is_401_and_starts_no_server() {
         test_server().display()
     );
     // No warm children here: every spawn after the shared child's is then one a request caused.
-    let bridge = start_bridge_cmd(
-        &["--warm-sessions", "0"],
-        Auth::bearer(TOKEN.into()),
-        &["/bin/sh", "-c", &script],
-    )
-    .await;
-    wait_ready(&bridge).await;
+    let bridge = ready_bridge_running(&script, &["--warm-sessions", "0"]).await;
     assert_eq!(count_lines(&marker), 1, "only the shared child at start");
     let client = http();
     let missing = client
@@ -988,6 +982,14 @@ fn lines(path: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// A bridge started with `args` (and the test token), each of whose servers runs `script` in `sh -c`, once ready.
+async fn ready_bridge_running(script: &str, args: &[&str]) -> Bridge {
+    let bridge =
+        start_bridge_cmd(args, Auth::bearer(TOKEN.into()), &["/bin/sh", "-c", script]).await;
+    wait_ready(&bridge).await;
+    bridge
+}
+
 /// A server that records its pid (`exec` keeps it) in `marker` when it starts.
 fn recording_server(marker: &std::path::Path) -> String {
     format!(
@@ -1002,13 +1004,8 @@ async fn new_sessions_take_servers_started_ahead_and_the_pool_stays_within_the_s
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("pids");
     let script = recording_server(&marker);
-    let bridge = start_bridge_cmd(
-        &["--warm-sessions", "2", "--max-sessions", "3"],
-        Auth::bearer(TOKEN.into()),
-        &["/bin/sh", "-c", &script],
-    )
-    .await;
-    wait_ready(&bridge).await;
+    let bridge =
+        ready_bridge_running(&script, &["--warm-sessions", "2", "--max-sessions", "3"]).await;
     eventually("the shared server and two warm ones", async || {
         lines(&marker).len() == 3
     })
@@ -1059,13 +1056,7 @@ async fn the_warm_server_starts_after_the_first_so_package_installs_never_race()
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("pids");
     let script = installing_server(dir.path(), &marker);
-    let bridge = start_bridge_cmd(
-        &["--warm-sessions", "1"],
-        Auth::bearer(TOKEN.into()),
-        &["/bin/sh", "-c", &script],
-    )
-    .await;
-    wait_ready(&bridge).await;
+    let bridge = ready_bridge_running(&script, &["--warm-sessions", "1"]).await;
     eventually("the shared server and a warm one", async || {
         lines(&marker).len() == 2
     })
@@ -1090,13 +1081,11 @@ async fn a_burst_of_sessions_grows_the_warm_pool_so_the_next_burst_takes_servers
         ready.display(),
         test_server().display()
     );
-    let bridge = start_bridge_cmd(
+    let bridge = ready_bridge_running(
+        &script,
         &["--warm-sessions", "1", "--warm-sessions-max", "4"],
-        Auth::bearer(TOKEN.into()),
-        &["/bin/sh", "-c", &script],
     )
     .await;
-    wait_ready(&bridge).await;
     let u = url(&bridge);
     let client = http();
     // Three sessions back to back: faster than one spare can be started again.
@@ -1176,13 +1165,7 @@ async fn the_2026_07_28_server_starts_on_first_use_unless_kept_warm() {
     // Kept warm by choice: started at boot, with no 2026-07-28 request.
     let marker = dir.path().join("pids-warm");
     let script = recording_server(&marker);
-    let bridge = start_bridge_cmd(
-        &["--warm-sessions", "1", "--modern-warm"],
-        Auth::bearer(TOKEN.into()),
-        &["/bin/sh", "-c", &script],
-    )
-    .await;
-    wait_ready(&bridge).await;
+    let bridge = ready_bridge_running(&script, &["--warm-sessions", "1", "--modern-warm"]).await;
     eventually(
         "the 2026-07-28 process and the warm one running",
         async || bridge.warm_children() == 1 && running(&marker).len() == 2,
@@ -1197,13 +1180,7 @@ async fn shared_isolation_serves_every_session_from_one_server() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("pids");
     let script = recording_server(&marker);
-    let bridge = start_bridge_cmd(
-        &["--session-isolation", "shared"],
-        Auth::bearer(TOKEN.into()),
-        &["/bin/sh", "-c", &script],
-    )
-    .await;
-    wait_ready(&bridge).await;
+    let bridge = ready_bridge_running(&script, &["--session-isolation", "shared"]).await;
     let u = url(&bridge);
     let client = http();
     let one = open_session(&client, &u).await;
