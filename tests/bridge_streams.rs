@@ -462,14 +462,7 @@ async fn a_server_request_with_no_client_stream_waits_bounded_then_fails_instead
         .await
         .unwrap();
     assert_eq!(answered.status(), StatusCode::ACCEPTED);
-    let mut outcome = String::new();
-    for n in 0..50 {
-        outcome = tool_text(&c, &u, &session, 10 + n, "roots_later_outcome").await;
-        if outcome != "<pending>" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let outcome = settled_roots_outcome(&c, &u, &session, 10).await;
     assert_eq!(outcome, "0 roots");
 
     // No stream at all while the server asks: after the wait (1 s here) the server gets an error. The first look
@@ -500,14 +493,26 @@ async fn a_server_request_with_no_client_stream_waits_bounded_then_fails_instead
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let outcome = settled_roots_outcome(&c, &u, &session, 3).await;
+    assert!(outcome.starts_with("roots failed"), "{outcome}");
+    bridge.shutdown().await.unwrap();
+}
+
+/// What `roots_later_outcome` says once it no longer says pending (looked at up to 50 times, 100 ms apart), the
+/// looks numbered from `first_id`.
+async fn settled_roots_outcome(
+    c: &reqwest::Client,
+    u: &str,
+    session: &str,
+    first_id: u64,
+) -> String {
     let mut outcome = String::new();
     for n in 0..50 {
-        outcome = tool_text(&c, &u, &session, 3 + n, "roots_later_outcome").await;
+        outcome = tool_text(c, u, session, first_id + n, "roots_later_outcome").await;
         if outcome != "<pending>" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(outcome.starts_with("roots failed"), "{outcome}");
-    bridge.shutdown().await.unwrap();
+    outcome
 }
