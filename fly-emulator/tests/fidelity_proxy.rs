@@ -203,14 +203,18 @@ impl World {
         m["id"].as_str().unwrap().to_string()
     }
 
-    /// `id → state` of the app's machines, as the API reads them.
-    async fn states(&self) -> BTreeMap<String, String> {
+    /// The app's machines, as the API lists them.
+    async fn machines(&self) -> Vec<Value> {
         let listed = self
             .api("GET", &format!("/apps/{}/machines", self.app), Value::Null)
             .await;
-        listed
-            .as_array()
-            .unwrap()
+        listed.as_array().expect("a list").clone()
+    }
+
+    /// `id → state` of the app's machines, as the API reads them.
+    async fn states(&self) -> BTreeMap<String, String> {
+        self.machines()
+            .await
             .iter()
             .map(|m| {
                 (
@@ -491,12 +495,9 @@ async fn public_url_waits_for_the_dns_delay() {
 /// Machine ids by region (`FLY_REGION` as the machines see it) and each one's time of its last `stopping` or
 /// `suspending` event, from the machines API.
 async fn parked_at(world: &World) -> BTreeMap<String, (String, Option<i64>)> {
-    let listed = world
-        .api("GET", &format!("/apps/{}/machines", world.app), Value::Null)
-        .await;
-    listed
-        .as_array()
-        .unwrap()
+    world
+        .machines()
+        .await
         .iter()
         .map(|m| {
             let parked = m["events"]
