@@ -389,6 +389,10 @@ fn summary(samples: &[Duration]) -> String {
     )
 }
 
+/// How long a machine idles before the cold-start figures suspend it: longer than a Python server's start on
+/// this host, far shorter than Fly's autostop (minutes).
+const SUSPEND_AFTER_IDLE: Duration = Duration::from_secs(10);
+
 /// Cold-start figures (BENCHMARKS.md "Cold start (issue 18)"): autostart-to-first-answer of an npm and a PyPI
 /// server from `stopped` (package cache empty, as today, or kept as a volume would keep it) and `suspended`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,6 +445,10 @@ async fn cold_start_figures() -> anyhow::Result<()> {
             for (case, samples) in cases.iter_mut() {
                 match *case {
                     "suspended" => {
+                        // Autostop suspends only an idle machine (Fly's proxy looks every few minutes); the
+                        // previous case's request has just started it, and its bridge refills the session pool
+                        // once requests stop. Suspending at once would time that refill, not a resume.
+                        tokio::time::sleep(SUSPEND_AFTER_IDLE).await;
                         w.fly.suspend_machine(&d.app, &d.machine, None).await?;
                         wait_state(&w, d, "suspended").await?;
                     }
