@@ -31,6 +31,11 @@ const READY: Duration = Duration::from_secs(240);
 const NPM_SERVER: (&str, &str) = ("@modelcontextprotocol/server-everything", "2026.8.31");
 const PYPI_SERVER: (&str, &str) = ("mcp-server-time", "2026.10.19");
 
+/// `spec.source` for `(package, version)` from `registry` (`npm` or `pypi`).
+fn package_source(registry: &str, (package, version): (&str, &str)) -> String {
+    format!(r#"{{{registry}: {{package: "{package}", version: "{version}"}}}}"#)
+}
+
 struct World {
     stack: Stack,
     driver: LocalDriver,
@@ -284,10 +289,7 @@ async fn npm_and_image_deployments_run_as_runc_machines_behind_the_proxy() -> an
     let npm = deploy(
         &w,
         "everything",
-        &format!(
-            r#"{{npm: {{package: "{}", version: "{}"}}}}"#,
-            NPM_SERVER.0, NPM_SERVER.1
-        ),
+        &package_source("npm", NPM_SERVER),
         "suspend",
     )
     .await?;
@@ -403,34 +405,13 @@ async fn cold_start_figures() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let w = world("runc-coldstart", true).await?;
-    let servers = [
-        (
-            "npm",
-            deploy(
-                &w,
-                "npm",
-                &format!(
-                    r#"{{npm: {{package: "{}", version: "{}"}}}}"#,
-                    NPM_SERVER.0, NPM_SERVER.1
-                ),
-                "stop",
-            )
-            .await?,
-        ),
-        (
-            "pypi",
-            deploy(
-                &w,
-                "pypi",
-                &format!(
-                    r#"{{pypi: {{package: "{}", version: "{}"}}}}"#,
-                    PYPI_SERVER.0, PYPI_SERVER.1
-                ),
-                "stop",
-            )
-            .await?,
-        ),
-    ];
+    let mut servers = Vec::new();
+    for (kind, server) in [("npm", NPM_SERVER), ("pypi", PYPI_SERVER)] {
+        servers.push((
+            kind,
+            deploy(&w, kind, &package_source(kind, server), "stop").await?,
+        ));
+    }
     println!(
         "cold start: {reps} runs per case, request through the emulator's proxy until the initialize answer"
     );
