@@ -104,6 +104,64 @@ async fn create_becomes_ready_with_url_machines_digests_and_connection_secret() 
     Ok(())
 }
 
+/// REALISM.md §1: a new app answers 404, then 401, for a while. The controller does not hold a worker through that
+/// lag: with a single worker, the second deployment's app is created while the first app is still invisible (the
+/// worker used to wait for the app inside the create, so every deployment queued behind it for the whole lag).
+#[tokio::test]
+async fn a_worker_is_not_held_while_a_new_app_becomes_visible() -> anyhow::Result<()> {
+    let lag = Duration::from_secs(5);
+    let mut emulator = EmulatorConfig::default();
+    emulator.realism.app_visibility_lag = lag;
+    let stack = Stack::start(
+        "ctl-app-lag",
+        StackOptions {
+            emulator,
+            concurrency: 1,
+            ..Default::default()
+        },
+    )
+    .await?;
+    stack.apply(&manifest("first", "")).await?;
+    stack.apply(&manifest("second", "")).await?;
+    stack.wait_ready("first", READY + lag).await?;
+    stack.wait_ready("second", READY + lag).await?;
+
+    let log = stack.emulator.event_log();
+    // Fly's create answer names no app in the path; the two creates in time order suffice.
+    let creates: Vec<i64> = log
+        .iter()
+        .filter(|e| e.label == "apps.create" && e.status < 300)
+        .map(|e| e.time_ms)
+        .collect();
+    assert_eq!(creates.len(), 2, "two apps created");
+    let looks_after_create: Vec<(i64, u16)> = log
+        .iter()
+        .filter(|e| e.label == "apps.get" && e.time_ms > creates[0])
+        .map(|e| (e.time_ms, e.status))
+        .collect();
+    // The lag was in force: looks after the first create met Fly's 401 (the lag's second half; a free name
+    // answers 404) before any app answered 200.
+    let first_visible_at = looks_after_create
+        .iter()
+        .find(|(_, status)| *status == 200)
+        .map(|(at, _)| *at)
+        .expect("an app was seen");
+    assert!(
+        looks_after_create
+            .iter()
+            .any(|(at, status)| *at < first_visible_at && *status == 401),
+        "looked before the first app was visible: {looks_after_create:?}"
+    );
+    assert!(
+        creates[1] < first_visible_at,
+        "the one worker created the second app at {} ms, only after the first became visible at \
+         {first_visible_at} ms (created at {} ms): it was held through the lag",
+        creates[1],
+        creates[0]
+    );
+    Ok(())
+}
+
 fn position(events: &[EventRecord], label: &str, machine: &str) -> Vec<usize> {
     events
         .iter()

@@ -742,6 +742,60 @@ async fn create_app_waits_until_the_app_is_visible() {
     assert_eq!(gets.last(), Some(&200));
 }
 
+/// REALISM.md §1, for a caller that looks again later instead of waiting: `send_app_create` returns before the app
+/// is visible, and until it is, both of Fly's answers for it (404, then 401) read as "not visible yet" — never as
+/// a free name or another org's app.
+#[tokio::test]
+async fn send_app_create_returns_at_once_and_the_lag_reads_as_not_visible_yet() {
+    let emu = emulator(EmulatorConfig {
+        realism: Realism {
+            app_visibility_lag: Duration::from_secs(3),
+            ..Realism::off()
+        },
+        ..Default::default()
+    })
+    .await;
+    let c = client(&emu);
+    c.send_app_create(&CreateAppRequest {
+        name: "app-later".into(),
+        org_slug: DEFAULT_ORG.into(),
+        network: None,
+        enable_subdomains: None,
+    })
+    .await
+    .expect("create");
+    assert!(c.recently_created("app-later"));
+    let mut answers = Vec::new();
+    let visible = loop {
+        match c.get_app("app-later").await {
+            Ok(app) => break app,
+            Err(e) => {
+                assert!(e.is_app_not_visible_yet(), "{e:?}");
+                answers.push(e);
+            }
+        }
+        // Fly's rate for Get App on one app: the client's limiter never has to hold a look back.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(visible.name, "app-later");
+    assert!(
+        !answers.is_empty(),
+        "the first look came before the app was visible"
+    );
+    let log = emu.event_log();
+    let statuses: Vec<u16> = log
+        .iter()
+        .filter(|e| e.label == "apps.get")
+        .map(|e| e.status)
+        .collect();
+    assert!(
+        statuses.contains(&404) && statuses.contains(&401) && statuses.last() == Some(&200),
+        "looked through 404 and 401 to 200: {statuses:?}"
+    );
+    // Once it answered, its 404s mean what they say again.
+    assert!(!c.recently_created("app-later"));
+}
+
 /// REALISM.md §1: a 401 for a name this client never created is someone else's app, not "not yet".
 #[tokio::test]
 async fn a_401_for_a_name_never_created_is_another_orgs_app() {

@@ -98,7 +98,8 @@ async fn life(t: &Target, app: &str) -> Vec<(&'static str, Answer)> {
                              "checks": [{"type": "tcp", "port": 8080, "interval": "10s", "timeout": "2s",
                                          "grace_period": "5s"}]}]})
     };
-    // Create [get_app (free), create_app + wait_for_app, assign_ip ×2, set_secrets, create_machine].
+    // Create [get_app (free), send_app_create, get_app once a second until visible, assign_ip ×2, set_secrets,
+    // create_machine].
     out.push((
         "apps.get (free name)",
         t.call("GET", &format!("/apps/{app}"), None, None).await.0,

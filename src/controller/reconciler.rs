@@ -35,7 +35,7 @@ use crate::reconcile::act::{Actor, Outcome};
 use crate::reconcile::desired::{
     AUTH_TOKEN_SECRET, DesiredDeployment, Inputs, app_name_for, desired, org_for,
 };
-use crate::reconcile::observe::observe;
+use crate::reconcile::observe::{AppKnown, observe};
 use crate::reconcile::ownership::{self, Claims, Owned, Proof};
 use crate::reconcile::plan::{Action, Blocked, Observed, ObservedApp, Plan, Progress, plan};
 use crate::reconcile::policy;
@@ -45,6 +45,9 @@ use crate::sealing::unsealer::{CredentialRef, CredentialSource, Unsealer};
 const FIELD_MANAGER: &str = "mcpfly";
 /// While an app is being deleted.
 const DELETE_POLL: Duration = Duration::from_secs(2);
+/// While our new app is not visible yet (Fly answers 404, then 401, for a while; REALISM.md §1): Fly's sustained
+/// rate for Get App on one app, so the look never waits on the client's rate limiter.
+const APP_VISIBILITY_POLL: Duration = Duration::from_secs(1);
 
 pub async fn reconcile(obj: Arc<MCPDeployment>, ctx: Arc<Context>) -> Result<Next, Error> {
     let obj = ctx.settled.freshest(obj);
@@ -119,7 +122,7 @@ async fn cleanup(
         ctx.in_flight.forget_app(app);
         ctx.fleet.forget(app);
         if obj.spec.deletion_policy == DeletionPolicy::Delete {
-            let observed = observe(&ctx.fly, app, false, false).await?;
+            let observed = observe(&ctx.fly, app, false, AppKnown::Nothing).await?;
             let seen = status.machines.iter().map(|m| m.id.clone()).collect();
             let claims = ownership_claims(obj, app, created.as_deref(), &seen);
             let org = org_for(&obj.spec, &ctx.settings);
@@ -210,6 +213,9 @@ enum Halt {
     Stall(Stall),
     /// Retried with backoff; status is not written.
     Retry(Error),
+    /// Fly has not caught up with our own change yet: looked at again after this long, without backoff and
+    /// without a status write.
+    NotYet(Duration),
 }
 
 impl From<Error> for Halt {
@@ -310,6 +316,7 @@ async fn apply(
         }
         Err(Halt::Stall(stall)) => stalled(api, obj, &run.stored, status, stall, ctx).await,
         Err(Halt::Retry(e)) => Err(e),
+        Err(Halt::NotYet(after)) => Ok(Next::after(after)),
     }
 }
 
@@ -556,7 +563,14 @@ impl Run<'_> {
         let ready_for_generation = self.stored.phase == Some(Phase::Ready)
             && self.stored.observed_generation == self.generation;
         let with_ips = !ready_for_generation && !ctx.in_flight.ips_known(app, self.generation);
-        let observed = observe(&ctx.fly, app, with_ips, ctx.in_flight.app_known(app)).await?;
+        let observed = match observe(&ctx.fly, app, with_ips, ctx.in_flight.app_known(app)).await {
+            // Our own new app, not visible yet: nothing else can be done in it before it is.
+            Err(e) if e.is_app_not_visible_yet() => return Err(Halt::NotYet(APP_VISIBILITY_POLL)),
+            other => other?,
+        };
+        if matches!(observed.app, ObservedApp::Present { .. }) {
+            ctx.in_flight.note_seen(app);
+        }
         if observed.app == ObservedApp::Missing {
             ctx.in_flight.forget_known_app(app);
         }
@@ -688,15 +702,17 @@ impl Run<'_> {
             ctx.in_flight.note_created(&self.uid, app, &id);
             status.app_id = Some(id);
             self.write_status(status).await?;
-        }
-        if outcome.error.is_none() {
+        } else if outcome.error.is_none() {
+            // A new app is not visible for a while (REALISM.md §1): the rest of the plan waits for the reconcile
+            // that sees it (see `report`), so no worker sits through Fly's lag.
             outcome = outcome.then(actor.run(rest).await);
-        }
-        if outcome.error.is_none() {
-            // The app exists in our org now, and its IPs are complete if they were looked at (or just assigned).
-            let ips_done = observed.ips.is_some() || observed.app == ObservedApp::Missing;
-            ctx.in_flight
-                .note_app(app, ips_done.then_some(self.generation).flatten());
+            if outcome.error.is_none() {
+                // The app is in our org, and its IPs are complete if they were looked at (or just assigned).
+                ctx.in_flight.note_app(
+                    app,
+                    observed.ips.is_some().then_some(self.generation).flatten(),
+                );
+            }
         }
         for (reason, note) in &outcome.done {
             info!(reason, note, "changed on Fly");
@@ -749,6 +765,8 @@ impl Run<'_> {
         let mut act_error = None;
         let mut requeue = match &outcome.error {
             None if the_plan.converged() => Next::after(ctx.ready_requeue()),
+            // Just created: the rest of the plan once Fly shows the app.
+            None if outcome.created_app_id.is_some() => Next::after(APP_VISIBILITY_POLL),
             None => Next::after(next_look(
                 &observed.machines,
                 the_plan

@@ -48,6 +48,8 @@ pub struct StackOptions {
     pub client: Option<kube::Client>,
     /// `--tools-policy`.
     pub tools_policy: crate::api::ToolsPolicy,
+    /// `--concurrency`: resources reconciled at once.
+    pub concurrency: u16,
 }
 
 impl Default for StackOptions {
@@ -71,6 +73,7 @@ impl Default for StackOptions {
             fly_api_base_url: None,
             client: None,
             tools_policy: Default::default(),
+            concurrency: 8,
         }
     }
 }
@@ -154,7 +157,7 @@ impl Stack {
                 .as_secs()
                 .max(1),
             converge_interval_ms: options.converge_interval.as_millis() as u64,
-            concurrency: 8,
+            concurrency: options.concurrency,
             fly_org_mutations_per_second: None,
             fly_org_mutations_burst: 20.0,
             operations: crate::controller::OperationsConfig::in_process(),

@@ -14,6 +14,7 @@ use fly_adapter::client::types::{
 use fly_adapter::client::{FlyClient, FlyError};
 
 use super::desired::metadata;
+use super::observe::AppKnown;
 use super::plan::Action;
 
 /// How long a lease is requested for; the guard refreshes it at a third of this while held.
@@ -48,6 +49,8 @@ pub struct InFlight {
     /// (owner UID, app) → the id our create returned, until status records it: a failed status write right
     /// after a create must not leave this process unable to prove the app its own.
     created_apps: Mutex<HashMap<(String, String), String>>,
+    /// Apps this process created that have not yet been seen: empty by construction when they first answer.
+    created_unseen: Mutex<std::collections::HashSet<String>>,
 }
 
 impl InFlight {
@@ -104,8 +107,20 @@ impl InFlight {
             .remove(&(app.to_string(), name.to_string()));
     }
 
-    pub fn app_known(&self, app: &str) -> bool {
-        self.known_apps.lock().unwrap().contains_key(app)
+    /// What observation may take as known about `app` (see [`AppKnown`]).
+    pub fn app_known(&self, app: &str) -> AppKnown {
+        if self.known_apps.lock().unwrap().contains_key(app) {
+            AppKnown::InOurOrg
+        } else if self.created_unseen.lock().unwrap().contains(app) {
+            AppKnown::CreatedEmpty
+        } else {
+            AppKnown::Nothing
+        }
+    }
+
+    /// Our new app answered: from now on it is observed like any other (the plan is about to put things in it).
+    pub fn note_seen(&self, app: &str) {
+        self.created_unseen.lock().unwrap().remove(app);
     }
 
     /// Whether the IPs of `app` were confirmed for this generation.
@@ -128,6 +143,7 @@ impl InFlight {
             .lock()
             .unwrap()
             .insert((owner_uid.to_string(), app.to_string()), id.to_string());
+        self.created_unseen.lock().unwrap().insert(app.to_string());
     }
 
     /// The id of `app` as our create returned it to `owner_uid`'s reconcile, if this process created it.
@@ -147,6 +163,7 @@ impl InFlight {
     /// Drops every lease held for `app` (deletion, suspension); dropping a guard releases its lease.
     pub fn forget_app(&self, app: &str) {
         self.forget_known_app(app);
+        self.note_seen(app);
         self.created_apps
             .lock()
             .unwrap()
@@ -278,7 +295,9 @@ impl Actor<'_> {
                     network: Some(network.clone()).filter(|n| !n.is_empty()),
                     enable_subdomains: None,
                 };
-                match self.fly.create_app(&request).await {
+                // Not waited for here: the app becomes visible a while later (REALISM.md §1), and the rest of
+                // the plan continues in a later reconcile that sees it.
+                match self.fly.send_app_create(&request).await {
                     Ok(created) => {
                         outcome.created_app_id = Some(created.id);
                         outcome

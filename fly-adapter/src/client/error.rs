@@ -136,6 +136,18 @@ impl FlyError {
         )
     }
 
+    /// Fly's 404 or 401 for an app this client created moments ago: not visible yet (REALISM.md §1), not missing
+    /// or someone else's. Look again in a while.
+    pub fn is_app_not_visible_yet(&self) -> bool {
+        matches!(
+            self,
+            FlyError::Transient {
+                status: Some(401 | 404),
+                ..
+            }
+        )
+    }
+
     /// Worth trying again later without first observing Fly's state.
     pub fn is_retryable(&self) -> bool {
         matches!(

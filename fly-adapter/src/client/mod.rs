@@ -463,9 +463,9 @@ impl FlyClient {
                         });
                     }
                     let mut err = classify(status, &body, request_id, retry_after, mutating);
-                    if matches!(status, 401 | 404)
-                        && r.app.is_some_and(|app| self.recently_created(app))
-                    {
+                    let not_visible_yet = matches!(status, 401 | 404)
+                        && r.app.is_some_and(|app| self.recently_created(app));
+                    if not_visible_yet {
                         err = FlyError::Transient {
                             status: Some(status),
                             message: format!(
@@ -483,8 +483,9 @@ impl FlyClient {
                         tokio::time::sleep(self.backoff(attempt, retry_after)).await;
                         continue;
                     }
-                    // A 404 is often the answer the caller asked for ("is this name free?"): not a warning.
-                    if status == 404 {
+                    // A 404 is often the answer the caller asked for ("is this name free?"), and our own new app
+                    // answering 404/401 is Fly's lag: neither is a warning.
+                    if status == 404 || not_visible_yet {
                         tracing::debug!(label = r.label, status, request_id = err.request_id(), error = %err, "fly call: not found");
                     } else {
                         tracing::warn!(label = r.label, status, request_id = err.request_id(), error = %err, "fly call failed");
@@ -587,10 +588,19 @@ impl FlyClient {
         own.contains_key(app)
     }
 
-    /// As fly-go's `CreateApp` + `WaitForApp`: `POST /apps?wait=true`, then GET until the app is visible (Fly
-    /// answers 404, then 401, for a while). If it is not visible within a minute the answer is a retryable
+    /// As fly-go's `CreateApp` + `WaitForApp`: [`FlyClient::send_app_create`], then GET until the app is visible
+    /// (Fly answers 404, then 401, for a while). If it is not visible within a minute the answer is a retryable
     /// [`FlyError::Transient`]; the create is remembered either way, so later 404/401 are not misread.
     pub async fn create_app(&self, req: &CreateAppRequest) -> Result<CreatedApp, FlyError> {
+        let created = self.send_app_create(req).await?;
+        self.wait_for_app(&req.name, APP_WAIT).await?;
+        Ok(created)
+    }
+
+    /// `POST /apps?wait=true`, remembered as this client's own create, without waiting for the app to become
+    /// visible: until it does, calls naming it fail with [`FlyError::is_app_not_visible_yet`]. For a caller that
+    /// looks again later instead of holding a worker through Fly's lag (the controller).
+    pub async fn send_app_create(&self, req: &CreateAppRequest) -> Result<CreatedApp, FlyError> {
         let created: CreatedApp = self
             .json(
                 Req::new(endpoint::APPS_CREATE, Method::POST, "/apps".into())
@@ -604,7 +614,6 @@ impl FlyClient {
             .lock()
             .expect("own creates poisoned")
             .insert(req.name.clone(), tokio::time::Instant::now());
-        self.wait_for_app(&req.name, APP_WAIT).await?;
         Ok(created)
     }
 
