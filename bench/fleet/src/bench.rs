@@ -195,6 +195,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     s.insert("realism".into(), format!("{:?}", opts.realism));
     s.insert("concurrency".into(), opts.concurrency.to_string());
     s.insert(
+        "idle_window_starts_after_ready".into(),
+        format!("{:?}", opts.settle),
+    );
+    s.insert(
         "converge_interval_ms".into(),
         opts.converge_interval_ms.to_string(),
     );

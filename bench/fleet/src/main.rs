@@ -39,6 +39,11 @@ struct Args {
     /// Idle measurement window.
     #[arg(long, default_value_t = 300)]
     idle_seconds: u64,
+    /// When the idle window starts after the fleet is Ready. The default includes the listings that report the
+    /// convergence's own changes (within the listing's 60 s overlap); past about two poll intervals it measures
+    /// the steady state.
+    #[arg(long, default_value_t = 15)]
+    idle_after_seconds: u64,
     /// Skip the naive baseline.
     #[arg(long)]
     no_baseline: bool,
@@ -88,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
     }
     opts.fleet_poll_seconds = args.fleet_poll_seconds;
     opts.idle_window = Duration::from_secs(args.idle_seconds);
+    opts.settle = Duration::from_secs(args.idle_after_seconds);
     opts.baseline = !args.no_baseline;
     opts.baseline_resync_seconds = args.baseline_resync_seconds;
     opts.baseline_idle_window = Duration::from_secs(args.baseline_idle_seconds);
