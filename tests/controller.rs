@@ -109,7 +109,9 @@ async fn create_becomes_ready_with_url_machines_digests_and_connection_secret() 
 /// worker used to wait for the app inside the create, so every deployment queued behind it for the whole lag).
 #[tokio::test]
 async fn a_worker_is_not_held_while_a_new_app_becomes_visible() -> anyhow::Result<()> {
-    let lag = Duration::from_secs(5);
+    // Long enough that the second create cannot miss it on a loaded machine: it needs a handful of apiserver
+    // round trips after the first.
+    let lag = Duration::from_secs(8);
     let mut emulator = EmulatorConfig::default();
     emulator.realism.app_visibility_lag = lag;
     let stack = Stack::start(
@@ -159,6 +161,25 @@ async fn a_worker_is_not_held_while_a_new_app_becomes_visible() -> anyhow::Resul
         creates[1],
         creates[0]
     );
+    // The reconcile that first saw each new app took it as empty: neither its machines nor its IPs were listed
+    // before the controller made them.
+    let mut apps_seen = BTreeSet::new();
+    let first_machine_creates = log
+        .iter()
+        .filter(|e| e.label == "machines.create" && apps_seen.insert(e.app.clone()));
+    for create in first_machine_creates {
+        let listed_before: Vec<&str> = log
+            .iter()
+            .filter(|e| e.app == create.app && e.time_ms < create.time_ms)
+            .filter(|e| e.label == "machines.list" || e.label == "ips.list")
+            .map(|e| e.label.as_str())
+            .collect();
+        assert!(
+            listed_before.is_empty(),
+            "{:?} listed before its first machine: {listed_before:?}",
+            create.app
+        );
+    }
     Ok(())
 }
 

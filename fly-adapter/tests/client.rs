@@ -712,15 +712,7 @@ async fn ips_metadata_regions_and_org_listing() {
 /// `?wait=true`, waits until the app is visible, and then the app is usable at once.
 #[tokio::test]
 async fn create_app_waits_until_the_app_is_visible() {
-    let emu = emulator(EmulatorConfig {
-        realism: Realism {
-            // The client paces app GETs at Fly's 1/s: long enough for both answers to be seen.
-            app_visibility_lag: Duration::from_secs(3),
-            ..Realism::off()
-        },
-        ..Default::default()
-    })
-    .await;
+    let emu = emulator_with_app_lag().await;
     let c = client(&emu);
     new_app(&c, "app-lag").await;
     // Usable at once: the create returned only when the app was visible.
@@ -730,16 +722,33 @@ async fn create_app_waits_until_the_app_is_visible() {
     let log = emu.event_log();
     let create = log.iter().find(|e| e.label == "apps.create").unwrap();
     assert_eq!(create.path, "/v1/apps?wait=true");
+    assert_looked_through_the_lag(&log);
+}
+
+/// An emulator whose new apps answer 404, then 401, for 3 s: with app GETs at Fly's 1/s, long enough for both
+/// answers to be seen.
+async fn emulator_with_app_lag() -> fly_emulator::EmulatorHandle {
+    emulator(EmulatorConfig {
+        realism: Realism {
+            app_visibility_lag: Duration::from_secs(3),
+            ..Realism::off()
+        },
+        ..Default::default()
+    })
+    .await
+}
+
+/// The app GETs in `log` met 404 and 401 and ended on 200.
+fn assert_looked_through_the_lag(log: &[fly_emulator::EventRecord]) {
     let gets: Vec<u16> = log
         .iter()
         .filter(|e| e.label == "apps.get")
         .map(|e| e.status)
         .collect();
     assert!(
-        gets.contains(&404) && gets.contains(&401),
-        "waited through 404 and 401: {gets:?}"
+        gets.contains(&404) && gets.contains(&401) && gets.last() == Some(&200),
+        "looked through 404 and 401 to 200: {gets:?}"
     );
-    assert_eq!(gets.last(), Some(&200));
 }
 
 /// REALISM.md §1, for a caller that looks again later instead of waiting: `send_app_create` returns before the app
@@ -747,14 +756,7 @@ async fn create_app_waits_until_the_app_is_visible() {
 /// a free name or another org's app.
 #[tokio::test]
 async fn send_app_create_returns_at_once_and_the_lag_reads_as_not_visible_yet() {
-    let emu = emulator(EmulatorConfig {
-        realism: Realism {
-            app_visibility_lag: Duration::from_secs(3),
-            ..Realism::off()
-        },
-        ..Default::default()
-    })
-    .await;
+    let emu = emulator_with_app_lag().await;
     let c = client(&emu);
     c.send_app_create(&CreateAppRequest {
         name: "app-later".into(),
@@ -782,16 +784,7 @@ async fn send_app_create_returns_at_once_and_the_lag_reads_as_not_visible_yet() 
         !answers.is_empty(),
         "the first look came before the app was visible"
     );
-    let log = emu.event_log();
-    let statuses: Vec<u16> = log
-        .iter()
-        .filter(|e| e.label == "apps.get")
-        .map(|e| e.status)
-        .collect();
-    assert!(
-        statuses.contains(&404) && statuses.contains(&401) && statuses.last() == Some(&200),
-        "looked through 404 and 401 to 200: {statuses:?}"
-    );
+    assert_looked_through_the_lag(&emu.event_log());
     // Once it answered, its 404s mean what they say again.
     assert!(!c.recently_created("app-later"));
 }

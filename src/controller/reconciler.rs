@@ -119,10 +119,19 @@ async fn cleanup(
             .app_id
             .clone()
             .or_else(|| ctx.in_flight.created_id(&uid, app));
-        ctx.in_flight.forget_app(app);
-        ctx.fleet.forget(app);
+        let forget_app = || {
+            ctx.in_flight.forget_app(app);
+            ctx.fleet.forget(app);
+        };
         if obj.spec.deletion_policy == DeletionPolicy::Delete {
-            let observed = observe(&ctx.fly, app, false, AppKnown::Nothing).await?;
+            let observed = match observe(&ctx.fly, app, false, AppKnown::Nothing).await {
+                // Deleted while our new app is not visible yet: wait for it, keeping what proves it ours.
+                Err(e) if e.is_app_not_visible_yet() => {
+                    return Ok(Next::after(APP_VISIBILITY_POLL));
+                }
+                other => other?,
+            };
+            forget_app();
             let seen = status.machines.iter().map(|m| m.id.clone()).collect();
             let claims = ownership_claims(obj, app, created.as_deref(), &seen);
             let org = org_for(&obj.spec, &ctx.settings);
@@ -193,6 +202,7 @@ async fn cleanup(
             )
             .await;
         } else {
+            forget_app();
             ctx.publish(
                 obj,
                 EventType::Normal,
@@ -563,7 +573,14 @@ impl Run<'_> {
         let ready_for_generation = self.stored.phase == Some(Phase::Ready)
             && self.stored.observed_generation == self.generation;
         let with_ips = !ready_for_generation && !ctx.in_flight.ips_known(app, self.generation);
-        let observed = match observe(&ctx.fly, app, with_ips, ctx.in_flight.app_known(app)).await {
+        let observed = match observe(
+            &ctx.fly,
+            app,
+            with_ips,
+            ctx.in_flight.app_known(&self.uid, app),
+        )
+        .await
+        {
             // Our own new app, not visible yet: nothing else can be done in it before it is.
             Err(e) if e.is_app_not_visible_yet() => return Err(Halt::NotYet(APP_VISIBILITY_POLL)),
             other => other?,

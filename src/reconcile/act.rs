@@ -49,8 +49,8 @@ pub struct InFlight {
     /// (owner UID, app) → the id our create returned, until status records it: a failed status write right
     /// after a create must not leave this process unable to prove the app its own.
     created_apps: Mutex<HashMap<(String, String), String>>,
-    /// Apps this process created that have not yet been seen: empty by construction when they first answer.
-    created_unseen: Mutex<std::collections::HashSet<String>>,
+    /// (owner UID, app) → when this process created it, until it is first seen: empty by construction then.
+    created_unseen: Mutex<HashMap<(String, String), Instant>>,
 }
 
 impl InFlight {
@@ -107,11 +107,15 @@ impl InFlight {
             .remove(&(app.to_string(), name.to_string()));
     }
 
-    /// What observation may take as known about `app` (see [`AppKnown`]).
-    pub fn app_known(&self, app: &str) -> AppKnown {
+    /// What `owner_uid`'s observation may take as known about `app` (see [`AppKnown`]). A create is trusted to
+    /// have left the app empty only within Fly's visibility window: an app that took longer is listed.
+    pub fn app_known(&self, owner_uid: &str, app: &str) -> AppKnown {
         if self.known_apps.lock().unwrap().contains_key(app) {
-            AppKnown::InOurOrg
-        } else if self.created_unseen.lock().unwrap().contains(app) {
+            return AppKnown::InOurOrg;
+        }
+        let mut unseen = self.created_unseen.lock().unwrap();
+        unseen.retain(|_, at| at.elapsed() < fly_adapter::client::APP_VISIBILITY_WINDOW);
+        if unseen.contains_key(&(owner_uid.to_string(), app.to_string())) {
             AppKnown::CreatedEmpty
         } else {
             AppKnown::Nothing
@@ -120,7 +124,10 @@ impl InFlight {
 
     /// Our new app answered: from now on it is observed like any other (the plan is about to put things in it).
     pub fn note_seen(&self, app: &str) {
-        self.created_unseen.lock().unwrap().remove(app);
+        self.created_unseen
+            .lock()
+            .unwrap()
+            .retain(|(_, a), _| a != app);
     }
 
     /// Whether the IPs of `app` were confirmed for this generation.
@@ -143,7 +150,10 @@ impl InFlight {
             .lock()
             .unwrap()
             .insert((owner_uid.to_string(), app.to_string()), id.to_string());
-        self.created_unseen.lock().unwrap().insert(app.to_string());
+        self.created_unseen
+            .lock()
+            .unwrap()
+            .insert((owner_uid.to_string(), app.to_string()), Instant::now());
     }
 
     /// The id of `app` as our create returned it to `owner_uid`'s reconcile, if this process created it.
