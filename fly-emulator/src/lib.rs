@@ -132,7 +132,8 @@ pub struct Realism {
     /// Off: the URL answers as soon as a machine can take the request.
     pub public_url_needs_ip_and_service: bool,
     /// §8: `APP.fly.dev` resolves only "after a small delay" once the first public address is assigned; the
-    /// public URL answers 404 for this long after it. Zero: at once (Fly gives no figure, so it is opt-in).
+    /// public URL answers 404 for this long after it. Fly gives no figure: a fraction of a second in tests, seconds
+    /// in [`Realism::fly_timing`]. Zero: at once.
     pub public_dns_delay: Duration,
 }
 
@@ -155,7 +156,7 @@ impl Realism {
             autostop_per_region: true,
             suspend_needs_small_guest: true,
             public_url_needs_ip_and_service: true,
-            public_dns_delay: Duration::ZERO,
+            public_dns_delay: Duration::from_millis(300),
         }
     }
 
@@ -164,6 +165,7 @@ impl Realism {
         Realism {
             app_visibility_lag: Duration::from_secs(3),
             image_pull: Duration::from_secs(3),
+            public_dns_delay: Duration::from_secs(3),
             ..Self::fly()
         }
     }
