@@ -174,6 +174,70 @@ async fn the_adoption_annotation_takes_an_app_but_never_its_foreign_machines() -
     Ok(())
 }
 
+/// REALISM.md §1 across a restart: the controller created an app (its id is in status) and restarted before Fly
+/// showed it, so its client no longer remembers the create, and Fly's lag answers 404, then 401. That 401 is not
+/// another org's app: the resource waits for it and becomes Ready instead of stalling as `AppNameTaken`.
+#[tokio::test]
+async fn our_own_app_answering_401_after_a_restart_is_waited_for() -> anyhow::Result<()> {
+    let lag = Duration::from_secs(6);
+    let mut emulator = fly_emulator::EmulatorConfig::default();
+    emulator.realism.app_visibility_lag = lag;
+    let stack = Stack::start(
+        "own-restart",
+        StackOptions {
+            emulator,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let app = "own-restart-lagging";
+    let fly = format!(", app: {app}");
+    stack
+        .apply(&deployment("lagging", "", &fly, "  suspend: true"))
+        .await?;
+    stack
+        .wait_for("lagging", READY, "Suspended", |d| {
+            d.status.as_ref().and_then(|s| s.phase) == Some(mcpfly::api::Phase::Suspended)
+        })
+        .await?;
+    // The previous controller process's create: through another client, which the running controller's does not
+    // share, and recorded in status as the controller records it.
+    let created = fly_client(&stack)
+        .send_app_create(&CreateAppRequest {
+            name: app.into(),
+            org_slug: DEFAULT_ORG.into(),
+            network: Some(app.into()),
+            enable_subdomains: None,
+        })
+        .await?;
+    stack
+        .deployments()
+        .await?
+        .patch_status(
+            "lagging",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"status": {"app": app, "appId": created.id}})),
+        )
+        .await?;
+    stack.apply(&deployment("lagging", "", &fly, "")).await?;
+
+    let ready = stack.wait_ready("lagging", READY + lag).await?;
+    assert_eq!(
+        ready.status.unwrap().app_id.as_deref(),
+        Some(created.id.as_str())
+    );
+    // Positive control: the controller did meet the lag's 401 for this app.
+    let answers: Vec<u16> = stack
+        .emulator
+        .event_log()
+        .iter()
+        .filter(|e| e.label == "apps.get" && e.app.as_deref() == Some(app))
+        .map(|e| e.status)
+        .collect();
+    assert!(answers.contains(&401), "looks at {app}: {answers:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn our_create_is_recorded_and_proves_the_app_ours_at_deletion() -> anyhow::Result<()> {
     let stack = Stack::start("own-create", StackOptions::default()).await?;

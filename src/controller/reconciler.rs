@@ -588,6 +588,16 @@ impl Run<'_> {
         if matches!(observed.app, ObservedApp::Present { .. }) {
             ctx.in_flight.note_seen(app);
         }
+        // Our create's id is in status, yet Fly answers 401: the process restarted within Fly's lag and the client
+        // no longer remembers the create. Names are global and we hold this app's id, so it is ours, not yet
+        // visible: looked at again after the resource's backoff. An app that had our machines is not new, and a
+        // 401 for it stalls as someone else's.
+        if observed.app == ObservedApp::OwnedByOtherOrg
+            && self.stored.app_id.is_some()
+            && self.stored.machines.is_empty()
+        {
+            return Err(Halt::NotYet(ctx.backoff.failed(&self.uid)));
+        }
         if observed.app == ObservedApp::Missing {
             ctx.in_flight.forget_known_app(app);
         }
