@@ -339,7 +339,10 @@ async fn python_sdk_completes_the_oauth_flow_against_hydra_and_calls_tools() {
             .unwrap(),
     )
     .unwrap();
-    let token = out["access_token"].as_str().unwrap().to_string();
+    let token = out["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the Python OAuth client got no token: {out}"))
+        .to_string();
     let mut shown = out.clone();
     shown.as_object_mut().unwrap().remove("access_token");
     eprintln!("Python OAuth client: {shown}");

@@ -179,63 +179,119 @@ async fn the_adoption_annotation_takes_an_app_but_never_its_foreign_machines() -
 /// another org's app: the resource waits for it and becomes Ready instead of stalling as `AppNameTaken`.
 #[tokio::test]
 async fn our_own_app_answering_401_after_a_restart_is_waited_for() -> anyhow::Result<()> {
-    let lag = Duration::from_secs(6);
-    let mut emulator = fly_emulator::EmulatorConfig::default();
-    emulator.realism.app_visibility_lag = lag;
-    let stack = Stack::start(
-        "own-restart",
-        StackOptions {
-            emulator,
-            ..Default::default()
-        },
-    )
-    .await?;
-    let app = "own-restart-lagging";
-    let fly = format!(", app: {app}");
-    stack
-        .apply(&deployment("lagging", "", &fly, "  suspend: true"))
-        .await?;
-    stack
-        .wait_for("lagging", READY, "Suspended", |d| {
-            d.status.as_ref().and_then(|s| s.phase) == Some(mcpfly::api::Phase::Suspended)
-        })
-        .await?;
-    // The previous controller process's create: through another client, which the running controller's does not
-    // share, and recorded in status as the controller records it.
-    let created = fly_client(&stack)
-        .send_app_create(&CreateAppRequest {
-            name: app.into(),
-            org_slug: DEFAULT_ORG.into(),
-            network: Some(app.into()),
-            enable_subdomains: None,
-        })
-        .await?;
-    stack
-        .deployments()
-        .await?
-        .patch_status(
-            "lagging",
-            &PatchParams::default(),
-            &Patch::Merge(&serde_json::json!({"status": {"app": app, "appId": created.id}})),
-        )
-        .await?;
-    stack.apply(&deployment("lagging", "", &fly, "")).await?;
+    let lagging = LaggingApp::created_before_a_restart("own-restart").await?;
+    let stack = &lagging.stack;
+    stack.apply(&lagging.manifest("")).await?;
 
-    let ready = stack.wait_ready("lagging", READY + lag).await?;
+    let ready = stack.wait_ready("lagging", READY + LaggingApp::LAG).await?;
     assert_eq!(
         ready.status.unwrap().app_id.as_deref(),
-        Some(created.id.as_str())
+        Some(lagging.id.as_str())
     );
     // Positive control: the controller did meet the lag's 401 for this app.
-    let answers: Vec<u16> = stack
-        .emulator
-        .event_log()
-        .iter()
-        .filter(|e| e.label == "apps.get" && e.app.as_deref() == Some(app))
-        .map(|e| e.status)
-        .collect();
-    assert!(answers.contains(&401), "looks at {app}: {answers:?}");
+    let answers = lagging.answers_to("apps.get");
+    assert!(answers.contains(&401), "looks at the app: {answers:?}");
     Ok(())
+}
+
+/// The same restart, then the resource is deleted before Fly shows the app: the lag's 404 and 401 do not make the
+/// controller conclude "gone" or "someone else's" and leave our app behind; it waits and deletes it.
+#[tokio::test]
+async fn our_own_app_deleted_within_the_lag_after_a_restart_is_still_deleted() -> anyhow::Result<()>
+{
+    let lagging = LaggingApp::created_before_a_restart("own-restart-delete").await?;
+    let stack = &lagging.stack;
+    stack.delete("lagging").await?;
+    stack.wait_gone("lagging", READY + LaggingApp::LAG).await?;
+    let answers = lagging.answers_to("apps.get");
+    assert!(
+        answers.iter().any(|status| matches!(status, 401 | 404)),
+        "the deletion met the lag: {answers:?}"
+    );
+    // Deletion is asynchronous on Fly: a look that still finds the app asks again.
+    let deletes = lagging.answers_to("apps.delete");
+    assert!(
+        !deletes.is_empty() && deletes.iter().all(|status| *status == 202),
+        "our app was deleted: {deletes:?}"
+    );
+    Ok(())
+}
+
+/// A suspended resource whose app an earlier controller process created moments ago: the create went through
+/// another client (which the running controller's does not share) and is recorded in status as the controller
+/// records it. Fly's lag is `LAG`.
+struct LaggingApp {
+    stack: Stack,
+    app: String,
+    id: String,
+}
+
+impl LaggingApp {
+    const LAG: Duration = Duration::from_secs(6);
+
+    async fn created_before_a_restart(namespace: &str) -> anyhow::Result<Self> {
+        let mut emulator = fly_emulator::EmulatorConfig::default();
+        emulator.realism.app_visibility_lag = Self::LAG;
+        let stack = Stack::start(
+            namespace,
+            StackOptions {
+                emulator,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let app = format!("{namespace}-lagging");
+        let lagging = LaggingApp {
+            stack,
+            app,
+            id: String::new(),
+        };
+        lagging
+            .stack
+            .apply(&lagging.manifest("  suspend: true"))
+            .await?;
+        lagging
+            .stack
+            .wait_for("lagging", READY, "Suspended", |d| {
+                d.status.as_ref().and_then(|s| s.phase) == Some(mcpfly::api::Phase::Suspended)
+            })
+            .await?;
+        let created = fly_client(&lagging.stack)
+            .send_app_create(&CreateAppRequest {
+                name: lagging.app.clone(),
+                org_slug: DEFAULT_ORG.into(),
+                network: Some(lagging.app.clone()),
+                enable_subdomains: None,
+            })
+            .await?;
+        let status = serde_json::json!({"status": {"app": lagging.app, "appId": created.id}});
+        lagging
+            .stack
+            .deployments()
+            .await?
+            .patch_status("lagging", &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+        Ok(LaggingApp {
+            id: created.id,
+            ..lagging
+        })
+    }
+
+    /// The resource, with `extra` in its spec.
+    fn manifest(&self, extra: &str) -> String {
+        deployment("lagging", "", &format!(", app: {}", self.app), extra)
+    }
+
+    /// Fly's answers to the controller's `label` calls about the app.
+    fn answers_to(&self, label: &str) -> Vec<u16> {
+        self.stack
+            .emulator
+            .event_log()
+            .iter()
+            .filter(|e| e.label == label && e.app.as_deref() == Some(self.app.as_str()))
+            .map(|e| e.status)
+            .collect()
+    }
 }
 
 #[tokio::test]

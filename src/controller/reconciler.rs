@@ -131,6 +131,17 @@ async fn cleanup(
                 }
                 other => other?,
             };
+            // After a restart within Fly's lag our new app answers 404 or 401 to a client that no longer
+            // remembers creating it: wait for it rather than leave it on Fly (once we asked Fly to delete it, a
+            // 404 is the answer we wait for).
+            if matches!(
+                observed.app,
+                ObservedApp::Missing | ObservedApp::OwnedByOtherOrg
+            ) && status.phase != Some(Phase::Deleting)
+                && created_moments_ago(&status)
+            {
+                return Ok(Next::after(ctx.backoff.failed(&uid)));
+            }
             forget_app();
             let seen = status.machines.iter().map(|m| m.id.clone()).collect();
             let claims = ownership_claims(obj, app, created.as_deref(), &seen);
@@ -223,8 +234,8 @@ enum Halt {
     Stall(Stall),
     /// Retried with backoff; status is not written.
     Retry(Error),
-    /// Fly has not caught up with our own change yet: looked at again after this long, without backoff and
-    /// without a status write.
+    /// Fly has not caught up with our own change yet: looked at again after this long (the caller's choice:
+    /// Fly's pace for a create this process remembers, the resource's backoff otherwise), without a status write.
     NotYet(Duration),
 }
 
@@ -588,14 +599,11 @@ impl Run<'_> {
         if matches!(observed.app, ObservedApp::Present { .. }) {
             ctx.in_flight.note_seen(app);
         }
-        // Our create's id is in status, yet Fly answers 401: the process restarted within Fly's lag and the client
-        // no longer remembers the create. Names are global and we hold this app's id, so it is ours, not yet
-        // visible: looked at again after the resource's backoff. An app that had our machines is not new, and a
-        // 401 for it stalls as someone else's.
-        if observed.app == ObservedApp::OwnedByOtherOrg
-            && self.stored.app_id.is_some()
-            && self.stored.machines.is_empty()
-        {
+        // Status says we created the app moments ago, yet Fly answers 401: the process restarted within Fly's lag
+        // and the client no longer remembers the create. Names are global and we hold this app's id, so it is
+        // ours, not yet visible: looked at again after the resource's backoff. Past the window, a 401 stalls as
+        // someone else's.
+        if observed.app == ObservedApp::OwnedByOtherOrg && created_moments_ago(&self.stored) {
             return Err(Halt::NotYet(ctx.backoff.failed(&self.uid)));
         }
         if observed.app == ObservedApp::Missing {
@@ -900,6 +908,23 @@ impl Run<'_> {
     async fn write_status(&self, status: &MCPDeploymentStatus) -> Result<(), Error> {
         write_status(self.ctx, self.api, self.obj, &self.stored, status).await
     }
+}
+
+/// Whether `status` shows an app our create made within Fly's visibility window: the id our create returned is
+/// recorded, no machine was seen in the app, and the resource has not been Ready since the create began (Ready
+/// turned false no longer ago than the window). Across a restart this is all that tells Fly's lag apart from a
+/// missing app or another org's.
+fn created_moments_ago(status: &MCPDeploymentStatus) -> bool {
+    let not_ready_since = status
+        .condition(ConditionType::Ready)
+        .filter(|ready| !ready.is_true())
+        .and_then(|ready| ready.last_transition_time.as_ref());
+    status.app_id.is_some()
+        && status.machines.is_empty()
+        && not_ready_since.is_some_and(|since| {
+            let seconds = k8s_openapi::jiff::Timestamp::now().as_second() - since.0.as_second();
+            seconds < fly_adapter::client::APP_VISIBILITY_WINDOW.as_secs() as i64
+        })
 }
 
 /// What `obj` knows that can prove `app` its own.

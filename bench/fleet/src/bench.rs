@@ -259,9 +259,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         &tracker,
         &controller,
         opts.idle_window,
-        // Idle starts right after convergence: the first org-wide listing that follows reports the machines that
-        // started meanwhile, and the window shows whether the controller looks at them again (it should not:
-        // those changes are its own and already seen).
+        // By default idle starts right after convergence: the first org-wide listing that follows reports the
+        // machines that started meanwhile, and the window shows whether the controller looks at them again (it
+        // should not: those changes are its own and already seen). `--idle-after-seconds` moves it later.
         opts.settle,
     )
     .await?;

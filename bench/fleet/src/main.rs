@@ -41,7 +41,8 @@ struct Args {
     idle_seconds: u64,
     /// When the idle window starts after the fleet is Ready. The default includes the listings that report the
     /// convergence's own changes (within the listing's 60 s overlap); past about two poll intervals it measures
-    /// the steady state.
+    /// the steady state. The convergence's call counts, RSS and CPU are taken at the same moment, so they include
+    /// this wait.
     #[arg(long, default_value_t = 15)]
     idle_after_seconds: u64,
     /// Skip the naive baseline.
